@@ -1,0 +1,120 @@
+"""The active array backend: NumPy on the CPU or CuPy on an NVIDIA GPU.
+
+Op bodies never import numpy or cupy themselves; they use the proxy ``xp`` from this module,
+which forwards every attribute to the active array module::
+
+    from npdiffusion.backend import xp
+    y = xp.matmul(a, b)
+
+The backend is chosen once, by ``set_backend("numpy" | "cupy")`` or the environment variable
+``NPDIFFUSION_BACKEND``, before models are built. CuPy is imported only when it is asked for.
+
+Also here: moving arrays between host and device (``asarray``, ``to_numpy``) and ``scatter_add``,
+an unbuffered indexed add that is correct with repeated indices on both backends.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy
+
+BACKENDS = ("numpy", "cupy")
+
+_state = {"name": None, "module": None}
+
+
+def _import_cupy():
+    try:
+        import cupy  # noqa: PLC0415 - imported lazily on purpose
+    except ImportError as exc:
+        raise RuntimeError(
+            "the 'cupy' backend needs CuPy: install it with `pip install \"npdiffusion[gpu]\"` "
+            "(cupy-cuda12x) on a machine with an NVIDIA GPU and CUDA 12"
+        ) from exc
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError has no stable import path
+        raise RuntimeError(f"the 'cupy' backend needs a CUDA GPU, but CuPy found none: {exc}") from exc
+    return cupy
+
+
+def set_backend(name: str) -> None:
+    """Choose the array module for every op: ``"numpy"`` (CPU) or ``"cupy"`` (GPU)."""
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    name = name.lower()
+    _state["module"] = numpy if name == "numpy" else _import_cupy()
+    _state["name"] = name
+
+
+def get_backend() -> str:
+    """The name of the active backend, ``"numpy"`` or ``"cupy"``."""
+    _ensure()
+    return _state["name"]
+
+
+def is_available(name: str) -> bool:
+    """Whether ``set_backend(name)`` would succeed on this machine."""
+    if name == "numpy":
+        return True
+    try:
+        _import_cupy()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _ensure():
+    if _state["module"] is None:
+        set_backend(os.environ.get("NPDIFFUSION_BACKEND", "numpy"))
+    return _state["module"]
+
+
+class _ArrayModuleProxy:
+    """Forwards attribute access to the active array module (numpy or cupy)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, attr):
+        return getattr(_state["module"] or _ensure(), attr)
+
+    def __repr__(self):
+        return f"<array module proxy for {get_backend()}>"
+
+
+xp = _ArrayModuleProxy()
+
+
+def asarray(a, dtype=None):
+    """``a`` as an array of the active backend (copied to the GPU when the backend is CuPy)."""
+    return _ensure().asarray(a, dtype=dtype)
+
+
+def to_numpy(a) -> numpy.ndarray:
+    """``a`` as a NumPy array on the host (copied from the GPU when it lives there)."""
+    if isinstance(a, numpy.ndarray):
+        return a
+    get = getattr(a, "get", None)
+    if get is not None and not isinstance(a, numpy.generic):
+        return get()
+    return numpy.asarray(a)
+
+
+def is_array(a) -> bool:
+    """Whether ``a`` is an array of NumPy or of the active backend."""
+    return isinstance(a, numpy.ndarray) or isinstance(a, _ensure().ndarray)
+
+
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values`` with every repeated index counted (unbuffered), in place.
+
+    ``indices`` indexes the first axis of ``target``. NumPy's ``np.add.at`` and CuPy's
+    ``cupyx.scatter_add`` both accumulate repeats; plain ``target[idx] += v`` would not.
+    """
+    module = _ensure()
+    if module is numpy:
+        numpy.add.at(target, indices, values)
+    else:
+        import cupyx  # noqa: PLC0415
+
+        cupyx.scatter_add(target, indices, values)

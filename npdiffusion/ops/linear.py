@@ -1,0 +1,27 @@
+"""Affine map over the last axis: y = x W^T + b.
+
+Shapes: x (..., I), W (O, I), b (O,), y (..., O); N is the product of the leading axes.
+Derivation: docs/ops/linear.md.
+"""
+from __future__ import annotations
+
+from npdiffusion.backend import xp
+
+
+def linear_forward(x, weight, bias=None):
+    """y = x @ weight.T + bias. Returns ``(y, cache)``; cache = (x, weight, has_bias)."""
+    x2 = x.reshape(-1, x.shape[-1])                          # (N, I)
+    y = xp.matmul(x2, weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    if bias is not None:
+        y += bias
+    return y, (x, weight, bias is not None)
+
+
+def linear_backward(dy, cache):
+    """Returns ``(dx, dweight, dbias)``: dx = dy W, dW = dy^T x (summed over N), db = sum_N dy."""
+    x, weight, has_bias = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])                      # (N, O)
+    dx = xp.matmul(dy2, weight).reshape(x.shape)            # (..., I)
+    dweight = xp.matmul(dy2.T, x.reshape(-1, x.shape[-1]))  # (O, I)
+    dbias = dy2.sum(axis=0) if has_bias else None
+    return dx, dweight, dbias
