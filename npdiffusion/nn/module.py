@@ -15,6 +15,10 @@ The protocol:
 * ``named_parameters()`` / ``named_grads()`` yield ``(dotted_name, array)`` with state-dict names;
   after a backward every parameter has a gradient (zeros for one the forward did not use).
 * ``state_dict()`` / ``load_state_dict(d, strict=True)``; ``to(dtype)``; ``train()`` / ``eval()``.
+* Gradient checkpointing: ``module.gradient_checkpointing = True`` makes a training-mode call keep
+  only its inputs; its backward first recomputes the forward (keeping caches), then runs as usual.
+  Exact, and it trades compute for memory. Modules must call children (``self.conv(x)``), never
+  ``self.conv.forward(x)``, so that checkpointing applies.
 
 A subclass registers parameters with ``register_parameter`` (or ``register_buffer`` for
 non-trainable state), stores its cache with ``self.save_for_backward(...)`` in ``forward`` and
@@ -23,6 +27,8 @@ reads it back with ``self.saved()`` in ``backward``, and hands parameter gradien
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import OrderedDict
 from typing import Iterator
 
@@ -44,6 +50,20 @@ def canonical_dtype(dtype) -> numpy.dtype:
     return dt
 
 
+_recording = {"on": True}
+
+
+@contextlib.contextmanager
+def no_cache():
+    """Within this block, no module keeps anything for backward (even in training mode)."""
+    previous = _recording["on"]
+    _recording["on"] = False
+    try:
+        yield
+    finally:
+        _recording["on"] = previous
+
+
 class StateDictError(ValueError):
     """A state dict that does not fit a module: lists missing, unexpected and mis-shaped keys."""
 
@@ -58,7 +78,14 @@ class Module:
         object.__setattr__(self, "_persistent", set())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "_cache", None)
+        object.__setattr__(self, "_checkpoint_inputs", None)
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "gradient_checkpointing", False)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "backward" in cls.__dict__:
+            cls.backward = _recompute_if_checkpointed(cls.__dict__["backward"])
 
     # ----------------------------------------------------------------- registration
     def __setattr__(self, name, value):
@@ -112,6 +139,11 @@ class Module:
 
     # ----------------------------------------------------------------- forward / backward
     def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and _recording["on"]:
+            with no_cache():
+                out = self.forward(*args, **kwargs)
+            object.__setattr__(self, "_checkpoint_inputs", (args, kwargs))
+            return out
         return self.forward(*args, **kwargs)
 
     def forward(self, *inputs):
@@ -122,7 +154,7 @@ class Module:
 
     def save_for_backward(self, *cache) -> None:
         """Keep ``cache`` for the next backward, only in training mode."""
-        object.__setattr__(self, "_cache", cache if self.training else None)
+        object.__setattr__(self, "_cache", cache if self.training and _recording["on"] else None)
 
     def saved(self):
         """What the last training-mode forward kept (one object or a tuple), or a clear error."""
@@ -199,6 +231,7 @@ class Module:
             object.__setattr__(m, "training", bool(mode))
             if not mode:
                 object.__setattr__(m, "_cache", None)
+                object.__setattr__(m, "_checkpoint_inputs", None)
         return self
 
     def eval(self) -> "Module":
@@ -294,6 +327,21 @@ class Module:
 
     def extra_repr(self) -> str:
         return ""
+
+
+def _recompute_if_checkpointed(backward):
+    """Wrap a subclass's backward: a checkpointed call first recomputes its forward with caches."""
+
+    @functools.wraps(backward)
+    def wrapper(self, *grad_outputs):
+        pending = self.__dict__.get("_checkpoint_inputs")
+        if pending is not None:
+            object.__setattr__(self, "_checkpoint_inputs", None)
+            args, kwargs = pending
+            self.forward(*args, **kwargs)
+        return backward(self, *grad_outputs)
+
+    return wrapper
 
 
 class ModuleList(Module):
