@@ -1,0 +1,279 @@
+"""2-D convolution (cross-correlation, like ``torch.nn.functional.conv2d``) as GEMMs.
+
+Shapes: B batch, C input channels, O output channels, H x W input, kh x kw kernel,
+Ho x Wo output, K = C*kh*kw (the im2col depth), R rows of output in one chunk, L = Ho*Wo.
+Tensors are NCHW like torch: x (B, C, H, W), weight (O, C, kh, kw), bias (O,), y (B, O, Ho, Wo).
+Padding is zero padding; there is no dilation and no grouping (Stable Diffusion uses neither).
+
+The im2col matrix is laid out channel-major, ``cols (C, kh, kw, B, R, Wo)`` viewed as the matrix
+``(K, B*R*Wo)``, so that every GEMM is a plain 2-D matmul with no transposed copies:
+
+* forward        y_t  (O, B*L) = W_col (O, K) @ cols(x) (K, B*L)           (then y = y_t^T + b)
+* weight grad    dW   (O, K)   = dy_t (O, B*L) @ cols(x)^T (B*L, K)
+* input grad     dx_t (C, B*H*W) = W_flip (C, O*kh*kw) @ cols(dy)          (stride 1: a "full"
+  convolution of dy with the flipped kernel), or ``col2im(W_col^T @ dy_t)`` (stride > 1).
+
+``cols`` is filled by kh*kw slice copies (one per kernel offset; padding is never materialized:
+each copy takes the in-bounds rectangle and zeroes the rest). It lives in a per-thread workspace
+that is reused from call to call (a fresh 40 MB array per call costs as much in page faults as
+the copy itself), so the forward caches only ``x`` and backward rebuilds ``cols(x)``. Large
+convolutions are processed in chunks of output rows so the workspace stays under
+``WORKSPACE_LIMIT_BYTES``. A 1x1, stride-1, unpadded convolution is a batched matmul with no
+im2col at all.
+
+Derivation and measurements: docs/ops/convolution.md, docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import threading
+
+from npdiffusion.backend import get_backend, xp
+
+#: Upper bound on one im2col workspace (bytes); bigger convolutions run in chunks of output rows.
+WORKSPACE_LIMIT_BYTES = 256 * 2**20
+
+_local = threading.local()
+
+
+# ----------------------------------------------------------------------------- arguments
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """``value`` (an int or a pair of ints, each >= minimum) as a pair, or a clear error."""
+    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def conv2d_output_size(size, kernel, stride=1, padding=0) -> tuple[int, int]:
+    """(Ho, Wo) = floor((H + 2p - k) / s) + 1 per axis; a ValueError when the kernel does not fit."""
+    kh, kw = _pair("kernel_size", kernel, 1)
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    h, w = size
+    if h + 2 * ph < kh or w + 2 * pw < kw:
+        raise ValueError(
+            f"conv2d: padded input ({h + 2 * ph}, {w + 2 * pw}) is smaller than the kernel ({kh}, {kw}) "
+            f"(input {h}x{w}, padding {(ph, pw)})"
+        )
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+
+# ----------------------------------------------------------------------------- workspace
+def _workspace(slot: str, shape, dtype):
+    """A reusable scratch array of ``shape`` (contents undefined), one per thread, slot and dtype.
+
+    Never returned to callers and never cached across calls: only used inside one op call.
+    """
+    buffers = _local.__dict__.setdefault("buffers", {})
+    n = 1
+    for s in shape:
+        n *= int(s)
+    key = (slot, get_backend(), xp.dtype(dtype).str)
+    buf = buffers.get(key)
+    if buf is None or buf.size < n:
+        buf = None
+        buffers.pop(key, None)  # free the old one before allocating the bigger one
+        buf = xp.empty(max(n, 1), dtype=dtype)
+        buffers[key] = buf
+    return buf[:n].reshape(shape)
+
+
+def clear_workspace() -> None:
+    """Free this thread's convolution scratch buffers (they are rebuilt on the next call)."""
+    _local.__dict__.pop("buffers", None)
+
+
+def _row_chunks(rows: int, bytes_per_row: int):
+    """Split ``range(rows)`` into consecutive (r0, r1) chunks of at most the workspace limit."""
+    per = max(1, WORKSPACE_LIMIT_BYTES // max(bytes_per_row, 1))
+    return [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def _valid_range(lo: int, hi: int, offset: int, stride: int, size: int) -> tuple[int, int]:
+    """The outputs r in [lo, hi) whose input index r*stride + offset lies in [0, size)."""
+    return max(lo, _ceil_div(-offset, stride)), min(hi, (size - 1 - offset) // stride + 1)
+
+
+# ----------------------------------------------------------------------------- im2col / col2im
+def _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
+    """Fill ``out (Ch, kh, kw, B, R, Wo)`` with ``src (Ch, B, H, W)`` (any strides):
+
+    out[c, i, j, b, r - r0, w] = src[c, b, r*sh + i - ph, w*sw + j - pw], zero outside src.
+    One slice copy per kernel offset (i, j); negative padding (a crop) is allowed.
+    """
+    H, W = src.shape[2], src.shape[3]
+    for i in range(kh):
+        lo, hi = _valid_range(r0, r1, i - ph, sh, H)
+        for j in range(kw):
+            wlo, whi = _valid_range(0, Wo, j - pw, sw, W)
+            dst = out[:, i, j]                                  # (Ch, B, R, Wo)
+            if lo >= hi or wlo >= whi:
+                dst[...] = 0
+                continue
+            a, b = lo - r0, hi - r0
+            if a > 0:
+                dst[:, :, :a] = 0
+            if b < r1 - r0:
+                dst[:, :, b:] = 0
+            if wlo > 0:
+                dst[:, :, a:b, :wlo] = 0
+            if whi < Wo:
+                dst[:, :, a:b, whi:] = 0
+            dst[:, :, a:b, wlo:whi] = src[:, :, lo * sh + i - ph:(hi - 1) * sh + i - ph + 1:sh,
+                                          wlo * sw + j - pw:(whi - 1) * sw + j - pw + 1:sw]
+
+
+def _col2im_add(dcols, kh, kw, sh, sw, ph, pw, r0, r1, Wo, dst):
+    """The adjoint of ``_im2col``: ``dst (Ch, B, H, W)`` (a view) += each offset's slice of
+    ``dcols (Ch, kh, kw, B, R, Wo)``; contributions that fell on the zero padding are dropped."""
+    H, W = dst.shape[2], dst.shape[3]
+    for i in range(kh):
+        lo, hi = _valid_range(r0, r1, i - ph, sh, H)
+        for j in range(kw):
+            wlo, whi = _valid_range(0, Wo, j - pw, sw, W)
+            if lo >= hi or wlo >= whi:
+                continue
+            target = dst[:, :, lo * sh + i - ph:(hi - 1) * sh + i - ph + 1:sh,
+                         wlo * sw + j - pw:(whi - 1) * sw + j - pw + 1:sw]
+            xp.add(target, dcols[:, i, j, :, lo - r0:hi - r0, wlo:whi], out=target)
+
+
+# ----------------------------------------------------------------------------- conv2d
+def _check_shapes(x, weight, bias):
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"conv2d: x must have shape (B, C, H, W), got shape {tuple(getattr(x, 'shape', ()))}")
+    if getattr(weight, "ndim", None) != 4:
+        raise ValueError(
+            f"conv2d: weight must have shape (O, C, kh, kw), got shape {tuple(getattr(weight, 'shape', ()))}"
+        )
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"conv2d: x must have {weight.shape[1]} channels on axis 1 (weight {tuple(weight.shape)}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _is_pointwise(kh, kw, stride, padding):
+    return kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
+
+
+def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None):
+    """``out_view (O, B, Ho, Wo)`` = wmat (O, K) @ cols(src) (+ bias), chunked over output rows.
+
+    ``src`` is (Ch, B, H, W) with any strides, ``wmat`` a contiguous (O, Ch*kh*kw) matrix.
+    """
+    ch, batch = src.shape[0], src.shape[1]
+    (sh, sw), (ph, pw), (Ho, Wo) = stride, padding, out_hw
+    O, K = wmat.shape
+    dtype = out_view.dtype
+    for r0, r1 in _row_chunks(Ho, K * batch * Wo * dtype.itemsize):
+        R = r1 - r0
+        cols = _workspace("cols", (K, batch * R * Wo), dtype)
+        _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(ch, kh, kw, batch, R, Wo))
+        yt = _workspace("gemm", (O, batch * R * Wo), dtype)
+        xp.matmul(wmat, cols, out=yt)
+        yt = yt.reshape(O, batch, R, Wo)
+        if bias is None:
+            out_view[:, :, r0:r1] = yt
+        else:
+            xp.add(yt, bias.reshape(O, 1, 1, 1), out=out_view[:, :, r0:r1])
+
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
+    """y = conv2d(x, weight) + bias, torch's cross-correlation, NCHW.
+
+    x (B, C, H, W), weight (O, C, kh, kw), bias (O,) or None; stride and padding are an int or a
+    pair (rows, columns). Returns ``(y (B, O, Ho, Wo), cache)``; the cache keeps x and weight (not
+    the im2col matrix, which backward rebuilds). See docs/ops/convolution.md.
+    """
+    _check_shapes(x, weight, bias)
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    B, C, H, W = x.shape
+    O, _, kh, kw = weight.shape
+    Ho, Wo = conv2d_output_size((H, W), (kh, kw), stride, padding)
+    dtype = xp.result_type(x, weight)
+    cache = (x, weight, bias is not None, stride, padding)
+    if _is_pointwise(kh, kw, stride, padding):
+        # 1x1: y[b] = W (O, C) @ x[b] (C, H*W), a batched matmul straight into NCHW.
+        y = xp.matmul(weight.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, H, W)
+        if bias is not None:
+            y += bias.reshape(O, 1, 1)
+        return y, cache
+    wmat = xp.ascontiguousarray(weight.reshape(O, C * kh * kw), dtype=dtype)     # (O, K)
+    y = xp.empty((B, O, Ho, Wo), dtype=dtype)
+    _conv_gemm(x.transpose(1, 0, 2, 3), wmat, kh, kw, stride, padding, (Ho, Wo),
+               y.transpose(1, 0, 2, 3), bias)
+    return y, cache
+
+
+def conv2d_backward(dy, cache):
+    """Returns ``(dx, dweight, dbias)`` for dy (B, O, Ho, Wo); dbias is None without a bias.
+
+    dW = dy_t cols(x)^T; db = sum of dy over B, Ho, Wo; dx = full convolution of dy with the
+    flipped, transposed kernel (stride 1) or col2im(W_col^T dy_t) (stride > 1).
+    Derivation: docs/ops/convolution.md.
+    """
+    x, weight, has_bias, stride, padding = cache
+    B, C, H, W = x.shape
+    O, _, kh, kw = weight.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    dtype = xp.result_type(dy, weight)
+    if _is_pointwise(kh, kw, stride, padding):
+        dy3 = dy.reshape(B, O, H * W)
+        w2 = weight.reshape(O, C)
+        dx = xp.matmul(w2.T, dy3).reshape(B, C, H, W)
+        dweight = xp.matmul(dy3, x.reshape(B, C, H * W).transpose(0, 2, 1)).sum(axis=0)
+        dbias = dy3.sum(axis=(0, 2)) if has_bias else None
+        return dx, dweight.reshape(O, C, 1, 1), dbias
+
+    (sh, sw), (ph, pw) = stride, padding
+    K = C * kh * kw
+    # dy_t (O, B, Ho, Wo): one transposing copy makes every dy operand a plain 2-D matrix.
+    dy_t = xp.empty((O, B, Ho, Wo), dtype=dtype)
+    dy_t[...] = dy.transpose(1, 0, 2, 3)
+    dbias = dy_t.reshape(O, -1).sum(axis=1) if has_bias else None
+
+    # dW (O, K) = sum over chunks of dy_t[:, :, rows] (O, B*R*Wo) @ cols(x)^T (B*R*Wo, K)
+    src = x.transpose(1, 0, 2, 3)                                              # (C, B, H, W)
+    dweight = None
+    chunks = _row_chunks(Ho, K * B * Wo * xp.dtype(dtype).itemsize)
+    for r0, r1 in chunks:
+        R = r1 - r0
+        cols = _workspace("cols", (K, B * R * Wo), dtype)
+        _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(C, kh, kw, B, R, Wo))
+        dyc = dy_t.reshape(O, -1) if len(chunks) == 1 else xp.ascontiguousarray(dy_t[:, :, r0:r1]).reshape(O, -1)
+        part = xp.matmul(dyc, cols.T)
+        if dweight is None:
+            dweight = part
+        else:
+            dweight += part
+    dweight = dweight.reshape(O, C, kh, kw)
+
+    dx = xp.empty((B, C, H, W), dtype=dtype)
+    if stride == (1, 1):
+        # dx[b, c, h, w] = sum_{o,i,j} W[o, c, i, j] dy[b, o, h + ph - i, w + pw - j]: a stride-1
+        # convolution of dy, padded by k-1-p, with W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j].
+        wflip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=dtype)
+        _conv_gemm(dy_t, wflip.reshape(C, O * kh * kw), kh, kw, (1, 1), (kh - 1 - ph, kw - 1 - pw),
+                   (H, W), dx.transpose(1, 0, 2, 3))
+    else:
+        dx[...] = 0
+        dx_t = dx.transpose(1, 0, 2, 3)                                        # (C, B, H, W) view
+        wcolT = xp.ascontiguousarray(weight.reshape(O, K).T, dtype=dtype)      # (K, O)
+        for r0, r1 in _row_chunks(Ho, K * B * Wo * xp.dtype(dtype).itemsize):
+            R = r1 - r0
+            dyc = dy_t[:, :, r0:r1].reshape(O, -1) if R == Ho else \
+                xp.ascontiguousarray(dy_t[:, :, r0:r1]).reshape(O, -1)
+            dcols = _workspace("cols", (K, B * R * Wo), dtype)
+            xp.matmul(wcolT, dyc, out=dcols)
+            _col2im_add(dcols.reshape(C, kh, kw, B, R, Wo), kh, kw, sh, sw, ph, pw, r0, r1, Wo, dx_t)
+    return dx, dweight, dbias
