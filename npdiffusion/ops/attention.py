@@ -1,0 +1,229 @@
+"""Multi-head scaled-dot-product attention as a forward/backward pair.
+
+Shapes: B batch, H heads, Tq queries, Tk keys, D query/key width per head, Dv value width per head.
+q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv) -> out (B, H, Tq, Dv).
+S = scale * q k^T + mask (B, H, Tq, Tk) are the scores, P = softmax(S) over the keys the
+probabilities, out = P v.
+Derivation of the backward, the chunked recomputation and the masking rules: docs/ops/attention.md.
+
+Numerics and memory:
+
+* float16 inputs are computed in float32 (scores, softmax and the products with v), and the
+  output and gradients are cast back to float16; float32 and float64 compute in their own dtype.
+* The softmax is stable (row maximum subtracted). The forward keeps the *unnormalized*
+  E = exp(S - rowmax) and r = 1 / rowsum(E), so P = E * r is never formed: the normalization is
+  applied to the small (Tq, Dv) side instead (out = (E v) * r), which saves one pass over the
+  (Tq, Tk) matrix in the forward and costs nothing in the backward.
+* ``chunk_size=n`` processes n query rows at a time, so at most a (B, H, n, Tk) block of scores
+  exists at once. The cache then holds q, k, v, out and the row log-sum-exp, and the backward
+  recomputes each block of probabilities. Results equal the plain path to rounding.
+* A query row whose scores are all ``-inf`` (every key masked out) gets a zero output row and zero
+  gradients, as torch's ``scaled_dot_product_attention`` does, instead of NaNs.
+"""
+from __future__ import annotations
+
+import numbers
+
+from npdiffusion.backend import xp
+
+
+def _compute_dtype(dtype):
+    return xp.dtype(xp.float32) if dtype.itemsize < 4 else dtype
+
+
+def _check_inputs(q, k, v):
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"attention: {name} must be an array, got {type(a).__name__}")
+        if a.ndim != 4:
+            raise ValueError(f"attention: {name} must have 4 dimensions (B, heads, T, d), got shape {tuple(a.shape)}")
+        if a.dtype.kind != "f":
+            raise TypeError(f"attention: {name} must be a floating array, got dtype {a.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            "attention: q, k and v must agree on (B, heads), got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"attention: k and v must have the same number of keys (axis 2), got shapes "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: q and k must have the same width (axis 3), got shapes "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError(f"attention: k must have at least one key (axis 2), got shape {tuple(k.shape)}")
+
+
+def _prepare_mask(mask, full_shape, cdt):
+    """``mask`` as a 4-d additive array of the compute dtype, broadcastable to ``full_shape``."""
+    if mask is None:
+        return None
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+        raise TypeError(f"attention: mask must be an array or None, got {type(mask).__name__}")
+    shape = tuple(mask.shape)
+    ok = len(shape) <= 4 and all(m in (1, f) for m, f in zip(shape[::-1], full_shape[::-1]))
+    if not ok:
+        raise ValueError(f"attention: mask must be broadcastable to (B, heads, Tq, Tk) = {full_shape}, "
+                         f"got shape {shape}")
+    if mask.dtype.kind == "b":  # torch's convention: True takes part in attention, False is masked
+        mask = xp.where(mask, 0.0, -xp.inf).astype(cdt)
+    elif mask.dtype.kind == "f":
+        mask = mask.astype(cdt, copy=False)
+    else:
+        raise TypeError(f"attention: mask must be an additive float array (or bool), got dtype {mask.dtype}")
+    return mask.reshape((1,) * (4 - len(shape)) + shape)
+
+
+def _causal_bias(r0, r1, tk, cdt):
+    """(r1 - r0, Tk) additive mask: -inf where key j > query i (torch's top-left alignment)."""
+    rows = xp.arange(r0, r1)[:, None]
+    cols = xp.arange(tk)[None, :]
+    return xp.where(cols > rows, -xp.inf, 0.0).astype(cdt)
+
+
+def _check_options(scale, causal, chunk_size, d):
+    if scale is None:
+        scale = float(d) ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"attention: scale must be a real number or None, got {scale!r}")
+    if not isinstance(causal, (bool, numbers.Integral)) or causal not in (0, 1):
+        raise TypeError(f"attention: causal must be a bool, got {causal!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size <= 0):
+        raise ValueError(f"attention: chunk_size must be a positive int or None, got {chunk_size!r}")
+    return float(scale), bool(causal)
+
+
+def _scores(qs, kT, mask, causal, r0, r1):
+    """E = exp(S - rowmax(S)) in place of the fresh score block, and the row sums l and maxima m.
+
+    qs (B, H, n, D) is the (scaled) query block of rows r0..r1, kT (B, H, D, Tk).
+    Returns (e (B, H, n, Tk), m (B, H, n, 1), l (B, H, n, 1)); rows with every score -inf get
+    m = 0, e = 0 and l = 0.
+    """
+    s = xp.matmul(qs, kT)                                   # (B, H, n, Tk)
+    if mask is not None:
+        s += mask if mask.shape[2] == 1 else mask[:, :, r0:r1]
+    if causal:
+        s += _causal_bias(r0, r1, kT.shape[-1], s.dtype)
+    m = xp.max(s, axis=-1, keepdims=True)
+    m[m == -xp.inf] = 0.0                                   # fully masked row: keep -inf - 0 = -inf
+    s -= m
+    xp.exp(s, out=s)
+    return s, m, xp.sum(s, axis=-1, keepdims=True)
+
+
+def _reciprocal(l):
+    """1 / l, with 0 for the empty rows (l = 0), in place."""
+    empty = l == 0
+    l[empty] = 1.0
+    xp.reciprocal(l, out=l)
+    l[empty] = 0.0
+    return l
+
+
+def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=None):
+    """out = softmax(scale * q k^T + mask) v over the keys, per batch item and head.
+
+    q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv) -> out (B, H, Tq, Dv).
+
+    ``mask``: additive float mask broadcastable to (B, H, Tq, Tk) (``-inf`` or a large negative
+    number removes a key; a bool mask is accepted too, True = attend, as in torch). It gets no
+    gradient. ``causal``: also removes every key j > query i. ``scale`` defaults to D**-0.5.
+    ``chunk_size``: compute n query rows at a time (see the module docstring).
+
+    Returns ``(out, cache)``. Plain path cache: q*scale, k, v, E = exp(S - rowmax) (B, H, Tq, Tk),
+    r = 1/rowsum(E) (B, H, Tq, 1), out. Chunked cache: q*scale, k, v, out, the row log-sum-exp
+    (B, H, Tq, 1) and the mask. ``out`` itself is kept: do not modify it in place before backward.
+    """
+    _check_inputs(q, k, v)
+    B, H, Tq, D = q.shape
+    Tk, Dv = v.shape[2], v.shape[3]
+    scale, causal = _check_options(scale, causal, chunk_size, D)
+    cdt = _compute_dtype(q.dtype)
+    mask = _prepare_mask(mask, (B, H, Tq, Tk), cdt)
+    qs = xp.multiply(q, scale, dtype=cdt)                   # scale folded into q: (Tq, D), not (Tq, Tk)
+    k = k.astype(cdt, copy=False)
+    v = v.astype(cdt, copy=False)
+    kT = k.swapaxes(-1, -2)                                 # (B, H, D, Tk), a view
+
+    if chunk_size is None or chunk_size >= Tq:
+        e, _, l = _scores(qs, kT, mask, causal, 0, Tq)
+        r = _reciprocal(l)
+        out = xp.matmul(e, v)                               # (B, H, Tq, Dv)
+        out *= r
+        cache = ("plain", qs, k, v, e, r, out, scale, q.dtype)
+    else:
+        out = xp.empty((B, H, Tq, Dv), dtype=cdt)
+        lse = xp.empty((B, H, Tq, 1), dtype=cdt)
+        for r0 in range(0, Tq, chunk_size):
+            r1 = min(r0 + chunk_size, Tq)
+            e, m, l = _scores(qs[:, :, r0:r1], kT, mask, causal, r0, r1)
+            o = out[:, :, r0:r1]
+            xp.matmul(e, v, out=o)
+            empty = l == 0
+            o *= _reciprocal(l.copy())
+            l[empty] = 1.0
+            lse_c = lse[:, :, r0:r1]
+            xp.log(l, out=lse_c)
+            lse_c += m
+            lse_c[empty] = xp.inf                           # exp(S - inf) = 0 recomputes the zero row
+        cache = ("chunked", qs, k, v, out, lse, mask, causal, chunk_size, scale, q.dtype)
+    return out.astype(q.dtype, copy=False), cache
+
+
+def attention_backward(dout, cache):
+    """Gradients ``(dq, dk, dv)`` of the forward's q, k, v (the mask gets none).
+
+    With P = E * r, dO = dout and Dsum = rowsum(dO * out) (= rowsum(dP * P)):
+    dV = P^T dO, dP = dO V^T, dS = P * (dP - Dsum), dQ = scale dS K, dK = scale dS^T Q.
+    Derivation: docs/ops/attention.md.
+    """
+    kind = cache[0]
+    if kind == "plain":
+        _, qs, k, v, e, r, out, scale, dtype = cache
+        cdt = qs.dtype
+        do = dout.astype(cdt, copy=False)
+        dsum = xp.sum(do * out, axis=-1, keepdims=True)    # (B, H, Tq, 1) = rowsum(dP * P)
+        dsum *= r
+        dor = do * r                                        # dO * r: P^T dO = E^T (dO * r)
+        dv = xp.matmul(e.swapaxes(-1, -2), dor)             # (B, H, Tk, Dv)
+        ds = xp.matmul(dor, v.swapaxes(-1, -2))             # r * dP (B, H, Tq, Tk)
+        ds -= dsum
+        ds *= e                                             # dS = P * (dP - Dsum)
+        dq = xp.matmul(ds, k)                               # (B, H, Tq, D)
+        dq *= scale
+        dk = xp.matmul(ds.swapaxes(-1, -2), qs)             # dS^T (scale q)
+    elif kind == "chunked":
+        _, qs, k, v, out, lse, mask, causal, chunk_size, scale, dtype = cache
+        cdt = qs.dtype
+        do = dout.astype(cdt, copy=False)
+        dsum = xp.sum(do * out, axis=-1, keepdims=True)    # (B, H, Tq, 1)
+        kT, vT = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
+        Tq = qs.shape[2]
+        dq = xp.empty(qs.shape, dtype=cdt)
+        dk = xp.zeros(k.shape, dtype=cdt)
+        dv = xp.zeros(v.shape, dtype=cdt)
+        for r0 in range(0, Tq, chunk_size):
+            r1 = min(r0 + chunk_size, Tq)
+            qs_c, do_c = qs[:, :, r0:r1], do[:, :, r0:r1]
+            p = xp.matmul(qs_c, kT)                         # recomputed scores (B, H, n, Tk)
+            if mask is not None:
+                p += mask if mask.shape[2] == 1 else mask[:, :, r0:r1]
+            if causal:
+                p += _causal_bias(r0, r1, kT.shape[-1], cdt)
+            p -= lse[:, :, r0:r1]
+            xp.exp(p, out=p)                                # P block
+            dv += xp.matmul(p.swapaxes(-1, -2), do_c)
+            ds = xp.matmul(do_c, vT)                        # dP block
+            ds -= dsum[:, :, r0:r1]
+            ds *= p                                         # dS block
+            dq_c = dq[:, :, r0:r1]
+            xp.matmul(ds, k, out=dq_c)
+            dq_c *= scale
+            dk += xp.matmul(ds.swapaxes(-1, -2), qs_c)
+    else:
+        raise ValueError(f"attention_backward: cache was not made by attention_forward (kind {kind!r})")
+    return dq.astype(dtype, copy=False), dk.astype(dtype, copy=False), dv.astype(dtype, copy=False)
