@@ -1,0 +1,1 @@
+"""Diffusion math: schedules, the forward process, posteriors, objectives, the variational bound, guidance."""
