@@ -230,7 +230,7 @@ def test_clear_errors(backend):
         q_sample(x, np.array([1, 2, 3]), abar, x)
     with pytest.raises(ValueError, match=r"noise must have the shape of x0 \(2, 3\), got \(2, 4\)"):
         q_sample(x, 1, abar, asarray(np.zeros((2, 4))))
-    with pytest.raises(ValueError, match=r"alphas_cumprod must have entries in \(0, 1\], got alphas_cumprod\[0\] = 1.5"):
+    with pytest.raises(ValueError, match=r"alphas_cumprod must have entries in \[0, 1\], got alphas_cumprod\[0\] = 1.5"):
         q_sample(x, 1, np.array([1.5, 0.5]), x)
     with pytest.raises(ValueError, match="from_type must be one of"):
         convert(x, x, 1, abar, "eps", "sample")

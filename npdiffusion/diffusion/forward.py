@@ -40,10 +40,10 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- argument checks
-def check_schedule(name: str, values, *, lower_open: bool = True) -> numpy.ndarray:
-    """``values`` as a float64 host array (T,) with entries in (0, 1]; a clear ValueError otherwise.
+def check_schedule(name: str, values, *, lower_open: bool = False) -> numpy.ndarray:
+    """``values`` as a float64 host array (T,) with entries in [0, 1]; a clear ValueError otherwise.
 
-    ``lower_open=True`` rejects 0 (alphas_cumprod must be positive; betas must be positive).
+    ``lower_open=True`` also rejects 0. (A zero-terminal-SNR schedule has alphas_cumprod[-1] = 0.)
     """
     if not hasattr(values, "shape") and not isinstance(values, (list, tuple)):
         raise TypeError(f"{name} must be a 1-D array, got {type(values).__name__}")
@@ -200,9 +200,11 @@ def posterior_coefficients(alphas_cumprod, alphas_cumprod_prev=None) -> Posterio
         if a_prev.shape != a.shape:
             raise ValueError(f"alphas_cumprod_prev must have the shape of alphas_cumprod {a.shape}, "
                              f"got {a_prev.shape}")
-    if (a > a_prev).any() or (a >= 1.0).any():
-        i = int(numpy.flatnonzero((a > a_prev) | (a >= 1.0))[0])
-        raise ValueError(f"alphas_cumprod must satisfy alphas_cumprod[t] < 1 and <= alphas_cumprod_prev[t], "
+    bad = (a > a_prev) | (a >= 1.0) | (a_prev <= 0.0)
+    if bad.any():
+        i = int(numpy.flatnonzero(bad)[0])
+        raise ValueError(f"alphas_cumprod must satisfy alphas_cumprod[t] < 1, alphas_cumprod[t] <= "
+                         f"alphas_cumprod_prev[t] and alphas_cumprod_prev[t] > 0, "
                          f"got {float(a[i])!r} (previous {float(a_prev[i])!r}) at t = {i}")
     betas = 1.0 - a / a_prev
     coef_x0 = numpy.sqrt(a_prev) * betas / (1.0 - a)
