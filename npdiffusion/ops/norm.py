@@ -1,0 +1,243 @@
+"""Group normalization and layer normalization, as forward/backward pairs.
+
+Shape legend: B batch, C channels, G groups, Cg = C/G channels per group, S the product of the
+spatial sides (any number of spatial axes, zero included), M the size of one normalized set
+(Cg*S for group norm, the product of the normalized axes for layer norm), N the number of
+normalized sets (rows) of layer norm.
+
+Both ops share one notation (derivation: docs/ops/normalization.md):
+
+    mu = mean(x),  var = mean((x - mu)^2),  r = 1/sqrt(var + eps)     per normalized set
+    xhat = (x - mu) * r,   y = gamma * xhat + beta
+    g = dy * gamma
+    dx = r * (g - mean(g) - xhat * mean(g * xhat))                    means over the set
+    dgamma = sum(dy * xhat),   dbeta = sum(dy)                        sums over everything else
+
+Numerics and speed:
+
+* Statistics in one pass over x: the sum through a matrix-vector product with a ones vector and
+  the sum of squares through a batched dot product, so no centered temporary is made. One-pass
+  variance (E[x^2] - mu^2) cancels badly when |mu| >> sigma, so every set whose mu^2 exceeds
+  ``_ONE_PASS_MAX_RATIO * var`` has its variance recomputed with the two-pass formula. Both paths
+  are exercised by the tests.
+* float16 inputs are computed in float32 and the results cast back (torch does the same on CPU).
+* Group norm never materializes xhat: y = x * a + b with per-(batch, channel) coefficients
+  a = r * gamma, b = beta - mu * a, and the backward is written the same way,
+  dx = dy * a + x * k + k0, with per-(batch, channel) k, k0 (two passes fewer than via xhat).
+* Layer norm caches xhat itself (gamma varies along the normalized axes, so per-row coefficients
+  do not help there).
+"""
+from __future__ import annotations
+
+import numpy
+
+from npdiffusion.backend import xp
+
+# Largest mu^2 / var for which the one-pass variance is trusted (a loss of at most ~4 bits
+# relative to the two-pass formula); sets above it are recomputed with the two-pass formula.
+_ONE_PASS_MAX_RATIO = 16.0
+
+
+def _compute_dtype(x, op):
+    if not hasattr(x, "dtype") or x.dtype.kind != "f":
+        raise TypeError(f"{op}: x must be a floating array, got {getattr(x, 'dtype', type(x).__name__)}")
+    return numpy.dtype(numpy.float32) if x.dtype.itemsize < 4 else x.dtype
+
+
+def _check_param(op, name, p, shape):
+    if p is None:
+        return
+    if tuple(p.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
+
+
+def _prod(sides):
+    out = 1
+    for side in sides:
+        out *= int(side)
+    return out
+
+
+def _row_sum(a):
+    """Sum over the last axis of a 2-D array (R, M) -> (R,), as a BLAS matrix-vector product."""
+    return xp.matmul(a, xp.ones(a.shape[-1], dtype=a.dtype))
+
+
+def _row_dot(a, b):
+    """sum(a * b) over the last axis of two 2-D arrays (R, M) -> (R,), without a temporary."""
+    return xp.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
+
+
+def _moments(rows, eps):
+    """(mean, rstd) of each row of ``rows`` (R, M): one pass, two passes where it cancels."""
+    m = max(rows.shape[-1], 1)
+    mean = _row_sum(rows)
+    mean *= 1.0 / m
+    var = _row_dot(rows, rows)
+    var *= 1.0 / m
+    var -= mean * mean
+    bad = mean * mean > _ONE_PASS_MAX_RATIO * var
+    if bool(bad.any()):
+        centered = rows[bad] - mean[bad][:, None]                     # (R_bad, M)
+        var[bad] = _row_dot(centered, centered) * (1.0 / m)
+    xp.maximum(var, 0.0, out=var)
+    var += eps
+    rstd = xp.sqrt(var, out=var)
+    xp.reciprocal(rstd, out=rstd)
+    return mean, rstd
+
+
+# --------------------------------------------------------------------------------- group norm
+def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Group normalization of x (B, C, *spatial) over groups of C/G consecutive channels.
+
+    weight (gamma) and bias (beta) are per channel (C,), each optional. Equals
+    torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype;
+    cache = (x as (B, C, S) in the compute dtype, mu (B, G), r (B, G), weight, flags).
+    Derivation: docs/ops/normalization.md.
+    """
+    op = "group_norm"
+    cdt = _compute_dtype(x, op)
+    if x.ndim < 2:
+        raise ValueError(f"{op}: x must have shape (B, C, *spatial), got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
+    b, c = x.shape[0], x.shape[1]
+    if c % num_groups:
+        raise ValueError(f"{op}: the {c} channels of x (shape {tuple(x.shape)}) are not divisible "
+                         f"into num_groups={num_groups} groups")
+    _check_param(op, "weight", weight, (c,))
+    _check_param(op, "bias", bias, (c,))
+    g = num_groups
+    s = _prod(x.shape[2:])
+    xc = x.astype(cdt, copy=False).reshape(b, c, s)                    # (B, C, S), copy if strided
+    mean, rstd = _moments(xc.reshape(b * g, (c // g) * s), float(eps))  # (B*G,)
+    mean = mean.reshape(b, g)
+    rstd = rstd.reshape(b, g)
+    # Per-(batch, channel) coefficients: y = x * a + sh, a = r * gamma, sh = beta - mu * a.
+    a = xp.broadcast_to(rstd[:, :, None], (b, g, c // g)).reshape(b, c)  # (B, C)
+    if weight is not None:
+        a = a * weight.astype(cdt, copy=False)
+    sh = xp.broadcast_to(mean[:, :, None], (b, g, c // g)).reshape(b, c) * a
+    xp.negative(sh, out=sh)
+    if bias is not None:
+        sh += bias.astype(cdt, copy=False)
+    y = xp.multiply(xc, a[:, :, None])                                 # (B, C, S)
+    y += sh[:, :, None]
+    y = y.reshape(x.shape).astype(x.dtype, copy=False)
+    cache = (xc, mean, rstd, weight, bias is not None, x.dtype, x.shape)
+    return y, cache
+
+
+def group_norm_backward(dy, cache):
+    """Returns ``(dx, dweight, dbias)`` (None for an absent weight or bias).
+
+    With g = dy * gamma and means over each group:
+    dx = r (g - mean(g) - xhat mean(g xhat)), dgamma = sum_{B,S} dy xhat, dbeta = sum_{B,S} dy.
+    Expanded per (batch, channel): dx = dy * (r gamma) + x * k + k0 (docs/ops/normalization.md).
+    """
+    xc, mean, rstd, weight, has_bias, in_dtype, in_shape = cache
+    b, c, s = xc.shape
+    g = mean.shape[1]
+    cg = c // g
+    m = max(cg * s, 1)
+    cdt = xc.dtype
+    dyc = dy.astype(cdt, copy=False).reshape(b, c, s)                  # (B, C, S)
+    db = _row_sum(dyc.reshape(b * c, s)).reshape(b, c)                 # sum_S dy        (B, C)
+    ds = _row_dot(dyc.reshape(b * c, s), xc.reshape(b * c, s)).reshape(b, c)  # sum_S dy x
+    mean_c = xp.broadcast_to(mean[:, :, None], (b, g, cg)).reshape(b, c)
+    rstd_c = xp.broadcast_to(rstd[:, :, None], (b, g, cg)).reshape(b, c)
+    dxhat = (ds - mean_c * db) * rstd_c                                # sum_S dy xhat   (B, C)
+    gamma = None if weight is None else weight.astype(cdt, copy=False)
+    dweight = None if weight is None else dxhat.sum(axis=0).astype(weight.dtype, copy=False)
+    dbias = db.sum(axis=0).astype(in_dtype if weight is None else weight.dtype, copy=False) if has_bias else None
+    # Group means of g and of g * xhat: (B, G), then spread back to channels.
+    gdb = db if gamma is None else db * gamma
+    gdx = dxhat if gamma is None else dxhat * gamma
+    mean_g = gdb.reshape(b, g, cg).sum(axis=2) * (1.0 / m)             # mean(g)         (B, G)
+    mean_gx = gdx.reshape(b, g, cg).sum(axis=2) * (1.0 / m)            # mean(g xhat)    (B, G)
+    mean_g = xp.broadcast_to(mean_g[:, :, None], (b, g, cg)).reshape(b, c)
+    mean_gx = xp.broadcast_to(mean_gx[:, :, None], (b, g, cg)).reshape(b, c)
+    # dx = r*gamma*dy - r*mean(g) - r^2 (x - mu) mean(g xhat) = dy*a + x*k + k0.
+    a = rstd_c if gamma is None else rstd_c * gamma
+    k = -(rstd_c * rstd_c) * mean_gx
+    k0 = -rstd_c * mean_g - k * mean_c
+    dx = xp.multiply(dyc, a[:, :, None])                               # (B, C, S)
+    dx += k0[:, :, None]
+    dx += xc * k[:, :, None]
+    dx = dx.reshape(in_shape).astype(in_dtype, copy=False)
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------- layer norm
+def _normalized_ndim(x, normalized_shape, weight, bias, op):
+    if normalized_shape is None:
+        ref = weight if weight is not None else bias
+        if ref is None:
+            raise ValueError(f"{op}: give normalized_shape, or a weight or bias whose shape is it")
+        normalized_shape = tuple(ref.shape)
+    elif isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        normalized_shape = (normalized_shape,)
+    else:
+        normalized_shape = tuple(normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k:]) != normalized_shape:
+        raise ValueError(f"{op}: x must end with the normalized shape {normalized_shape}, "
+                         f"got shape {tuple(x.shape)}")
+    _check_param(op, "weight", weight, normalized_shape)
+    _check_param(op, "bias", bias, normalized_shape)
+    return normalized_shape
+
+
+def layer_norm_forward(x, normalized_shape=None, weight=None, bias=None, eps=1e-5):
+    """Layer normalization of x (..., *normalized_shape) over its last len(normalized_shape) axes.
+
+    ``normalized_shape`` is an int or a tuple (default: the shape of weight, else of bias);
+    weight (gamma) and bias (beta) have that shape, each optional. Equals
+    torch.nn.functional.layer_norm. Returns ``(y, cache)``; cache = (xhat (N, M), r (N,), weight,
+    flags). Derivation: docs/ops/normalization.md.
+    """
+    op = "layer_norm"
+    cdt = _compute_dtype(x, op)
+    shape = _normalized_ndim(x, normalized_shape, weight, bias, op)
+    msize = _prod(shape)
+    rows = x.astype(cdt, copy=False).reshape(_prod(x.shape[:x.ndim - len(shape)]), msize)  # (N, M)
+    mean, rstd = _moments(rows, float(eps))                           # (N,)
+    xhat = xp.subtract(rows, mean[:, None])
+    xhat *= rstd[:, None]
+    if weight is not None:
+        y = xp.multiply(xhat, weight.astype(cdt, copy=False).reshape(-1))
+        if bias is not None:
+            y += bias.astype(cdt, copy=False).reshape(-1)
+    elif bias is not None:
+        y = xp.add(xhat, bias.astype(cdt, copy=False).reshape(-1))
+    else:
+        y = xhat.copy()
+    y = y.reshape(x.shape).astype(x.dtype, copy=False)
+    return y, (xhat, rstd, weight, bias is not None, shape, x.dtype, x.shape)
+
+
+def layer_norm_backward(dy, cache):
+    """Returns ``(dx, dweight, dbias)`` (None for an absent weight or bias).
+
+    With g = dy * gamma and means over each row: dx = r (g - mean(g) - xhat mean(g xhat)),
+    dgamma = sum_N dy xhat, dbeta = sum_N dy (docs/ops/normalization.md).
+    """
+    xhat, rstd, weight, has_bias, shape, in_dtype, in_shape = cache
+    n, m = xhat.shape
+    cdt = xhat.dtype
+    dyr = dy.astype(cdt, copy=False).reshape(n, m)                     # (N, M)
+    pdt = in_dtype if weight is None else weight.dtype
+    dweight = None
+    if weight is not None:
+        dweight = xp.einsum("nm,nm->m", dyr, xhat).reshape(shape).astype(pdt, copy=False)  # sum_N dy xhat
+    dbias = _row_sum(dyr.T).reshape(shape).astype(pdt, copy=False) if has_bias else None  # sum_N dy
+    gr = dyr * weight.astype(cdt, copy=False).reshape(-1) if weight is not None else dyr.copy()
+    mean_g = _row_sum(gr) * (1.0 / max(m, 1))                          # (N,)
+    mean_gx = _row_dot(gr, xhat) * (1.0 / max(m, 1))                   # (N,)
+    gr -= mean_g[:, None]
+    mean_gx = mean_gx[:, None]
+    gr -= xhat * mean_gx
+    gr *= rstd[:, None]
+    dx = gr.reshape(in_shape).astype(in_dtype, copy=False)
+    return dx, dweight, dbias
