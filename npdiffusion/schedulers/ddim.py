@@ -1,0 +1,166 @@
+"""DDIMScheduler: denoising diffusion implicit models (Song et al. 2021, eq. 12).
+
+Shapes: sample, model_output, noise (B, C, H, W) (any shape with batch first); ``timesteps`` (N,)
+int64 on the host. Mirrors diffusers' ``scheduling_ddim.py`` (0.42); derivation in docs/schedulers.md, "DDIM".
+
+With t' = t - T // N (diffusers uses this stride whatever the spacing), abar_t' = final_alpha_cumprod
+when t' < 0 (1 if ``set_alpha_to_one`` else abar_0):
+
+    x0_hat, eps_hat = from the model output by prediction_type (x0_hat clipped if clip_sample)
+    sigma   = eta sqrt((1 - abar_t')/(1 - abar_t) (1 - abar_t/abar_t'))
+    x_t'    = sqrt(abar_t') x0_hat + sqrt(1 - abar_t' - sigma^2) eps_hat + sigma z
+
+eta = 0 is the deterministic DDIM sampler; eta = 1 has DDPM's posterior variance.
+"""
+from __future__ import annotations
+
+import numpy
+
+from npdiffusion.backend import xp
+from npdiffusion.diffusion import schedules
+from npdiffusion.schedulers.base import (
+    SchedulerMixin,
+    SchedulerOutput,
+    alpha_bar_add_noise,
+    alpha_bar_velocity,
+    check_choice,
+    check_int,
+    check_num_inference_steps,
+    check_real,
+    check_same_shape,
+    check_sample,
+    host_scalar,
+    make_betas,
+    register_to_config,
+    spaced_timesteps,
+    standard_normal_like,
+    threshold_sample,
+)
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+_F32 = numpy.float32
+
+
+class DDIMScheduler(SchedulerMixin):
+    """The DDIM sampler; constructor keywords are diffusers' config keys with diffusers' defaults."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, clip_sample: bool = True,
+                 set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 clip_sample_range: float = 1.0, sample_max_value: float = 1.0,
+                 timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):
+        name = type(self).__name__
+        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        if rescale_betas_zero_snr:
+            self.betas = schedules.rescale_zero_terminal_snr(self.betas)
+        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
+        check_int(name, "steps_offset", steps_offset)
+        for key, value in (("clip_sample_range", clip_sample_range), ("sample_max_value", sample_max_value),
+                           ("dynamic_thresholding_ratio", dynamic_thresholding_ratio)):
+            check_real(name, key, value)
+        self.alphas = (_F32(1.0) - self.betas).astype(_F32)
+        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
+        self.final_alpha_cumprod = _F32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = numpy.arange(0, num_train_timesteps)[::-1].copy().astype(numpy.int64)
+
+    def scale_model_input(self, sample, timestep=None):
+        """The identity (DDIM feeds x_t to the model unscaled)."""
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Choose the N inference timesteps by ``timestep_spacing`` (``device`` is ignored: host timesteps)."""
+        cfg = self._config
+        n = check_num_inference_steps(type(self).__name__, num_inference_steps, cfg["num_train_timesteps"])
+        self.num_inference_steps = n
+        self.timesteps = spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n,
+                                          cfg["steps_offset"])
+
+    def _alpha_prod_prev(self, prev_timestep: int):
+        return self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+
+    def _get_variance(self, timestep: int, prev_timestep: int):
+        """(1 - abar_t')/(1 - abar_t) (1 - abar_t/abar_t'): DDPM's posterior variance for the stride t -> t'."""
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t_prev = self._alpha_prod_prev(prev_timestep)
+        beta_prod_t = _F32(1.0) - alpha_prod_t
+        beta_prod_t_prev = _F32(1.0) - alpha_prod_t_prev
+        return (beta_prod_t_prev / beta_prod_t) * (_F32(1.0) - alpha_prod_t / alpha_prod_t_prev)
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+             noise=None, rng=None, return_dict: bool = True, variance_noise=None):
+        """One DDIM step x_t -> x_t' (module docstring). Returns prev_sample, pred_original_sample.
+
+        ``noise`` (alias ``variance_noise``, diffusers' name) is z; drawn from ``rng`` when eta > 0
+        and not given. ``use_clipped_model_output`` recomputes eps_hat from the clipped x0_hat.
+        """
+        name = type(self).__name__
+        if self.num_inference_steps is None:
+            raise ValueError(f"{name}.step: call set_timesteps(num_inference_steps) first")
+        check_sample(name, "model_output", model_output)
+        check_sample(name, "sample", sample)
+        check_same_shape(name, "model_output", model_output, "sample", sample)
+        eta = check_real(name, "eta", eta)
+        if noise is not None and variance_noise is not None:
+            raise ValueError(f"{name}.step: pass noise or variance_noise, not both")
+        noise = noise if noise is not None else variance_noise
+        cfg = self._config
+        t = int(host_scalar(timestep))
+        if not 0 <= t < cfg["num_train_timesteps"]:
+            raise ValueError(f"{name}.step: timestep must lie in [0, {cfg['num_train_timesteps'] - 1}], got {t}")
+        prev_timestep = t - cfg["num_train_timesteps"] // self.num_inference_steps
+
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self._alpha_prod_prev(prev_timestep)
+        beta_prod_t = _F32(1.0) - alpha_prod_t
+        sa, sb = float(numpy.sqrt(alpha_prod_t)), float(numpy.sqrt(beta_prod_t))
+
+        prediction_type = cfg["prediction_type"]
+        if prediction_type == "epsilon":
+            pred_original_sample = (sample - sb * model_output) / sa
+            pred_epsilon = model_output
+        elif prediction_type == "sample":
+            pred_original_sample = model_output
+            pred_epsilon = (sample - sa * pred_original_sample) / sb
+        else:
+            pred_original_sample = sa * sample - sb * model_output
+            pred_epsilon = sa * model_output + sb * sample
+
+        if cfg["thresholding"]:
+            pred_original_sample = threshold_sample(pred_original_sample, cfg["dynamic_thresholding_ratio"],
+                                                    cfg["sample_max_value"])
+        elif cfg["clip_sample"]:
+            r = float(cfg["clip_sample_range"])
+            pred_original_sample = xp.clip(pred_original_sample, -r, r)
+
+        variance = self._get_variance(t, prev_timestep)
+        std_dev_t = _F32(eta) * numpy.sqrt(variance)
+        if use_clipped_model_output:
+            pred_epsilon = (sample - sa * pred_original_sample) / sb
+
+        direction_coeff = numpy.sqrt(_F32(1.0) - alpha_prod_t_prev - std_dev_t * std_dev_t)
+        pred_sample_direction = float(direction_coeff) * pred_epsilon
+        prev_sample = float(numpy.sqrt(alpha_prod_t_prev)) * pred_original_sample + pred_sample_direction
+
+        if eta > 0:
+            z = standard_normal_like(name, model_output, noise=noise, rng=rng)
+            prev_sample = prev_sample + float(std_dev_t) * z
+
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, one t per batch item. (B, ...)."""
+        return alpha_bar_add_noise(type(self).__name__, self.alphas_cumprod, original_samples, noise, timesteps)
+
+    def get_velocity(self, sample, noise, timesteps):
+        """The v-prediction target sqrt(abar_t) noise - sqrt(1 - abar_t) x_0. (B, ...)."""
+        return alpha_bar_velocity(type(self).__name__, self.alphas_cumprod, sample, noise, timesteps)

@@ -1,0 +1,206 @@
+"""EulerDiscreteScheduler: Euler steps of the probability-flow ODE in sigma space (Karras et al. 2022, Alg. 2).
+
+Shapes: sample, model_output, noise (B, C, H, W) (any shape with batch first); ``timesteps`` (N,)
+float32 on the host; ``sigmas`` (N+1,) float32 on the host (the last is 0, or sigma_min).
+Mirrors diffusers' ``scheduling_euler_discrete.py`` (0.42); derivation in docs/schedulers.md, "Euler".
+
+In the variance-exploding variable x = x_t / sqrt(abar_t) the ODE is dx/dsigma = (x - x0_hat(x, sigma)) / sigma:
+
+    scale_model_input:  x / sqrt(sigma^2 + 1)   (what the network was trained on)
+    sigma_hat = sigma (1 + gamma), gamma = min(s_churn/N, sqrt(2) - 1) inside [s_tmin, s_tmax], else 0
+    (gamma > 0 first adds noise:  x <- x + sqrt(sigma_hat^2 - sigma^2) s_noise z)
+    x0_hat = x - sigma_hat eps  (epsilon) | v (-sigma/sqrt(sigma^2+1)) + x/(sigma^2+1)  (v) | the output (sample)
+    x_next = x + (x - x0_hat)/sigma_hat (sigma_next - sigma_hat)
+
+The step runs in float32 (the sample is upcast) and returns the model output's dtype, as diffusers.
+"""
+from __future__ import annotations
+
+import numpy
+
+from npdiffusion.diffusion import schedules
+from npdiffusion.schedulers.base import (
+    SchedulerMixin,
+    SchedulerOutput,
+    StepIndexMixin,
+    check_choice,
+    check_int,
+    check_num_inference_steps,
+    check_real,
+    check_same_shape,
+    check_sample,
+    convert_sigmas,
+    f32_exp,
+    f32_log,
+    make_betas,
+    register_to_config,
+    reject_integer_timestep,
+    sigma_kind,
+    spaced_timesteps,
+    standard_normal_like,
+)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
+
+_F32 = numpy.float32
+
+
+class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
+    """Euler sampler in sigma space; constructor keywords are diffusers' config keys and defaults."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
+                 interpolation_type: str = "linear", use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, sigma_min: float | None = None,
+                 sigma_max: float | None = None, timestep_spacing: str = "linspace",
+                 timestep_type: str = "discrete", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
+                 final_sigmas_type: str = "zero"):
+        name = type(self).__name__
+        self._sigma_kind = sigma_kind(name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        if rescale_betas_zero_snr:
+            self.betas = schedules.rescale_zero_terminal_snr(self.betas)
+        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice(name, "interpolation_type", interpolation_type, ("linear", "log_linear"))
+        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
+        check_choice(name, "timestep_type", timestep_type, ("discrete", "continuous"))
+        check_choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        check_int(name, "steps_offset", steps_offset)
+        check_real(name, "sigma_min", sigma_min, allow_none=True)
+        check_real(name, "sigma_max", sigma_max, allow_none=True)
+        self.alphas = (_F32(1.0) - self.betas).astype(_F32)
+        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = _F32(2.0 ** -24)
+        sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)[::-1]
+        self.num_inference_steps = None
+        if timestep_type == "continuous" and prediction_type == "v_prediction":
+            self.timesteps = (_F32(0.25) * f32_log(sigmas)).astype(_F32)
+        else:
+            self.timesteps = numpy.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].astype(_F32)
+        self.sigmas = numpy.concatenate([sigmas, numpy.zeros(1, dtype=_F32)]).astype(_F32)
+        self.is_scale_input_called = False
+        self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """The std of the initial noise: max sigma (linspace/trailing) or sqrt(max sigma^2 + 1) (leading)."""
+        return self._sigma_init_noise_sigma()
+
+    def scale_model_input(self, sample, timestep):
+        """x / sqrt(sigma^2 + 1) at this step's sigma."""
+        out = self._scale_by_sigma(sample, timestep)
+        self.is_scale_input_called = True
+        return out
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None,
+                      sigmas=None) -> None:
+        """Choose N timesteps and their sigmas (spacing, interpolation, Karras/exponential/beta respacing).
+
+        Or custom ``timesteps`` (floats, descending) or custom ``sigmas`` (N+1 values, the last the
+        final noise level). ``device`` is ignored (host arrays).
+        """
+        name = type(self).__name__
+        cfg = self._config
+        given = [k for k, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                ("sigmas", sigmas)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"{name}.set_timesteps: pass exactly one of num_inference_steps, timesteps, sigmas; "
+                             f"got {given}")
+        if timesteps is not None and self._sigma_kind is not None:
+            raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be combined with use_{self._sigma_kind}_sigmas")
+        continuous_v = cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction"
+        if timesteps is not None and continuous_v:
+            raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be used with timestep_type='continuous' "
+                             "and prediction_type='v_prediction'")
+        if num_inference_steps is None:
+            num_inference_steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
+        n = check_num_inference_steps(name, num_inference_steps)
+        self.num_inference_steps = n
+        T = cfg["num_train_timesteps"]
+        train_sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)
+        log_sigmas = numpy.log(train_sigmas)
+
+        if sigmas is not None:
+            sigmas = numpy.array(sigmas).astype(_F32)
+            timesteps = schedules.sigma_to_t(sigmas[:-1], log_sigmas)
+        else:
+            if timesteps is not None:
+                timesteps = numpy.array(timesteps).astype(_F32)
+            else:
+                timesteps = spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"], as_float=True)
+            if cfg["interpolation_type"] == "linear":
+                sigmas = numpy.interp(timesteps, numpy.arange(0, len(train_sigmas)), train_sigmas)
+            else:  # log_linear: as diffusers, n + 1 levels evenly spaced in log sigma, ascending
+                sigmas = f32_exp(schedules.linspace_float32(float(numpy.log(train_sigmas[-1])),
+                                                              float(numpy.log(train_sigmas[0])), n + 1))
+            if self._sigma_kind is not None:
+                sigmas = convert_sigmas(name, self._sigma_kind, sigmas, n, cfg["sigma_min"], cfg["sigma_max"])
+                timesteps = schedules.sigma_to_t(sigmas, log_sigmas)
+            if cfg["final_sigmas_type"] == "sigma_min":
+                sigma_last = train_sigmas[0]
+            else:
+                sigma_last = 0
+            sigmas = numpy.concatenate([sigmas, [sigma_last]]).astype(_F32)
+
+        self.sigmas = sigmas.astype(_F32)
+        if continuous_v:
+            self.timesteps = (_F32(0.25) * f32_log(self.sigmas[:-1])).astype(_F32)
+        else:
+            self.timesteps = numpy.asarray(timesteps).astype(_F32)
+        self._step_index = None
+        self._begin_index = None
+
+    def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
+             s_tmax: float = float("inf"), s_noise: float = 1.0, noise=None, rng=None, return_dict: bool = True):
+        """One Euler step sigma -> sigma_next (module docstring). Returns prev_sample, pred_original_sample.
+
+        ``noise``/``rng`` are used only when s_churn > 0 (the stochastic "churn" of Karras et al.).
+        """
+        name = type(self).__name__
+        reject_integer_timestep(name, timestep)
+        check_sample(name, "model_output", model_output)
+        check_sample(name, "sample", sample)
+        check_same_shape(name, "model_output", model_output, "sample", sample)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index + 1 >= len(self.sigmas):
+            raise ValueError(f"{name}.step: all {len(self.sigmas) - 1} steps are done; call set_timesteps again")
+        cfg = self._config
+        sample = sample.astype(_F32, copy=False)
+        sigma = self.sigmas[self._step_index]
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * _F32(gamma + 1)
+        if gamma > 0:
+            z = standard_normal_like(name, model_output, noise=noise, rng=rng)
+            eps = z * s_noise
+            sample = sample + eps * float(numpy.sqrt(sigma_hat * sigma_hat - sigma * sigma))
+
+        prediction_type = cfg["prediction_type"]
+        if prediction_type in ("original_sample", "sample"):
+            pred_original_sample = model_output
+        elif prediction_type == "epsilon":
+            pred_original_sample = sample - float(sigma_hat) * model_output
+        else:
+            s2 = sigma * sigma + _F32(1.0)
+            pred_original_sample = model_output * float(-sigma / numpy.sqrt(s2)) + sample / float(s2)
+
+        derivative = (sample - pred_original_sample) / float(sigma_hat)
+        dt = self.sigmas[self._step_index + 1] - sigma_hat
+        prev_sample = sample + derivative * float(dt)
+        prev_sample = prev_sample.astype(model_output.dtype, copy=False)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x = x_0 + sigma noise at each item's timestep (sigma-space forward process). (B, ...)."""
+        return self._sigma_add_noise(original_samples, noise, timesteps)
