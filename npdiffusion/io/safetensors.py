@@ -283,6 +283,14 @@ def load_file(path) -> dict:
         return _read_tensors(f, header, source)
 
 
+def load_with_metadata(path) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of the file at ``path``, read once (see ``load_file``)."""
+    source = _source_name(path)
+    with open(path, "rb") as f:
+        header = _read_header_from(f, os.fstat(f.fileno()).st_size, source)
+        return _read_tensors(f, header, source), dict(header.metadata)
+
+
 def load(data) -> dict:
     """Like ``load_file`` for the bytes of a safetensors file held in memory."""
     data = bytes(data)

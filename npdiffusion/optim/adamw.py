@@ -1,0 +1,82 @@
+"""``AdamW(module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)``: torch.optim.AdamW's twin.
+
+Per parameter p with gradient g, at step t = 1, 2, ... (state m, v start at zero, same dtype and
+shape as p)::
+
+    p <- p * (1 - lr * weight_decay)                 decoupled weight decay (Loshchilov & Hutter)
+    m <- m + (1 - beta1) * (g - m)                   = beta1 m + (1 - beta1) g  (torch's lerp)
+    v <- beta2 v + (1 - beta2) g^2
+    p <- p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+The same operations in the same order as torch's single-tensor path, so float64 results agree
+to the last bits (torch's CPU kernels fuse some multiply-adds, NumPy does not: about 1 ulp per op).
+Derivation of the bias corrections: docs/optim.md ("AdamW").
+"""
+from __future__ import annotations
+
+from npdiffusion.backend import xp
+from npdiffusion.optim.optimizer import Optimizer, check_float
+
+
+def _lerp_(start, end, weight: float, tmp) -> None:
+    """``start <- start + weight (end - start)`` in place, with torch's two-branch formula."""
+    xp.subtract(end, start, out=tmp)
+    if abs(weight) < 0.5:
+        tmp *= weight
+        start += tmp
+    else:
+        tmp *= 1.0 - weight
+        xp.subtract(end, tmp, out=start)
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay over every parameter of ``module`` (updated in place).
+
+    State: ``exp_avg`` (m) and ``exp_avg_sq`` (v) per parameter, in the parameter's dtype; one
+    step counter ``step_count``. ``lr`` may be changed between steps (``LRScheduler`` does).
+    """
+
+    slots = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(module, lr)
+        self._set_hyperparameters({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    def hyperparameters(self) -> dict:
+        return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def _set_hyperparameters(self, hp: dict) -> None:
+        betas = hp["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"AdamW: betas must be a pair (beta1, beta2), got {betas!r}")
+        self.lr = check_float("AdamW", "lr", hp["lr"])
+        self.betas = (check_float("AdamW", "betas[0]", betas[0], 0.0, 1.0, high_open=True),
+                      check_float("AdamW", "betas[1]", betas[1], 0.0, 1.0, high_open=True))
+        self.eps = check_float("AdamW", "eps", hp["eps"])
+        self.weight_decay = check_float("AdamW", "weight_decay", hp["weight_decay"])
+
+    def step(self) -> None:
+        """One update of every parameter from its current gradient (see the module docstring)."""
+        self.step_count += 1
+        t = float(self.step_count)
+        lr, (beta1, beta2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
+        step_size = lr / (1.0 - beta1 ** t)
+        bias_correction2_sqrt = (1.0 - beta2 ** t) ** 0.5
+        for name, p, g in self._params_and_grads():
+            m = self._slot("exp_avg", name, p)
+            v = self._slot("exp_avg_sq", name, p)
+            tmp = xp.empty_like(p)
+            if wd != 0.0:
+                p *= 1.0 - lr * wd
+            _lerp_(m, g, 1.0 - beta1, tmp)
+            v *= beta2
+            xp.multiply(g, 1.0 - beta2, out=tmp)
+            tmp *= g
+            v += tmp
+            xp.sqrt(v, out=tmp)                 # tmp = denom = sqrt(v) / sqrt(bc2) + eps
+            tmp /= bias_correction2_sqrt
+            tmp += eps
+            update = m * -step_size
+            update /= tmp
+            p += update
