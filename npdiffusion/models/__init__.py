@@ -1,0 +1,1 @@
+"""Model families built from npdiffusion.nn modules: the UNet, the VAE and the CLIP text encoder."""

@@ -1,0 +1,1 @@
+"""CLIP: the byte-level BPE tokenizer, its trainer, and the text (and image) encoders."""
