@@ -181,7 +181,13 @@ def attention_backward(dout, cache):
     dV = P^T dO, dP = dO V^T, dS = P * (dP - Dsum), dQ = scale dS K, dK = scale dS^T Q.
     Derivation: docs/ops/attention.md.
     """
-    kind = cache[0]
+    kind = cache[0] if isinstance(cache, tuple) and cache else None
+    if kind not in ("plain", "chunked"):
+        raise ValueError(f"attention_backward: cache was not made by attention_forward (kind {kind!r})")
+    out = cache[6] if kind == "plain" else cache[4]
+    if tuple(getattr(dout, "shape", ())) != tuple(out.shape):
+        raise ValueError(f"attention_backward: dout must have the output's shape {tuple(out.shape)}, "
+                         f"got {tuple(getattr(dout, 'shape', ()))}")
     if kind == "plain":
         _, qs, k, v, e, r, out, scale, dtype = cache
         cdt = qs.dtype
@@ -196,7 +202,7 @@ def attention_backward(dout, cache):
         dq = xp.matmul(ds, k)                               # (B, H, Tq, D)
         dq *= scale
         dk = xp.matmul(ds.swapaxes(-1, -2), qs)             # dS^T (scale q)
-    elif kind == "chunked":
+    else:
         _, qs, k, v, out, lse, mask, causal, chunk_size, scale, dtype = cache
         cdt = qs.dtype
         do = dout.astype(cdt, copy=False)
@@ -224,6 +230,4 @@ def attention_backward(dout, cache):
             xp.matmul(ds, k, out=dq_c)
             dq_c *= scale
             dk += xp.matmul(ds.swapaxes(-1, -2), qs_c)
-    else:
-        raise ValueError(f"attention_backward: cache was not made by attention_forward (kind {kind!r})")
     return dq.astype(dtype, copy=False), dk.astype(dtype, copy=False), dv.astype(dtype, copy=False)
