@@ -15,11 +15,10 @@ The im2col matrix is laid out channel-major, ``cols (C, kh, kw, B, R, Wo)`` view
 
 ``cols`` is filled by kh*kw slice copies (one per kernel offset; padding is never materialized:
 each copy takes the in-bounds rectangle and zeroes the rest). It lives in a per-thread workspace
-that is reused from call to call (a fresh 40 MB array per call costs as much in page faults as
-the copy itself), so the forward caches only ``x`` and backward rebuilds ``cols(x)``. Large
-convolutions are processed in chunks of output rows so the workspace stays under
-``WORKSPACE_LIMIT_BYTES``. A 1x1, stride-1, unpadded convolution is a batched matmul with no
-im2col at all.
+that is reused from call to call, so the forward caches only ``x`` and backward rebuilds
+``cols(x)``. Everything runs in chunks of images / output rows of about ``CHUNK_BYTES`` each,
+small enough to stay in cache between the copy and the GEMM. A 1x1, stride-1, unpadded
+convolution is a batched matmul with no im2col at all.
 
 Derivation and measurements: docs/ops/convolution.md, docs/benchmarks.md.
 """
@@ -29,8 +28,10 @@ import threading
 
 from npdiffusion.backend import get_backend, xp
 
-#: Upper bound on one im2col workspace (bytes); bigger convolutions run in chunks of output rows.
-WORKSPACE_LIMIT_BYTES = 256 * 2**20
+#: Target size (bytes) of one im2col chunk. Chunks this small stay in the core's L2 cache between
+#: the slice copies that fill them and the GEMM that reads them; one 40 MB im2col matrix would make
+#: both passes run at memory bandwidth. Measured in docs/benchmarks.md.
+CHUNK_BYTES = 2 * 2**20
 
 _local = threading.local()
 
@@ -40,9 +41,9 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
     """``value`` (an int or a pair of ints, each >= minimum) as a pair, or a clear error."""
     pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
     if any(v < minimum for v in pair):
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"conv2d: {name} must be >= {minimum}, got {value!r}")
     return pair
 
 
@@ -85,10 +86,14 @@ def clear_workspace() -> None:
     _local.__dict__.pop("buffers", None)
 
 
-def _row_chunks(rows: int, bytes_per_row: int):
-    """Split ``range(rows)`` into consecutive (r0, r1) chunks of at most the workspace limit."""
-    per = max(1, WORKSPACE_LIMIT_BYTES // max(bytes_per_row, 1))
-    return [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
+def _chunks(batch: int, rows: int, bytes_per_row: int):
+    """Split the (image, output row) grid into chunks (b0, b1, r0, r1) of about ``CHUNK_BYTES``:
+    runs of whole images, or row ranges of one image when a single image is bigger than that."""
+    per = max(1, CHUNK_BYTES // max(bytes_per_row, 1))
+    if per >= rows:
+        nb = per // rows
+        return [(b0, min(batch, b0 + nb), 0, rows) for b0 in range(0, batch, nb)]
+    return [(b, b + 1, r0, min(rows, r0 + per)) for b in range(batch) for r0 in range(0, rows, per)]
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -166,7 +171,7 @@ def _is_pointwise(kh, kw, stride, padding):
 
 
 def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None):
-    """``out_view (O, B, Ho, Wo)`` = wmat (O, K) @ cols(src) (+ bias), chunked over output rows.
+    """``out_view (O, B, Ho, Wo)`` = wmat (O, K) @ cols(src) (+ bias), one cache-sized chunk at a time.
 
     ``src`` is (Ch, B, H, W) with any strides, ``wmat`` a contiguous (O, Ch*kh*kw) matrix.
     """
@@ -174,17 +179,18 @@ def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None):
     (sh, sw), (ph, pw), (Ho, Wo) = stride, padding, out_hw
     O, K = wmat.shape
     dtype = out_view.dtype
-    for r0, r1 in _row_chunks(Ho, K * batch * Wo * dtype.itemsize):
-        R = r1 - r0
-        cols = _workspace("cols", (K, batch * R * Wo), dtype)
-        _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(ch, kh, kw, batch, R, Wo))
-        yt = _workspace("gemm", (O, batch * R * Wo), dtype)
+    bias4 = None if bias is None else bias.reshape(O, 1, 1, 1)
+    for b0, b1, r0, r1 in _chunks(batch, Ho, K * Wo * dtype.itemsize):
+        nb, R = b1 - b0, r1 - r0
+        cols = _workspace("cols", (K, nb * R * Wo), dtype)
+        _im2col(src[:, b0:b1], kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(ch, kh, kw, nb, R, Wo))
+        yt = _workspace("gemm", (O, nb * R * Wo), dtype)
         xp.matmul(wmat, cols, out=yt)
-        yt = yt.reshape(O, batch, R, Wo)
-        if bias is None:
-            out_view[:, :, r0:r1] = yt
+        yt = yt.reshape(O, nb, R, Wo)
+        if bias4 is None:
+            out_view[:, b0:b1, r0:r1] = yt
         else:
-            xp.add(yt, bias.reshape(O, 1, 1, 1), out=out_view[:, :, r0:r1])
+            xp.add(yt, bias4, out=out_view[:, b0:b1, r0:r1])
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
@@ -242,20 +248,17 @@ def conv2d_backward(dy, cache):
     dy_t[...] = dy.transpose(1, 0, 2, 3)
     dbias = dy_t.reshape(O, -1).sum(axis=1) if has_bias else None
 
-    # dW (O, K) = sum over chunks of dy_t[:, :, rows] (O, B*R*Wo) @ cols(x)^T (B*R*Wo, K)
+    # dW (O, K) = sum over chunks of dy_t[:, images, rows] (O, n) @ cols(x)^T (n, K)
     src = x.transpose(1, 0, 2, 3)                                              # (C, B, H, W)
-    dweight = None
-    chunks = _row_chunks(Ho, K * B * Wo * xp.dtype(dtype).itemsize)
-    for r0, r1 in chunks:
-        R = r1 - r0
-        cols = _workspace("cols", (K, B * R * Wo), dtype)
-        _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(C, kh, kw, B, R, Wo))
-        dyc = dy_t.reshape(O, -1) if len(chunks) == 1 else xp.ascontiguousarray(dy_t[:, :, r0:r1]).reshape(O, -1)
-        part = xp.matmul(dyc, cols.T)
-        if dweight is None:
-            dweight = part
-        else:
-            dweight += part
+    itemsize = xp.dtype(dtype).itemsize
+    dweight = xp.zeros((O, K), dtype=dtype)
+    for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
+        nb, R = b1 - b0, r1 - r0
+        cols = _workspace("cols", (K, nb * R * Wo), dtype)
+        _im2col(src[:, b0:b1], kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(C, kh, kw, nb, R, Wo))
+        part = _workspace("gemm", (O, K), dtype)
+        xp.matmul(dy_t[:, b0:b1, r0:r1].reshape(O, -1), cols.T, out=part)
+        dweight += part
     dweight = dweight.reshape(O, C, kh, kw)
 
     dx = xp.empty((B, C, H, W), dtype=dtype)
@@ -266,14 +269,14 @@ def conv2d_backward(dy, cache):
         _conv_gemm(dy_t, wflip.reshape(C, O * kh * kw), kh, kw, (1, 1), (kh - 1 - ph, kw - 1 - pw),
                    (H, W), dx.transpose(1, 0, 2, 3))
     else:
+        # dx = col2im(W_col^T dy_t): each chunk's dcols (K, n) is scattered back by slice adds.
         dx[...] = 0
         dx_t = dx.transpose(1, 0, 2, 3)                                        # (C, B, H, W) view
         wcolT = xp.ascontiguousarray(weight.reshape(O, K).T, dtype=dtype)      # (K, O)
-        for r0, r1 in _row_chunks(Ho, K * B * Wo * xp.dtype(dtype).itemsize):
-            R = r1 - r0
-            dyc = dy_t[:, :, r0:r1].reshape(O, -1) if R == Ho else \
-                xp.ascontiguousarray(dy_t[:, :, r0:r1]).reshape(O, -1)
-            dcols = _workspace("cols", (K, B * R * Wo), dtype)
-            xp.matmul(wcolT, dyc, out=dcols)
-            _col2im_add(dcols.reshape(C, kh, kw, B, R, Wo), kh, kw, sh, sw, ph, pw, r0, r1, Wo, dx_t)
+        for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
+            nb, R = b1 - b0, r1 - r0
+            dcols = _workspace("cols", (K, nb * R * Wo), dtype)
+            xp.matmul(wcolT, dy_t[:, b0:b1, r0:r1].reshape(O, -1), out=dcols)
+            _col2im_add(dcols.reshape(C, kh, kw, nb, R, Wo), kh, kw, sh, sw, ph, pw, r0, r1, Wo,
+                        dx_t[:, b0:b1])
     return dx, dweight, dbias
