@@ -136,6 +136,6 @@ class EMA:
         step = state_dict.get("step", 0)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"EMA.load_state_dict: step must be a non-negative int, got {step!r}")
-        self._set_hyperparameters(dict(state_dict.get("hyperparameters", self.hyperparameters())))
+        self._set_hyperparameters({**self.hyperparameters(), **state_dict.get("hyperparameters", {})})
         self.optimization_step = step
         self.shadow = new

@@ -136,7 +136,7 @@ class Optimizer:
         step = state_dict.get("step", 0)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{owner}.load_state_dict: step must be a non-negative int, got {step!r}")
-        self._set_hyperparameters(dict(state_dict.get("hyperparameters", {})))
+        self._set_hyperparameters({**self.hyperparameters(), **state_dict.get("hyperparameters", {})})
         self.step_count = step
         self.state = new
 
