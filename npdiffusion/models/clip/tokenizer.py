@@ -36,6 +36,7 @@ import re
 import tempfile
 import unicodedata
 from functools import lru_cache
+from itertools import groupby
 from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
@@ -113,19 +114,16 @@ def normalize_text(text: str) -> str:
 @lru_cache(maxsize=None)
 def _unicode_class_ranges() -> tuple[str, str]:
     """``re`` character-class bodies for letters (categories L*) and numbers (N*) from ``unicodedata``."""
-    letters, numbers = [], []
-    for target, prefix in ((letters, "L"), (numbers, "N")):
-        start = None
-        for cp in range(0x110001):
-            hit = cp < 0x110000 and unicodedata.category(chr(cp))[0] == prefix
-            if hit and start is None:
-                start = cp
-            elif not hit and start is not None:
-                end = cp - 1
-                target.append(re.escape(chr(start)) if start == end
-                              else f"{re.escape(chr(start))}-{re.escape(chr(end))}")
-                start = None
-    return "".join(letters), "".join(numbers)
+    major = [unicodedata.category(chr(cp))[0] for cp in range(0x110000)]
+    classes = {"L": [], "N": []}
+    cp = 0
+    for kind, run in groupby(major):
+        n = sum(1 for _ in run)
+        if kind in classes:
+            first, last = re.escape(chr(cp)), re.escape(chr(cp + n - 1))
+            classes[kind].append(first if n == 1 else f"{first}-{last}")
+        cp += n
+    return "".join(classes["L"]), "".join(classes["N"])
 
 
 @lru_cache(maxsize=None)
