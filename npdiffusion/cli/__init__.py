@@ -1,0 +1,99 @@
+"""The ``npdiffusion`` command: ``npdiffusion [--backend numpy|cupy] COMMAND ...`` (docs/cli.md).
+
+Each subcommand is a module of this package listed in ``COMMANDS``; it exposes
+``add_parser(subparsers)`` (adds its sub-parser, with its options and help) and ``run(args) -> int``
+(the exit code). A new command is one new file and one new line in ``COMMANDS``.
+
+Errors:
+
+* Expected failures (bad arguments, missing or malformed files, the CuPy backend on a machine
+  without a GPU) print ONE line, ``npdiffusion <command>: error: <message>``, to stderr and exit
+  with code 2. These are ``ValueError``, ``TypeError``, ``KeyError``, ``OSError`` (with
+  ``FileNotFoundError``), safetensors' ``SafetensorError``, ``CommandError`` raised by a command
+  for a problem the user can fix, and the ``RuntimeError`` of ``--backend`` when the backend
+  cannot start. argparse's own usage errors also exit with 2.
+* Anything else is a bug: its traceback is kept, so it can be reported and fixed.
+* Ctrl-C prints one line and exits with 130.
+
+``main(argv=None)`` returns the exit code (the console script passes it to ``sys.exit``);
+argparse exits by itself (``SystemExit``) for ``--help``, ``--version`` and usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from npdiffusion import __version__
+from npdiffusion.backend import BACKENDS, set_backend
+
+#: The subcommand modules, in the order ``--help`` lists them: one line per command.
+COMMANDS = [
+    "npdiffusion.cli.gradcheck",
+    "npdiffusion.cli.toy",
+]
+
+#: Exit code of an expected failure (the same as argparse's usage errors).
+EXIT_ERROR = 2
+
+
+class CommandError(Exception):
+    """A failure the user can fix (reported on one line, exit code 2), raised by a command."""
+
+
+def _expected_errors() -> tuple:
+    errors = [CommandError, ValueError, TypeError, KeyError, OSError]
+    try:
+        from safetensors import SafetensorError  # noqa: PLC0415 - optional: only when installed
+    except ImportError:
+        pass
+    else:
+        errors.append(SafetensorError)
+    return tuple(errors)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]  # str(KeyError("x")) would add quotes
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())  # one line, whatever the exception held
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every command of ``COMMANDS`` registered."""
+    parser = argparse.ArgumentParser(
+        prog="npdiffusion",
+        description="Stable Diffusion from scratch on NumPy/CuPy, every backward pass by hand.",
+        epilog="Run 'npdiffusion COMMAND --help' for a command's options. Docs: docs/cli.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"npdiffusion {__version__}")
+    parser.add_argument("--backend", metavar="|".join(BACKENDS), default=None,
+                        help="array backend: numpy (CPU, the default) or cupy (NVIDIA GPU); "
+                             "overrides the NPDIFFUSION_BACKEND environment variable")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(name)
+        sub = module.add_parser(subparsers)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the command, return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    stage = "backend"
+    try:
+        if args.backend is not None:
+            set_backend(args.backend)
+        stage = "command"
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"npdiffusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into expected (one line) and bugs (re-raised)
+        if isinstance(exc, _expected_errors()) or (stage == "backend" and isinstance(exc, RuntimeError)):
+            print(f"npdiffusion {args.command}: error: {_message(exc)}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
