@@ -28,7 +28,7 @@ from npdiffusion.backend import xp
 
 
 def _compute_dtype(dtype):
-    return xp.dtype(xp.float32) if dtype.itemsize < 4 else dtype
+    return xp.float32 if dtype.itemsize < 4 else dtype
 
 
 def _check_inputs(q, k, v):
@@ -109,19 +109,16 @@ def _scores(qs, kT, mask, causal, r0, r1):
     if causal:
         s += _causal_bias(r0, r1, kT.shape[-1], s.dtype)
     m = xp.max(s, axis=-1, keepdims=True)
-    m[m == -xp.inf] = 0.0                                   # fully masked row: keep -inf - 0 = -inf
+    m = xp.where(m == -xp.inf, 0.0, m)                      # fully masked row: keep -inf - 0 = -inf
     s -= m
     xp.exp(s, out=s)
     return s, m, xp.sum(s, axis=-1, keepdims=True)
 
 
 def _reciprocal(l):
-    """1 / l, with 0 for the empty rows (l = 0), in place."""
+    """1 / l, with 0 for the empty rows (l = 0)."""
     empty = l == 0
-    l[empty] = 1.0
-    xp.reciprocal(l, out=l)
-    l[empty] = 0.0
-    return l
+    return xp.where(empty, 0.0, xp.reciprocal(xp.where(empty, 1.0, l)))
 
 
 def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=None):
@@ -161,15 +158,13 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=N
         for r0 in range(0, Tq, chunk_size):
             r1 = min(r0 + chunk_size, Tq)
             e, m, l = _scores(qs[:, :, r0:r1], kT, mask, causal, r0, r1)
-            o = out[:, :, r0:r1]
-            xp.matmul(e, v, out=o)
+            o = xp.matmul(e, v)
+            o *= _reciprocal(l)
+            out[:, :, r0:r1] = o
             empty = l == 0
-            o *= _reciprocal(l.copy())
-            l[empty] = 1.0
-            lse_c = lse[:, :, r0:r1]
-            xp.log(l, out=lse_c)
+            lse_c = xp.log(xp.where(empty, 1.0, l))
             lse_c += m
-            lse_c[empty] = xp.inf                           # exp(S - inf) = 0 recomputes the zero row
+            lse[:, :, r0:r1] = xp.where(empty, xp.inf, lse_c)   # exp(S - inf) = 0: the zero row again
         cache = ("chunked", qs, k, v, out, lse, mask, causal, chunk_size, scale, q.dtype)
     return out.astype(q.dtype, copy=False), cache
 
@@ -226,8 +221,8 @@ def attention_backward(dout, cache):
             ds = xp.matmul(do_c, vT)                        # dP block
             ds -= dsum[:, :, r0:r1]
             ds *= p                                         # dS block
-            dq_c = dq[:, :, r0:r1]
-            xp.matmul(ds, k, out=dq_c)
+            dq_c = xp.matmul(ds, k)
             dq_c *= scale
+            dq[:, :, r0:r1] = dq_c
             dk += xp.matmul(ds.swapaxes(-1, -2), qs_c)
     return dq.astype(dtype, copy=False), dk.astype(dtype, copy=False), dv.astype(dtype, copy=False)

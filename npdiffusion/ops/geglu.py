@@ -24,7 +24,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 def _compute_dtype(dtype):
     if dtype.kind != "f":
         raise TypeError(f"geglu: h must be a floating array, got dtype {dtype}")
-    return xp.dtype(xp.float32) if dtype.itemsize < 4 else dtype
+    return xp.float32 if dtype.itemsize < 4 else dtype
 
 
 def geglu_forward(h):

@@ -36,7 +36,7 @@ def _shifted(x, axis):
     with the maximum of an all ``-inf`` row replaced by 0 so that z stays ``-inf`` instead of NaN."""
     cdt = _compute_dtype(x.dtype)
     m = xp.max(x, axis=axis, keepdims=True).astype(cdt, copy=False)
-    m[m == -xp.inf] = 0.0
+    m = xp.where(m == -xp.inf, 0.0, m)
     z = xp.subtract(x, m, dtype=cdt)
     return z, m
 
@@ -52,8 +52,7 @@ def softmax_forward(x, axis: int = -1):
     e, _ = _shifted(x, axis)
     xp.exp(e, out=e)                                   # in place: e = exp(x - m)
     s = xp.sum(e, axis=axis, keepdims=True)
-    s[s == 0] = 1.0                                    # fully masked rows: 0 / 1 = 0, not 0 / 0
-    xp.reciprocal(s, out=s)
+    s = xp.reciprocal(xp.where(s == 0, 1.0, s))        # fully masked rows: 0 * 1 = 0, not 0 / 0
     e *= s
     y = e.astype(x.dtype, copy=False)
     return y, (y, axis)
@@ -80,8 +79,7 @@ def log_softmax_forward(x, axis: int = -1):
     axis = _normalize_axis(axis, x.ndim)
     z, _ = _shifted(x, axis)
     s = xp.sum(xp.exp(z), axis=axis, keepdims=True)
-    s[s == 0] = 1.0                                    # fully masked rows: z stays -inf, not NaN
-    z -= xp.log(s)
+    z -= xp.log(xp.where(s == 0, 1.0, s))              # fully masked rows: z stays -inf, not NaN
     y = z.astype(x.dtype, copy=False)
     return y, (y, axis)
 
