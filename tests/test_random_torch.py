@@ -3,6 +3,10 @@
 Every expected value comes from torch itself: torch.randn / torch.rand with a seeded
 torch.Generator, and torch's get_state bytes.
 """
+import os
+import subprocess
+import sys
+import textwrap
 from fractions import Fraction
 
 import numpy as np
@@ -129,6 +133,42 @@ def test_any_interleaving_of_draws_matches_torch(seed, draws):
     assert bits_equal(ours.get_state(), theirs.get_state())
 
 
+# --------------------------------------------------------------------- torch's DEFAULT kernel
+DEFAULT_KERNEL_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch
+    cases = {}
+    for seed in (0, 42, 2**64 - 1):
+        for n in (16, 17, 33, 1000, 4096):
+            for name, dt in (("float32", torch.float32), ("float16", torch.float16)):
+                cases[f"{seed}-{n}-{name}"] = torch.randn(n, generator=torch.Generator().manual_seed(seed),
+                                                          dtype=dt).numpy()
+    g = torch.Generator().manual_seed(5)
+    cases["stream"] = np.concatenate([torch.randn(n, generator=g).numpy() for n in (3, 100, 1, 40)])
+    np.savez(sys.argv[1], capability=torch.backends.cpu.get_cpu_capability(), **cases)
+""")
+
+
+def test_scalar_kernel_matches_torch_default_kernel(tmp_path):
+    # torch's DEFAULT kernel (non-AVX2 x86, ARM) uses the C library's logf/cosf/sinf; forcing it with
+    # ATEN_CPU_CAPABILITY=default in a fresh process gives the oracle on this machine.
+    out = tmp_path / "default.npz"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    subprocess.run([sys.executable, "-c", DEFAULT_KERNEL_SCRIPT, str(out)], env=env, check=True, timeout=300)
+    expected = np.load(out)
+    if str(expected["capability"]) != "DEFAULT":
+        pytest.skip(f"torch ignored ATEN_CPU_CAPABILITY=default here (ran {expected['capability']})")
+    for key in expected.files:
+        if key in ("capability", "stream"):
+            continue
+        seed, n, name = key.split("-")
+        ours = torch_randn(int(n), int(seed), dtype=np.dtype(name), kernel="scalar")
+        assert bits_equal(ours, expected[key]), key
+    g = TorchGenerator(5, kernel="scalar")
+    assert bits_equal(np.concatenate([g.randn(n) for n in (3, 100, 1, 40)]), expected["stream"])
+    # the kernels really differ: about 38% of AVX2-kernel values differ in the last bit
+    assert not np.array_equal(torch_randn(4096, 0), expected["0-4096-float32"])
+
+
 # ------------------------------------------------------------------------------------ state
 @needs_avx2_torch
 def test_state_bytes_equal_torch_and_round_trip_both_ways():
@@ -212,5 +252,7 @@ def test_bad_arguments_raise_clear_errors():
         torch_randn((2, -1), 0)
     with pytest.raises(TypeError, match="shape must be an int or a sequence of ints, got 2.5"):
         torch_randn(2.5, 0)
+    with pytest.raises(ValueError, match=r"kernel must be one of \['avx2', 'scalar'\], got 'sse'"):
+        TorchGenerator(0, kernel="sse")
     with pytest.raises(TypeError, match=r"dtype must be one of \['float16', 'float32', 'float64'\], got"):
         torch_randn(3, 0, dtype=np.int32)

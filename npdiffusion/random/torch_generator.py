@@ -27,9 +27,10 @@ What is reproduced (checked against torch 2.13 in tests/test_random_torch.py):
   including the spare sample the generator caches for the next small draw;
 * consecutive calls on one ``TorchGenerator`` continue the stream as calls on one torch generator.
 
-Not reproduced: torch's DEFAULT (non-AVX2) CPU kernel, used on x86 CPUs without AVX2 and on ARM,
-which computes float32 Box-Muller with the C library's ``logf``/``cosf``/``sinf``; CUDA generators
-(Philox). See docs/random.md.
+torch's DEFAULT (non-AVX2) CPU kernel, used on x86 CPUs without AVX2 and on ARM, computes float32
+Box-Muller with the C library's ``logf``/``cosf``/``sinf``: ``kernel="scalar"`` calls those through
+ctypes, so it matches torch running on the same machine. Not reproduced: CUDA generators (Philox).
+See docs/random.md.
 """
 from __future__ import annotations
 
@@ -222,6 +223,46 @@ def _box_muller16_float32(u):
     return out
 
 
+_LIBM = {}
+
+
+def _libm_float_functions():
+    """The C library's ``logf``, ``cosf``, ``sinf`` (float -> float), as NumPy ufuncs over objects."""
+    if not _LIBM:
+        import ctypes  # noqa: PLC0415 - only the scalar kernel needs the C library
+        import ctypes.util  # noqa: PLC0415
+
+        name = ctypes.util.find_library("m") or ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name)
+            funcs = [getattr(lib, f) for f in ("logf", "cosf", "sinf")]
+        except (OSError, TypeError, AttributeError) as exc:
+            raise RuntimeError(f"kernel='scalar' needs the C library's logf/cosf/sinf, which ctypes "
+                               f"could not load ({exc})") from exc
+        for f in funcs:
+            f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+        _LIBM.update(zip(("log", "cos", "sin"), (numpy.frompyfunc(f, 1, 1) for f in funcs)))
+    return _LIBM
+
+
+def _box_muller16_float32_scalar(u):
+    """torch's scalar (DEFAULT-kernel) ``NormalFill16<float>`` on uniforms u (B, 16): float32 math
+    with the C library's ``logf``/``cosf``/``sinf``, one call per value."""
+    libm = _libm_float_functions()
+    u1 = _ONE - u[:, :8]
+    log_u1 = libm["log"](u1).astype(numpy.float32)
+    r = numpy.sqrt(_MINUS_TWO_F32 * log_u1)
+    theta = ((2.0 * math.pi) * u[:, 8:].astype(numpy.float64)).astype(numpy.float32)  # double product
+    out = numpy.empty_like(u)
+    numpy.multiply(r, libm["cos"](theta).astype(numpy.float32), out=out[:, :8])
+    numpy.multiply(r, libm["sin"](theta).astype(numpy.float32), out=out[:, 8:])
+    out += _ZERO
+    return out
+
+
+_FLOAT32_KERNELS = {"avx2": _box_muller16_float32, "scalar": _box_muller16_float32_scalar}
+
+
 def _box_muller16_float64(u):
     """torch's scalar ``NormalFill16<double>`` on uniforms u (B, 16): libm log/cos/sin per value."""
     u1 = (1.0 - u[:, :8]).ravel()
@@ -279,10 +320,19 @@ class TorchGenerator:
     (diffusers draws the initial latents and later scheduler noise from the same generator).
     ``TorchGenerator()`` without a seed is a fresh ``torch.Generator()`` (seed 67280421310721).
     Arrays are NumPy arrays on the host; move them with ``npdiffusion.backend.asarray``.
-    See docs/random.md.
+
+    ``kernel`` picks torch's float32/float16 Box-Muller kernel for draws of 16 or more values:
+    ``"avx2"`` (default) is the one x86-64 torch runs on AVX2 and AVX-512 CPUs, reproduced exactly
+    in NumPy on any machine; ``"scalar"`` is torch's DEFAULT kernel (x86 without AVX2, ARM), which
+    calls the C library's ``logf``/``cosf``/``sinf`` and is reproduced by calling that same library
+    through ctypes (so it matches torch on the same machine; about 20x slower). float64 draws and
+    draws of fewer than 16 values are the same in both. See docs/random.md.
     """
 
-    def __init__(self, seed: int = DEFAULT_SEED):
+    def __init__(self, seed: int = DEFAULT_SEED, kernel: str = "avx2"):
+        if kernel not in _FLOAT32_KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(_FLOAT32_KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
         self.manual_seed(seed)
 
     # ------------------------------------------------------------------ seeding and state
@@ -399,7 +449,7 @@ class TorchGenerator:
         if dt == numpy.float64:
             uniform, box_muller = self._uniform_double, _box_muller16_float64
         else:
-            uniform, box_muller = self._uniform_float, _box_muller16_float32
+            uniform, box_muller = self._uniform_float, _FLOAT32_KERNELS[self.kernel]
         full = n // 16 * 16
         # float32/float64 fill the whole output with N uniforms first; float16 fills a float buffer
         # block by block, so it draws only the uniforms of the whole blocks.
@@ -425,12 +475,13 @@ class TorchGenerator:
         return values.reshape(shape)
 
     def __repr__(self):
-        return f"TorchGenerator(seed={self._seed})"
+        return f"TorchGenerator(seed={self._seed}, kernel={self.kernel!r})"
 
 
-def torch_randn(shape, seed: int, dtype=numpy.float32) -> numpy.ndarray:
-    """``torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)`` in NumPy."""
-    return TorchGenerator(seed).randn(shape, dtype=dtype)
+def torch_randn(shape, seed: int, dtype=numpy.float32, kernel: str = "avx2") -> numpy.ndarray:
+    """``torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)`` in NumPy
+    (``kernel``: see ``TorchGenerator``)."""
+    return TorchGenerator(seed, kernel=kernel).randn(shape, dtype=dtype)
 
 
 def torch_rand(shape, seed: int, dtype=numpy.float32) -> numpy.ndarray:
