@@ -82,8 +82,8 @@ def cross_entropy_forward(logits, labels, ignore_index: int = -100):
     """
     op = "cross_entropy"
     _check_float(logits, "logits", op)
-    if logits.ndim < 1:
-        raise ValueError(f"{op}: logits must have a class axis (..., K), got a 0-d array")
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"{op}: logits must have a non-empty class axis (..., K), got shape {tuple(logits.shape)}")
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
         raise TypeError(f"{op}: labels must be an integer array, got {getattr(labels, 'dtype', type(labels).__name__)}")
     k = logits.shape[-1]
@@ -100,9 +100,8 @@ def cross_entropy_forward(logits, labels, ignore_index: int = -100):
                              f"got {int(lab[bad][0])}")
     n = int(keep.sum())
     safe = xp.where(keep, lab, 0)                                       # ignored rows read class 0
-    m = z.max(axis=1, keepdims=True) if k else xp.zeros((z.shape[0], 1), dtype=z.dtype)
-    e = xp.subtract(z, m)                                               # z - max     (N', K)
-    picked = xp.take_along_axis(e, safe[:, None], axis=1)[:, 0] if k else xp.zeros(z.shape[0], z.dtype)
+    e = xp.subtract(z, z.max(axis=1, keepdims=True))                    # z - max     (N', K)
+    picked = xp.take_along_axis(e, safe[:, None], axis=1)[:, 0]         # (z - max)[label]
     xp.exp(e, out=e)
     s = e.sum(axis=1)                                                   # sum exp     (N',)
     e /= s[:, None]                                                     # softmax p
