@@ -25,11 +25,13 @@ from npdiffusion.testing import gradcheck, noncontiguous
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def npd(*args, timeout=120):
+def npd(*args, timeout=120, backend_env=None):
     """Run ``python -m npdiffusion *args`` from a neutral folder; returns the CompletedProcess."""
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("NPDIFFUSION_BACKEND", None)
+    if backend_env is not None:
+        env["NPDIFFUSION_BACKEND"] = backend_env
     env["OPENBLAS_NUM_THREADS"] = "1"   # tiny GEMMs; and pytest -n 2 already uses both cores
     return subprocess.run([sys.executable, "-m", "npdiffusion", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=os.path.dirname(ROOT))
@@ -72,6 +74,13 @@ def test_unknown_backend_gives_one_line_and_exit_2():
     assert proc.returncode == 2
     assert "backend must be one of ('numpy', 'cupy'), got 'tpu'" in line
     assert proc.stdout == ""
+
+
+def test_bad_backend_environment_variable_gives_one_line_and_exit_2():
+    proc = npd("gradcheck", "--layer", "Linear", backend_env="tpu")
+    line = one_error_line(proc, "gradcheck")
+    assert proc.returncode == 2 and "backend must be one of ('numpy', 'cupy'), got 'tpu'" in line
+    assert npd("--backend", "numpy", "gradcheck", "--layer", "Linear", backend_env="tpu").returncode == 0
 
 
 @pytest.mark.skipif(is_available("cupy"), reason="this machine has CuPy and a GPU, so --backend cupy works")

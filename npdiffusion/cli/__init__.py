@@ -10,8 +10,8 @@ Errors:
   without a GPU) print ONE line, ``npdiffusion <command>: error: <message>``, to stderr and exit
   with code 2. These are ``ValueError``, ``TypeError``, ``KeyError``, ``OSError`` (with
   ``FileNotFoundError``), safetensors' ``SafetensorError``, ``CommandError`` raised by a command
-  for a problem the user can fix, and the ``RuntimeError`` of ``--backend`` when the backend
-  cannot start. argparse's own usage errors also exit with 2.
+  for a problem the user can fix, and the ``RuntimeError`` of ``--backend`` (or of the
+  ``NPDIFFUSION_BACKEND`` environment variable) when the backend cannot start. argparse's own usage errors also exit with 2.
 * Anything else is a bug: its traceback is kept, so it can be reported and fixed.
 * Ctrl-C prints one line and exits with 130.
 
@@ -25,7 +25,7 @@ import importlib
 import sys
 
 from npdiffusion import __version__
-from npdiffusion.backend import BACKENDS, set_backend
+from npdiffusion.backend import BACKENDS, get_backend, set_backend
 
 #: The subcommand modules, in the order ``--help`` lists them: one line per command.
 COMMANDS = [
@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     try:
         if args.backend is not None:
             set_backend(args.backend)
+        else:
+            get_backend()  # starts the backend NPDIFFUSION_BACKEND names (numpy if unset) now
         stage = "command"
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
