@@ -21,3 +21,8 @@ def manual_seed(seed: int) -> numpy.random.Generator:
 def default_rng() -> numpy.random.Generator:
     """The generator used for parameter initialization."""
     return _state["rng"]
+
+
+from npdiffusion.random.torch_generator import TorchGenerator, randn_tensor, torch_rand, torch_randn  # noqa: E402
+
+__all__ = ["manual_seed", "default_rng", "TorchGenerator", "torch_randn", "torch_rand", "randn_tensor"]
