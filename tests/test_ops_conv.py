@@ -67,6 +67,7 @@ def test_conv2d_op_matches_torch_float64(backend, monkeypatch, case, chunk_bytes
     """Every path (single chunk, one output row per chunk, a few rows per chunk) against torch."""
     if chunk_bytes is not None:
         monkeypatch.setattr(conv_ops, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(conv_ops, "GPU_CHUNK_BYTES", chunk_bytes)
     B, C, O, H, W, k, s, p = case
     rng = np.random.default_rng(sum(case[:5]))
     x, w, b = rng.standard_normal((B, C, H, W)), rng.standard_normal((O, C, *k)), rng.standard_normal(O)
