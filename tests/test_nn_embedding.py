@@ -62,7 +62,7 @@ def test_embedding_init_matches_torch_distribution():
 
 def test_embedding_errors(backend):
     m = Embedding(5, 3)
-    with pytest.raises(ValueError, match=r"Embedding: ids must lie in \[0, 5\) \(the rows of weight\), got values from 0 to 5"):
+    with pytest.raises(ValueError, match=r"Embedding: ids must lie in \[0, 5\) \(the rows of weight\), got .* 0 to 5"):
         m(asarray(np.array([0, 5])))
     with pytest.raises(TypeError, match="Embedding: ids must be an integer array, got float32"):
         m(asarray(np.array([0.0, 1.0], np.float32)))
