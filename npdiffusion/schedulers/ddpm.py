@@ -83,6 +83,9 @@ class DDPMScheduler(SchedulerMixin):
                                 allowed=("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid"))
         if rescale_betas_zero_snr:
             self.betas = schedules.rescale_zero_terminal_snr(self.betas)
+        if variance_type == "fixed_large_log":
+            raise ValueError(f"{name}: variance_type 'fixed_large_log' is not supported: diffusers' step takes "
+                             "sqrt(log beta) with log beta < 0, which is NaN; use 'fixed_large'")
         check_choice(name, "variance_type", variance_type, VARIANCE_TYPES)
         check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
@@ -117,7 +120,8 @@ class DDPMScheduler(SchedulerMixin):
             if ts.ndim != 1 or ts.size == 0 or ts.dtype.kind not in "iu":
                 raise ValueError(f"{name}.set_timesteps: timesteps must be a non-empty list of ints, got {timesteps!r}")
             if numpy.any(numpy.diff(ts) >= 0):
-                raise ValueError(f"{name}.set_timesteps: custom timesteps must be strictly descending, got {ts.tolist()}")
+                raise ValueError(f"{name}.set_timesteps: custom timesteps must be strictly descending, "
+                                 f"got {ts.tolist()}")
             if ts[0] >= cfg["num_train_timesteps"]:
                 raise ValueError(f"{name}.set_timesteps: timesteps must start below num_train_timesteps "
                                  f"({cfg['num_train_timesteps']}), got {int(ts[0])}")

@@ -107,7 +107,10 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         check_choice(name, "solver_order", solver_order, (1, 2, 3))
         check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        check_choice(name, "variance_type", variance_type, (None, "learned", "learned_range"))
+        if variance_type is not None and not isinstance(variance_type, str):
+            raise TypeError(f"{name}: variance_type must be None or a string, got {type(variance_type).__name__}")
+        # only "learned"/"learned_range" change anything here; other values (a DDPM config's
+        # "fixed_small", say) are accepted and ignored, as diffusers does
         check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
         check_int(name, "steps_offset", steps_offset)
         check_real(name, "lambda_min_clipped", lambda_min_clipped)
@@ -269,8 +272,9 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         (alpha_t, sigma_t, lambda_t), (alpha_s0, sigma_s0, lambda_s0), (_, _, lambda_s1) = self._levels(1, 0, -1)
         m0, m1 = model_output_list[-1], model_output_list[-2]
         h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-        r0 = h_0 / h
-        D0, D1 = m0, float(_ONE / r0) * (m0 - m1)
+        with numpy.errstate(divide="ignore", invalid="ignore"):  # repeated levels give h = 0, as in torch
+            r0 = h_0 / h
+            D0, D1 = m0, float(_ONE / r0) * (m0 - m1)
         cfg = self._config
         algo, solver = cfg["algorithm_type"], cfg["solver_type"]
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -310,11 +314,12 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         lambda_s1, lambda_s2 = levels[2][2], levels[3][2]
         m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
         h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
-        r0, r1 = h_0 / h, h_1 / h
-        D0 = m0
-        D1_0, D1_1 = float(_ONE / r0) * (m0 - m1), float(_ONE / r1) * (m1 - m2)
-        D1 = D1_0 + float(r0 / (r0 + r1)) * (D1_0 - D1_1)
-        D2 = float(_ONE / (r0 + r1)) * (D1_0 - D1_1)
+        with numpy.errstate(divide="ignore", invalid="ignore"):
+            r0, r1 = h_0 / h, h_1 / h
+            D0 = m0
+            D1_0, D1_1 = float(_ONE / r0) * (m0 - m1), float(_ONE / r1) * (m1 - m2)
+            D1 = D1_0 + float(r0 / (r0 + r1)) * (D1_0 - D1_1)
+            D2 = float(_ONE / (r0 + r1)) * (D1_0 - D1_1)
         algo = self._config["algorithm_type"]
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
             em, ep = f32_exp(-h), f32_exp(h)

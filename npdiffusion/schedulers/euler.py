@@ -115,7 +115,8 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
             raise ValueError(f"{name}.set_timesteps: pass exactly one of num_inference_steps, timesteps, sigmas; "
                              f"got {given}")
         if timesteps is not None and self._sigma_kind is not None:
-            raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be combined with use_{self._sigma_kind}_sigmas")
+            raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be combined with "
+                             f"use_{self._sigma_kind}_sigmas")
         continuous_v = cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction"
         if timesteps is not None and continuous_v:
             raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be used with timestep_type='continuous' "

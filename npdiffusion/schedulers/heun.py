@@ -87,7 +87,8 @@ class HeunDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError(f"{name}.set_timesteps: pass exactly one of num_inference_steps and timesteps")
         if timesteps is not None and self._sigma_kind is not None:
-            raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be combined with use_{self._sigma_kind}_sigmas")
+            raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be combined with "
+                             f"use_{self._sigma_kind}_sigmas")
         n = check_num_inference_steps(name, num_inference_steps or len(timesteps))
         self.num_inference_steps = n
         T = num_train_timesteps or cfg["num_train_timesteps"]

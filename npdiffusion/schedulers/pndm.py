@@ -5,7 +5,8 @@ host. Mirrors diffusers' ``scheduling_pndm.py`` (0.42); derivation in docs/sched
 
 Every step applies the same transfer x_t -> x_t' to an effective noise estimate e (Liu et al. eq. 11):
 
-    x_t' = sqrt(abar_t'/abar_t) x_t - (abar_t' - abar_t) e / (abar_t sqrt(1 - abar_t') + sqrt(abar_t (1 - abar_t) abar_t'))
+    x_t' = sqrt(abar_t'/abar_t) x_t - (abar_t' - abar_t) e / D,
+    D    = abar_t sqrt(1 - abar_t') + sqrt(abar_t (1 - abar_t) abar_t')
 
 PLMS (``skip_prk_steps=True``, Stable Diffusion's default) takes e from the last model outputs with
 Adams-Bashforth weights: e_0 (first step, then repeated at t' with the average (e_0 + e_1)/2 -- the
@@ -73,6 +74,9 @@ class PNDMScheduler(SchedulerMixin):
         cfg = self._config
         T = cfg["num_train_timesteps"]
         n = check_num_inference_steps(type(self).__name__, num_inference_steps)
+        if not cfg["skip_prk_steps"] and n < self.pndm_order:
+            raise ValueError(f"{type(self).__name__}.set_timesteps: the PRK warm-up (skip_prk_steps=False) needs "
+                             f"num_inference_steps >= {self.pndm_order}, got {n}")
         self.num_inference_steps = n
         spacing = cfg["timestep_spacing"]
         if spacing == "linspace":
