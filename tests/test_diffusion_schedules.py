@@ -30,6 +30,10 @@ from hypothesis import strategies as st
 
 from npdiffusion.diffusion import schedules as S
 
+# diffusers' own warnings (NumPy 2 __array__ copy keyword; deprecated algorithm types we test on purpose)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed:FutureWarning")]
+
 FUSED = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
 

@@ -18,6 +18,10 @@ import npdiffusion.schedulers as ours_mod
 from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.testing import relative_error
 
+# diffusers' own warnings (NumPy 2 __array__ copy keyword; deprecated algorithm types we test on purpose)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed:FutureWarning")]
+
 CLASSES = ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"]
 
