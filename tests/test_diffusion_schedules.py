@@ -15,6 +15,7 @@ Two results of torch depend on the machine, and the tests say which one they exp
 import inspect
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -34,7 +35,10 @@ from npdiffusion.diffusion import schedules as S
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed:FutureWarning")]
 
-FUSED = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+# torch's vectorized x86 kernels (AVX2/AVX-512) fuse the multiply-add of linspace; its DEFAULT kernel does not
+FUSED = torch.backends.cpu.get_cpu_capability() != "DEFAULT" if X86 else np.array_equal(
+    torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32).numpy(), S.linspace_float32(1e-4, 0.02, 1000, fused=True))
 SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
 
 
@@ -200,6 +204,7 @@ def test_sigma_to_t_equals_diffusers_and_inverts_the_schedule():
                                [0, 5, 500, 999], atol=1e-6)
 
 
+@pytest.mark.skipif(not X86, reason="checks torch's x86 DEFAULT kernel and MKL's AVX2 code path, which exist on x86 only")
 def test_bit_exact_on_the_portable_kernels():
     """In a fresh process with torch's DEFAULT kernels and MKL's AVX2 code (correctly rounded sqrt),
     betas (unfused linspace), alphas_cumprod, sigmas and diffusers' own ``rescale_zero_terminal_snr``
