@@ -72,7 +72,8 @@ def _row_dot(a, b):
 
 
 def _moments(rows, eps):
-    """(mean, rstd) of each row of ``rows`` (R, M): one pass, two passes where it cancels."""
+    """(mean, rstd, cancels) of each row of ``rows`` (R, M): one pass, two passes for the rows
+    where it cancels; ``cancels`` says whether any row did (|mu| >> sigma somewhere)."""
     m = max(rows.shape[-1], 1)
     mean = _row_sum(rows)
     mean *= 1.0 / m
@@ -80,14 +81,18 @@ def _moments(rows, eps):
     var *= 1.0 / m
     var -= mean * mean
     bad = mean * mean > _ONE_PASS_MAX_RATIO * var
-    if bool(bad.any()):
+    cancels = bool(bad.any())
+    if cancels:
+        # Corrected two-pass formula: the correction also repairs the rounding of mu itself.
         centered = rows[bad] - mean[bad][:, None]                     # (R_bad, M)
-        var[bad] = _row_dot(centered, centered) * (1.0 / m)
+        corr = _row_sum(centered) * (1.0 / m)
+        var[bad] = _row_dot(centered, centered) * (1.0 / m) - corr * corr
+        mean[bad] += corr
     xp.maximum(var, 0.0, out=var)
     var += eps
     rstd = xp.sqrt(var, out=var)
     xp.reciprocal(rstd, out=rstd)
-    return mean, rstd
+    return mean, rstd, cancels
 
 
 # --------------------------------------------------------------------------------- group norm
@@ -96,7 +101,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
 
     weight (gamma) and bias (beta) are per channel (C,), each optional. Equals
     torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype;
-    cache = (x as (B, C, S) in the compute dtype, mu (B, G), r (B, G), weight, flags).
+    cache = (x as (B, C, S) in the compute dtype (x - mu where |mu| >> sigma), mu (B, G), r (B, G),
+    weight, flags).
     Derivation: docs/ops/normalization.md.
     """
     op = "group_norm"
@@ -114,21 +120,27 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     g = num_groups
     s = _prod(x.shape[2:])
     xc = x.astype(cdt, copy=False).reshape(b, c, s)                    # (B, C, S), copy if strided
-    mean, rstd = _moments(xc.reshape(b * g, (c // g) * s), float(eps))  # (B*G,)
+    mean, rstd, centered = _moments(xc.reshape(b * g, (c // g) * s), float(eps))  # (B*G,)
     mean = mean.reshape(b, g)
     rstd = rstd.reshape(b, g)
+    mean_c = xp.broadcast_to(mean[:, :, None], (b, g, c // g)).reshape(b, c)  # (B, C)
+    if centered:
+        # |mu| >> sigma somewhere: x * a - mu * a would cancel, so keep x - mu instead of x (one
+        # more pass, only then); y, the backward's sums and its x * k + k0 all use it with mu = 0.
+        xc = xc - mean_c[:, :, None]
+        mean_c = xp.zeros_like(mean_c)
     # Per-(batch, channel) coefficients: y = x * a + sh, a = r * gamma, sh = beta - mu * a.
     a = xp.broadcast_to(rstd[:, :, None], (b, g, c // g)).reshape(b, c)  # (B, C)
     if weight is not None:
         a = a * weight.astype(cdt, copy=False)
-    sh = xp.broadcast_to(mean[:, :, None], (b, g, c // g)).reshape(b, c) * a
+    sh = mean_c * a
     xp.negative(sh, out=sh)
     if bias is not None:
         sh += bias.astype(cdt, copy=False)
     y = xp.multiply(xc, a[:, :, None])                                 # (B, C, S)
     y += sh[:, :, None]
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
-    cache = (xc, mean, rstd, weight, bias is not None, x.dtype, x.shape)
+    cache = (xc, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
     return y, cache
 
 
@@ -139,17 +151,19 @@ def group_norm_backward(dy, cache):
     dx = r (g - mean(g) - xhat mean(g xhat)), dgamma = sum_{B,S} dy xhat, dbeta = sum_{B,S} dy.
     Expanded per (batch, channel): dx = dy * (r gamma) + x * k + k0 (docs/ops/normalization.md).
     """
-    xc, mean, rstd, weight, has_bias, in_dtype, in_shape = cache
+    xc, mean, rstd, centered, weight, has_bias, in_dtype, in_shape = cache
     b, c, s = xc.shape
     g = mean.shape[1]
     cg = c // g
     m = max(cg * s, 1)
     cdt = xc.dtype
+    if centered:                                                       # xc holds x - mu
+        mean = xp.zeros_like(mean)
+    mean_c = xp.broadcast_to(mean[:, :, None], (b, g, cg)).reshape(b, c)
+    rstd_c = xp.broadcast_to(rstd[:, :, None], (b, g, cg)).reshape(b, c)
     dyc = dy.astype(cdt, copy=False).reshape(b, c, s)                  # (B, C, S)
     db = _row_sum(dyc.reshape(b * c, s)).reshape(b, c)                 # sum_S dy        (B, C)
     ds = _row_dot(dyc.reshape(b * c, s), xc.reshape(b * c, s)).reshape(b, c)  # sum_S dy x
-    mean_c = xp.broadcast_to(mean[:, :, None], (b, g, cg)).reshape(b, c)
-    rstd_c = xp.broadcast_to(rstd[:, :, None], (b, g, cg)).reshape(b, c)
     dxhat = (ds - mean_c * db) * rstd_c                                # sum_S dy xhat   (B, C)
     gamma = None if weight is None else weight.astype(cdt, copy=False)
     dweight = None if weight is None else dxhat.sum(axis=0).astype(weight.dtype, copy=False)
@@ -205,7 +219,7 @@ def layer_norm_forward(x, normalized_shape=None, weight=None, bias=None, eps=1e-
     shape = _normalized_ndim(x, normalized_shape, weight, bias, op)
     msize = _prod(shape)
     rows = x.astype(cdt, copy=False).reshape(_prod(x.shape[:x.ndim - len(shape)]), msize)  # (N, M)
-    mean, rstd = _moments(rows, float(eps))                           # (N,)
+    mean, rstd, _ = _moments(rows, float(eps))                        # (N,); xhat is centered
     xhat = xp.subtract(rows, mean[:, None])
     xhat *= rstd[:, None]
     if weight is not None:
