@@ -21,6 +21,7 @@ from npdiffusion.diffusion.forward import (
 from npdiffusion.diffusion.parameterization import (
     PREDICTION_TYPES, convert, convert_backward, convert_forward, velocity,
 )
+from npdiffusion.schedulers.ddim import DDIMScheduler
 from npdiffusion.testing import gradcheck_op, noncontiguous, relative_error
 
 betas_strategy = st.lists(st.floats(1e-4, 0.6), min_size=2, max_size=12)
@@ -168,6 +169,19 @@ def test_ddim_variance_matches_diffusers_ddim_scheduler():
     theirs = np.array([float(sched._get_variance(int(t), int(p))) for t, p in zip(ts, prev)])
     np.testing.assert_allclose(post.variance, theirs, rtol=2e-5)     # diffusers computes in float32
     assert float(sched._get_variance(487, 486)) == pytest.approx(0.00979, abs=1e-5)
+
+
+def test_ddim_variance_matches_our_ddim_scheduler():
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(25)
+    abar = np.asarray(sched.alphas_cumprod, dtype=np.float64)
+    ts = np.asarray(sched.timesteps)
+    prev = ts - 1000 // 25
+    a_prev = np.where(prev >= 0, abar[np.maximum(prev, 0)], float(sched.final_alpha_cumprod))
+    post = posterior_coefficients(abar[ts], a_prev)
+    ours = np.array([float(sched._get_variance(int(t), int(p))) for t, p in zip(ts, prev)])
+    np.testing.assert_allclose(post.variance, ours, rtol=2e-5)        # the scheduler works in float32
 
 
 def test_posterior_mean_matches_diffusers_ddpm_step(backend):
