@@ -155,6 +155,11 @@ def test_ddim_eta_one_variance_is_ddpm_fixed_small(n, seed):
     post = posterior_coefficients(a, a_prev)
     ddim = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
     np.testing.assert_allclose(post.variance, ddim, rtol=1e-12)
+    # ... and with that sigma the DDIM mean sqrt(a') x0 + sqrt(1 - a' - sigma^2) (x_t - sqrt(a) x0)/sqrt(1 - a)
+    # is the posterior mean: the coefficients of x0 and of x_t agree.
+    eps_coef = np.sqrt(1 - a_prev - ddim) / np.sqrt(1 - a)
+    np.testing.assert_allclose(post.coef_xt, eps_coef, rtol=1e-9)
+    np.testing.assert_allclose(post.coef_x0, np.sqrt(a_prev) - eps_coef * np.sqrt(a), rtol=1e-7, atol=1e-12)
 
 
 def test_ddim_variance_matches_diffusers_ddim_scheduler():
@@ -244,7 +249,8 @@ def test_clear_errors(backend):
         q_sample(x, np.array([1, 2, 3]), abar, x)
     with pytest.raises(ValueError, match=r"noise must have the shape of x0 \(2, 3\), got \(2, 4\)"):
         q_sample(x, 1, abar, asarray(np.zeros((2, 4))))
-    with pytest.raises(ValueError, match=r"alphas_cumprod must have entries in \[0, 1\], got alphas_cumprod\[0\] = 1.5"):
+    with pytest.raises(ValueError,
+                       match=r"alphas_cumprod must have entries in \[0, 1\], got alphas_cumprod\[0\] = 1.5"):
         q_sample(x, 1, np.array([1.5, 0.5]), x)
     with pytest.raises(ValueError, match="from_type must be one of"):
         convert(x, x, 1, abar, "eps", "sample")

@@ -172,7 +172,7 @@ def data_entropy(n=120):
     return -((WEIGHTS[:, None] * w).reshape(-1) * np.log(gmm_density(x))).sum()
 
 
-def expected_bound(abar, variance="exact", n=40, chunk=100):
+def expected_bound(abar, variance="exact", n=40, chunk=50):
     """E over x0 ~ mixture of the bound of the exact model, in nats: prior + sum_t L_t, with every
     expectation over (x0, eps) by n x n Gauss-Hermite nodes per component."""
     T = abar.size
