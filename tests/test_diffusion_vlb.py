@@ -398,6 +398,22 @@ def test_point_mass_data_with_the_exact_model_has_zero_kl_terms(backend):
     np.testing.assert_allclose(res["prior_bpd"], to_numpy(prior_bpd(asarray(x0), ABAR)), rtol=1e-12)
 
 
+def test_float32_stays_float32_and_agrees_with_float64(backend):
+    for variance_type in ("fixed_small", "learned_range"):
+        out, x0, xt, noise, t = vlb_case(3, "epsilon", variance_type)
+        ours64, cache64 = vlb_terms_forward(asarray(out), asarray(x0), asarray(xt), t, ABAR,
+                                            variance_type=variance_type)
+        f32 = [asarray(a.astype(np.float32)) for a in (out, x0, xt)]
+        ours32, cache32 = vlb_terms_forward(*f32, t, ABAR, variance_type=variance_type)
+        dbits = np.linspace(0.5, 1.5, t.size)
+        g64 = vlb_terms_backward(asarray(dbits), cache64)[0]
+        g32 = vlb_terms_backward(asarray(dbits.astype(np.float32)), cache32)[0]
+        assert ours32.dtype == np.float32 and g32.dtype == np.float32
+        assert relative_error(ours32, ours64) < 1e-4 and relative_error(g32, g64) < 1e-4
+    loss, grad = hybrid_loss(*f32, asarray(noise.astype(np.float32)), t, ABAR)
+    assert loss.dtype == np.float32 and grad.dtype == np.float32
+
+
 def test_clear_errors(backend):
     out, x0, xt, noise, t = vlb_case(0, "epsilon", "fixed_small")
     with pytest.raises(ValueError, match=r"model_output must have shape \(4, 4, 3, 3\) \(mean and variance halves"):

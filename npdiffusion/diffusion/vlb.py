@@ -436,10 +436,12 @@ def bits_per_dim(model_fn, x0, alphas_cumprod, rng, prediction_type: str = "epsi
         noise = asarray(rng.standard_normal(x0.shape), dtype=x0.dtype)
         x_t = q_sample(x0, t, a, noise)
         out = model_fn(x_t, t)
-        terms, cache = vlb_terms_forward(out, x0, x_t, t, a, prediction_type, variance_type, decoder,
-                                         clip_denoised)
-        (_, _, pred_x0), _ = p_mean_variance_forward(out, x_t, t, a, prediction_type, variance_type,
-                                                     clip_denoised)
+        terms, _ = vlb_terms_forward(out, x0, x_t, t, a, prediction_type, variance_type, decoder, clip_denoised)
+        coef_out, coef_x = conversion_coefficients(a, prediction_type, "sample")
+        mean_out = _split_output(out, x_t, variance_type)[0]
+        pred_x0 = gather(coef_out, t, mean_out) * mean_out + gather(coef_x, t, x_t) * x_t
+        if clip_denoised:
+            pred_x0 = xp.clip(pred_x0, -1.0, 1.0)
         vb[:, step] = to_numpy(terms)
         mse[:, step] = to_numpy(_flat_mean((pred_x0 - x0) ** 2))
     prior = to_numpy(prior_bpd(x0, a)).astype(numpy.float64)
