@@ -1,0 +1,139 @@
+"""The built-in synthetic captioned shapes: one filled shape on black, captioned by what it is and where.
+
+Shape legend: N images, S image side (32), C = 3 colour channels; images are uint8 (N, S, S, 3) in
+0..255, channels last (the layout of a PNG), the way every dataset of ``npdiffusion.data`` stores them.
+
+Each image is black except one filled shape:
+
+* shape: ``circle``, ``square`` (axis-aligned) or ``triangle`` (upright: apex at the top, flat base);
+* colour: ``red``, ``green``, ``blue``, ``yellow``, ``cyan``, ``magenta`` or ``white`` (pure 0/255
+  channel values, so the hue is exact);
+* position: centred on the middle of the ``top left``, ``top right``, ``bottom left`` or
+  ``bottom right`` quadrant, or on the image ``center``, plus a little jitter;
+* size: "radius" r drawn uniformly from [3.5, 6.5] pixels (scaled by S/32). The circle has radius
+  r, the square half-side 0.85 r, the triangle height and base 2 r. With jitter of at most 1.5 px
+  (also scaled) every shape stays inside its quadrant's 16x16 box.
+
+The caption is exactly ``"a {color} {shape} in the {position}"``, e.g. ``"a red circle in the top
+left"``. Attributes are drawn independently and uniformly, so the 7 x 3 x 5 = 105 captions are
+equally likely. Everything follows from ``seed`` (NumPy PCG64); the same seed gives the same bytes.
+
+A pixel belongs to the shape when its centre (y + 0.5, x + 0.5) lies inside it; the masks of a
+chunk of images are computed at once by broadcasting over (N, S, S), with no per-pixel loop.
+Docs: docs/training.md ("Datasets").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from npdiffusion.data.dataset import ArrayDataset
+
+COLORS = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255), "magenta": (255, 0, 255), "white": (255, 255, 255),
+}
+SHAPES = ("circle", "square", "triangle")
+#: Position names and their anchor as fractions (row, column) of the image side.
+POSITIONS = {
+    "top left": (0.25, 0.25), "top right": (0.25, 0.75), "bottom left": (0.75, 0.25),
+    "bottom right": (0.75, 0.75), "center": (0.5, 0.5),
+}
+COLOR_NAMES = tuple(COLORS)
+POSITION_NAMES = tuple(POSITIONS)
+
+SIDE = 32
+RADIUS_RANGE = (4.5, 7.0)   # pixels at S = 32
+JITTER = 1.0                # pixels at S = 32, each axis
+SQUARE_HALF_SIDE = 0.85     # times r
+_CHUNK = 2048               # images per broadcast (2048 * 32 * 32 float32 = 8 MB per temporary)
+
+
+def caption(color: str, shape: str, position: str) -> str:
+    """The caption of one image: ``"a {color} {shape} in the {position}"``."""
+    return f"a {color} {shape} in the {position}"
+
+
+@dataclass(frozen=True)
+class ShapeParams:
+    """The drawn parameters of N images (indices into COLOR_NAMES, SHAPES, POSITION_NAMES; pixels)."""
+
+    color: numpy.ndarray      # (N,) int64
+    shape: numpy.ndarray      # (N,) int64
+    position: numpy.ndarray   # (N,) int64
+    center: numpy.ndarray     # (N, 2) float64, (row, column) of the shape's centre, in pixels
+    radius: numpy.ndarray     # (N,) float64
+
+
+def draw_params(num_images: int, seed: int = 0, size: int = SIDE) -> ShapeParams:
+    """Draw the attributes, centre and radius of ``num_images`` images from ``seed``."""
+    num_images = _check_int("num_images", num_images, 1)
+    size = _check_int("size", size, 8)
+    if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0:
+        raise ValueError(f"shapes: seed must be a non-negative int, got {seed!r}")
+    rng = numpy.random.default_rng(int(seed))
+    color = rng.integers(0, len(COLORS), size=num_images)
+    shape = rng.integers(0, len(SHAPES), size=num_images)
+    position = rng.integers(0, len(POSITIONS), size=num_images)
+    scale = size / SIDE
+    radius = rng.uniform(*RADIUS_RANGE, size=num_images) * scale
+    jitter = rng.uniform(-JITTER, JITTER, size=(num_images, 2)) * scale
+    anchors = numpy.asarray(list(POSITIONS.values())) * size            # (5, 2) row, column
+    center = anchors[position] + jitter
+    return ShapeParams(color, shape, position, center, radius)
+
+
+def render(params: ShapeParams, size: int = SIDE) -> numpy.ndarray:
+    """The images of ``params`` as uint8 (N, S, S, 3)."""
+    n = params.color.shape[0]
+    out = numpy.zeros((n, size, size, 3), dtype=numpy.uint8)
+    palette = numpy.asarray(list(COLORS.values()), dtype=numpy.uint8)   # (7, 3)
+    coords = numpy.arange(size, dtype=numpy.float32) + 0.5               # pixel centres
+    for start in range(0, n, _CHUNK):
+        sl = slice(start, min(n, start + _CHUNK))
+        cy = params.center[sl, 0, None, None].astype(numpy.float32)       # (n, 1, 1)
+        cx = params.center[sl, 1, None, None].astype(numpy.float32)
+        r = params.radius[sl, None, None].astype(numpy.float32)
+        kind = params.shape[sl, None, None]
+        dy = coords[None, :, None] - cy                                   # (n, S, 1)
+        dx = coords[None, None, :] - cx                                   # (n, 1, S)
+        circle = dy * dy + dx * dx <= r * r                               # (n, S, S)
+        h = SQUARE_HALF_SIDE * r
+        square = (numpy.abs(dy) <= h) & (numpy.abs(dx) <= h)
+        # Upright triangle: apex (cy - r, cx), base from (cy + r, cx - r) to (cy + r, cx + r).
+        triangle = (dy >= -r) & (dy <= r) & (2.0 * numpy.abs(dx) <= dy + r)
+        mask = numpy.where(kind == 0, circle, numpy.where(kind == 1, square, triangle))
+        out[sl] = mask[..., None] * palette[params.color[sl]][:, None, None, :]
+    return out
+
+
+def make_shapes(num_images: int, seed: int = 0, size: int = SIDE) -> "ShapesDataset":
+    """``num_images`` captioned shape images drawn from ``seed`` (see the module docstring)."""
+    return ShapesDataset(num_images, seed=seed, size=size)
+
+
+class ShapesDataset(ArrayDataset):
+    """The synthetic shapes, held in memory: ``images`` uint8 (N, S, S, 3), ``captions`` (N strings).
+
+    ``params`` keeps the drawn attributes (``color``, ``shape``, ``position`` indices, centres, radii),
+    and ``attributes(i)`` gives image i's ``(color, shape, position)`` names.
+    """
+
+    def __init__(self, num_images: int = 10000, seed: int = 0, size: int = SIDE):
+        params = draw_params(num_images, seed, size)
+        captions = [caption(COLOR_NAMES[c], SHAPES[s], POSITION_NAMES[p])
+                    for c, s, p in zip(params.color.tolist(), params.shape.tolist(), params.position.tolist())]
+        super().__init__(render(params, size), captions, name=f"shapes(num_images={num_images}, seed={seed})")
+        self.params = params
+        self.seed = seed
+
+    def attributes(self, i: int) -> tuple[str, str, str]:
+        p = self.params
+        return COLOR_NAMES[p.color[i]], SHAPES[p.shape[i]], POSITION_NAMES[p.position[i]]
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < minimum:
+        raise ValueError(f"shapes: {name} must be an int >= {minimum}, got {value!r}")
+    return int(value)

@@ -1,0 +1,1 @@
+"""Quality checks of generated images (docs/training.md, "Quality checks")."""

@@ -1,0 +1,1 @@
+"""Training: configs, checkpoints, the generic loop and the stages (docs/training.md)."""

@@ -1,0 +1,67 @@
+"""The training stages by name, what each needs, and the helpers every stage shares.
+
+A stage is a module ``npdiffusion.training.<name>_stage`` exposing
+
+* ``CONFIG``: its config dataclass (``npdiffusion.training.config``), read from a TOML file;
+* ``train(config, resume=False, progress=None, log=print) -> str``: run it, return a one-line summary.
+
+``npdiffusion train STAGE --config FILE [--resume]`` finds it here. A stage whose file or model is
+not in this build yet is reported with ``unavailable_reason(name)``: one line naming what is missing.
+Docs: docs/training.md.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+#: name -> (stage module, [(model module the stage needs, what it is)]), in pipeline order.
+STAGES = {
+    "tokenizer": ("npdiffusion.training.tokenizer_stage",
+                  [("npdiffusion.models.clip.bpe_train", "the BPE trainer (train_bpe)")]),
+    "clip": ("npdiffusion.training.clip_stage",
+             [("npdiffusion.models.clip.clip_model", "the CLIP text and vision models (CLIPModel)")]),
+    "vae": ("npdiffusion.training.vae_stage",
+            [("npdiffusion.models.vae.autoencoder_kl", "the VAE (AutoencoderKL)")]),
+    "unet": ("npdiffusion.training.unet_stage",
+             [("npdiffusion.models.unet.unet_2d_condition", "the U-Net (UNet2DConditionModel)"),
+              ("npdiffusion.models.vae.autoencoder_kl", "the VAE (AutoencoderKL)"),
+              ("npdiffusion.models.clip.text_model", "the CLIP text encoder (CLIPTextModel)")]),
+}
+
+
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when stage ``name`` can run in this build, else one line saying which model or file is missing."""
+    if name not in STAGES:
+        raise KeyError(f"unknown training stage {name!r}; the stages are {', '.join(STAGES)}")
+    module, needs = STAGES[name]
+    missing = [what + f" ({mod})" for mod, what in needs if not _exists(mod)]
+    if missing:
+        return (f"the {name} stage is not available in this build: it needs {' and '.join(missing)}, "
+                "which is not here yet")
+    if not _exists(module):
+        return (f"the {name} stage is not available in this build yet: its models exist, but its training code "
+                f"({module.replace('.', '/')}.py) is not written yet")
+    return None
+
+
+def load_stage(name: str):
+    """The stage module ``name`` (call ``unavailable_reason`` first for a friendly message)."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise ModuleNotFoundError(reason)
+    return importlib.import_module(STAGES[name][0])
+
+
+def dataset_from_config(data):
+    """The dataset a ``DataConfig`` describes (``npdiffusion.data.load_dataset``)."""
+    from npdiffusion.data import load_dataset  # noqa: PLC0415
+
+    return load_dataset(data.dataset, path=data.path, num_images=data.num_images, resolution=data.resolution,
+                        seed=data.seed, caption_column=data.caption_column)
