@@ -31,6 +31,7 @@ from npdiffusion.backend import BACKENDS, get_backend, set_backend
 COMMANDS = [
     "npdiffusion.cli.gradcheck",
     "npdiffusion.cli.toy",
+    "npdiffusion.cli.train",
 ]
 
 #: Exit code of an expected failure (the same as argparse's usage errors).
