@@ -6,7 +6,7 @@ Shape legend: none (no arrays); "word" below is one pre-tokenized, byte-mapped p
 CLIP's pattern, UTF-8 bytes -> ``bytes_to_unicode`` characters, ``</w>`` on the last symbol), counts the
 distinct words, and then repeatedly merges the most frequent adjacent symbol pair. The vocabulary follows
 CLIP's layout: the 256 byte symbols, the same 256 with ``</w>``, one entry per merge (in merge order), then
-``<|startoftext|>`` and ``<|endoftext|>``. docs/clip_tokenizer.md, "How train_bpe learns merges", walks
+``<|startoftext|>`` and ``<|endoftext|>``. docs/clip.md, "How train_bpe learns merges", walks
 through it.
 
 Determinism: the pair merged next has the highest count; among equal counts, the smallest

@@ -2,7 +2,7 @@
 
 Shape legend: ``B`` prompts in a batch, ``L`` tokens per row (``max_length``, 77 for Stable Diffusion).
 
-The pipeline (docs/clip_tokenizer.md, "Byte-level BPE, with a worked example", traces a real prompt):
+The pipeline (docs/clip.md, "Byte-level BPE, with a worked example", traces a real prompt):
 
 1. **Added tokens.** The special tokens (``<|startoftext|>``, ``<|endoftext|>``, and the pad token, which is
    ``!`` in Stable Diffusion 2) are cut out of the raw text first; each becomes its own id. Tokens flagged
@@ -262,7 +262,7 @@ class CLIPTokenizer:
         added_tokens: the tokens cut out of the text before BPE, with their flags; by default the four
             special tokens, matched on the raw text. ``from_pretrained`` fills it from the config files.
 
-    See docs/clip_tokenizer.md for the algorithm traced on a prompt.
+    See docs/clip.md for the algorithm traced on a prompt.
     """
 
     def __init__(self, vocab_file, merges_file, errors: str = "replace", unk_token: str = "<|endoftext|>",
