@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hypothesis import given
-from hypothesis import strategies as st
 
 from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.models.clip.clip_model import CLIPModel
