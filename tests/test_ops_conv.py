@@ -92,6 +92,23 @@ def test_conv2d_op_float32_keeps_dtype_and_matches_torch(backend, k, s, p):
         assert relative_error(ours, theirs) <= 1e-5
 
 
+@pytest.mark.parametrize("k,s,p", [((3, 3), 1, 1), ((3, 3), 2, 1), ((1, 1), 1, 0)])
+def test_conv2d_op_float16_is_computed_in_float32(backend, k, s, p):
+    """float16 in, float16 out; the GEMMs run in float32, so the result is float32's, rounded once."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 4, 6, 6)).astype(np.float16)
+    w = (rng.standard_normal((3, 4, *k)) * 0.3).astype(np.float16)
+    b = rng.standard_normal(3).astype(np.float16)
+    dy = rng.standard_normal(conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, s, p)[0].shape)
+    y16, c16 = conv2d_forward(asarray(x), asarray(w), asarray(b), s, p)
+    y32, c32 = conv2d_forward(*(asarray(a.astype(np.float32)) for a in (x, w, b)), s, p)
+    g16 = conv2d_backward(asarray(dy.astype(np.float16)), c16)
+    g32 = conv2d_backward(asarray(dy.astype(np.float16).astype(np.float32)), c32)
+    for ours, ref in zip((y16, *g16), (y32, *g32)):
+        assert ours.dtype == np.float16
+        np.testing.assert_array_equal(to_numpy(ours), to_numpy(ref).astype(np.float16))
+
+
 def test_conv2d_results_do_not_alias_the_workspace(backend):
     """A later call reuses the scratch buffers; earlier outputs and gradients must not change."""
     rng = np.random.default_rng(3)

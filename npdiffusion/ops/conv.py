@@ -169,6 +169,15 @@ def _check_shapes(x, weight, bias):
         raise ValueError(f"conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+def _compute_dtype(dtype):
+    """float16 is computed in float32 (NumPy has no float16 GEMM; torch's CPU ops upcast too)."""
+    return xp.dtype(xp.float32) if xp.dtype(dtype) == xp.float16 else xp.dtype(dtype)
+
+
+def _cast(a, dtype):
+    return None if a is None else a.astype(dtype, copy=False)
+
+
 def _is_pointwise(kh, kw, stride, padding):
     return kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
 
@@ -181,7 +190,7 @@ def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None):
     ch, batch = src.shape[0], src.shape[1]
     (sh, sw), (ph, pw), (Ho, Wo) = stride, padding, out_hw
     O, K = wmat.shape
-    dtype = out_view.dtype
+    dtype = wmat.dtype                                                 # the compute dtype
     bias4 = None if bias is None else bias.reshape(O, 1, 1, 1)
     for b0, b1, r0, r1 in _chunks(batch, Ho, K * Wo * dtype.itemsize):
         nb, R = b1 - b0, r1 - r0
@@ -210,14 +219,16 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     O, _, kh, kw = weight.shape
     Ho, Wo = conv2d_output_size((H, W), (kh, kw), stride, padding)
     dtype = xp.result_type(x, weight)
+    cdt = _compute_dtype(dtype)
     cache = (x, weight, bias is not None, stride, padding)
     if _is_pointwise(kh, kw, stride, padding):
         # 1x1: y[b] = W (O, C) @ x[b] (C, H*W), a batched matmul straight into NCHW.
-        y = xp.matmul(weight.reshape(O, C), x.reshape(B, C, H * W)).reshape(B, O, H, W)
+        y = xp.matmul(weight.reshape(O, C).astype(cdt, copy=False),
+                      x.reshape(B, C, H * W).astype(cdt, copy=False)).reshape(B, O, H, W)
         if bias is not None:
             y += bias.reshape(O, 1, 1)
-        return y, cache
-    wmat = xp.ascontiguousarray(weight.reshape(O, C * kh * kw), dtype=dtype)     # (O, K)
+        return y.astype(dtype, copy=False), cache
+    wmat = xp.ascontiguousarray(weight.reshape(O, C * kh * kw), dtype=cdt)       # (O, K)
     y = xp.empty((B, O, Ho, Wo), dtype=dtype)
     _conv_gemm(x.transpose(1, 0, 2, 3), wmat, kh, kw, stride, padding, (Ho, Wo),
                y.transpose(1, 0, 2, 3), bias)
@@ -235,51 +246,53 @@ def conv2d_backward(dy, cache):
     B, C, H, W = x.shape
     O, _, kh, kw = weight.shape
     Ho, Wo = dy.shape[2], dy.shape[3]
-    dtype = xp.result_type(dy, weight)
+    dtype = xp.result_type(x, dy, weight)
+    cdt = _compute_dtype(dtype)
     if _is_pointwise(kh, kw, stride, padding):
-        dy3 = dy.reshape(B, O, H * W)
-        w2 = weight.reshape(O, C)
+        dy3 = dy.reshape(B, O, H * W).astype(cdt, copy=False)
+        w2 = weight.reshape(O, C).astype(cdt, copy=False)
         dx = xp.matmul(w2.T, dy3).reshape(B, C, H, W)
-        dweight = xp.matmul(dy3, x.reshape(B, C, H * W).transpose(0, 2, 1)).sum(axis=0)
+        x3 = x.reshape(B, C, H * W).astype(cdt, copy=False)
+        dweight = xp.matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0).reshape(O, C, 1, 1)
         dbias = dy3.sum(axis=(0, 2)) if has_bias else None
-        return dx, dweight.reshape(O, C, 1, 1), dbias
+        return _cast(dx, dtype), _cast(dweight, dtype), _cast(dbias, dtype)
 
     (sh, sw), (ph, pw) = stride, padding
     K = C * kh * kw
     # dy_t (O, B, Ho, Wo): one transposing copy makes every dy operand a plain 2-D matrix.
-    dy_t = xp.empty((O, B, Ho, Wo), dtype=dtype)
+    dy_t = xp.empty((O, B, Ho, Wo), dtype=cdt)
     dy_t[...] = dy.transpose(1, 0, 2, 3)
     dbias = dy_t.reshape(O, -1).sum(axis=1) if has_bias else None
 
     # dW (O, K) = sum over chunks of dy_t[:, images, rows] (O, n) @ cols(x)^T (n, K)
     src = x.transpose(1, 0, 2, 3)                                              # (C, B, H, W)
-    itemsize = xp.dtype(dtype).itemsize
-    dweight = xp.zeros((O, K), dtype=dtype)
+    itemsize = xp.dtype(cdt).itemsize
+    dweight = xp.zeros((O, K), dtype=cdt)
     for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
         nb, R = b1 - b0, r1 - r0
-        cols = _workspace("cols", (K, nb * R * Wo), dtype)
+        cols = _workspace("cols", (K, nb * R * Wo), cdt)
         _im2col(src[:, b0:b1], kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(C, kh, kw, nb, R, Wo))
-        part = _workspace("gemm", (O, K), dtype)
+        part = _workspace("gemm", (O, K), cdt)
         xp.matmul(dy_t[:, b0:b1, r0:r1].reshape(O, -1), cols.T, out=part)
         dweight += part
     dweight = dweight.reshape(O, C, kh, kw)
 
-    dx = xp.empty((B, C, H, W), dtype=dtype)
     if stride == (1, 1):
+        dx = xp.empty((B, C, H, W), dtype=dtype)
         # dx[b, c, h, w] = sum_{o,i,j} W[o, c, i, j] dy[b, o, h + ph - i, w + pw - j]: a stride-1
         # convolution of dy, padded by k-1-p, with W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j].
-        wflip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=dtype)
+        wflip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=cdt)
         _conv_gemm(dy_t, wflip.reshape(C, O * kh * kw), kh, kw, (1, 1), (kh - 1 - ph, kw - 1 - pw),
                    (H, W), dx.transpose(1, 0, 2, 3))
     else:
         # dx = col2im(W_col^T dy_t): each chunk's dcols (K, n) is scattered back by slice adds.
-        dx[...] = 0
+        dx = xp.zeros((B, C, H, W), dtype=cdt)                                 # accumulated in cdt
         dx_t = dx.transpose(1, 0, 2, 3)                                        # (C, B, H, W) view
-        wcolT = xp.ascontiguousarray(weight.reshape(O, K).T, dtype=dtype)      # (K, O)
+        wcolT = xp.ascontiguousarray(weight.reshape(O, K).T, dtype=cdt)        # (K, O)
         for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
             nb, R = b1 - b0, r1 - r0
-            dcols = _workspace("cols", (K, nb * R * Wo), dtype)
+            dcols = _workspace("cols", (K, nb * R * Wo), cdt)
             xp.matmul(wcolT, dy_t[:, b0:b1, r0:r1].reshape(O, -1), out=dcols)
             _col2im_add(dcols.reshape(C, kh, kw, nb, R, Wo), kh, kw, sh, sw, ph, pw, r0, r1, Wo,
                         dx_t[:, b0:b1])
-    return dx, dweight, dbias
+    return _cast(dx, dtype), _cast(dweight, dtype), _cast(dbias, dtype)
