@@ -18,9 +18,16 @@ from npdiffusion.nn.module import StateDictError
 from npdiffusion.random.torch_generator import TorchGenerator
 from npdiffusion.testing import relative_error
 from parity import randomize_, torch_state_to_numpy
-from vae_parity import assert_grads_match, zero_gradient_names
+from vae_parity import assert_grads_match, torch_threads, zero_gradient_names
 
 ENC, DEC = "DownEncoderBlock2D", "UpDecoderBlock2D"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """torch on one thread for these tiny models (see vae_parity.torch_threads)."""
+    with torch_threads(1):
+        yield
 
 
 def _cfg(n, **kw):

@@ -134,7 +134,7 @@ class KLAutoencoderLoss(Module):
         recon = self.vae.decode(z)
         rec, rec_cache = reconstruction_loss_forward(recon, x, self.reconstruction, self.reduction)
         kl, kl_cache = kl_loss_forward(posterior, self.reduction)
-        loss = rec + self.beta * kl
+        loss = xp.asarray(rec + self.beta * kl, dtype=rec.dtype)
         self.terms = {"reconstruction": rec, "kl": kl, "loss": loss}
         self.noise = noise
         self.save_for_backward(posterior, noise, rec_cache, kl_cache)
