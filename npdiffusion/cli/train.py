@@ -33,6 +33,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from npdiffusion.cli import CommandError  # noqa: PLC0415
+    from npdiffusion.data.dataset import MissingDependencyError  # noqa: PLC0415
     from npdiffusion.training.config import config_template, load_config  # noqa: PLC0415
     from npdiffusion.training.loop import TrainingError  # noqa: PLC0415
     from npdiffusion.training.stages import load_stage, unavailable_reason  # noqa: PLC0415
@@ -50,7 +51,7 @@ def run(args) -> int:
     config = load_config(args.config, stage.CONFIG)
     try:
         summary = stage.train(config, resume=args.resume, progress=False if args.no_progress else None)
-    except TrainingError as exc:
+    except (TrainingError, MissingDependencyError) as exc:
         raise CommandError(str(exc)) from None
     print(summary)
     return 0

@@ -16,6 +16,10 @@ from __future__ import annotations
 import numpy
 
 
+class MissingDependencyError(ImportError):
+    """An optional package a dataset needs is not installed (the message says what to install)."""
+
+
 class Dataset:
     """Base class: subclasses set ``captions``, ``size``, ``name`` and implement ``get_images``."""
 

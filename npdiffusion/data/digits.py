@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy
 
-from npdiffusion.data.dataset import ArrayDataset
+from npdiffusion.data.dataset import ArrayDataset, MissingDependencyError
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -45,7 +45,7 @@ def _load_sklearn_digits():
     try:
         from sklearn.datasets import load_digits  # noqa: PLC0415 - optional dependency
     except ImportError:
-        raise ImportError("the digits dataset needs scikit-learn, which is not installed: "
+        raise MissingDependencyError("the digits dataset needs scikit-learn, which is not installed: "
                           "pip install scikit-learn") from None
     data = load_digits()
     return numpy.asarray(data.images, dtype=numpy.float64), numpy.asarray(data.target, dtype=numpy.int64)

@@ -52,6 +52,57 @@ class _Stop(Exception):
     pass
 
 
+def _permutation(seed: int, shuffle: bool, n: int, epoch: int) -> numpy.ndarray:
+    if not shuffle:
+        return numpy.arange(n, dtype=numpy.int64)
+    ss = numpy.random.SeedSequence(seed, spawn_key=(0, epoch))
+    return numpy.random.default_rng(ss).permutation(n).astype(numpy.int64)
+
+
+def _make(plan, epoch: int, position: int, order: numpy.ndarray):
+    dataset, collate, batch_size = plan[:3]
+    idx = order[position * batch_size:(position + 1) * batch_size]
+    images = dataset.get_images(idx)
+    captions = [dataset.captions[i] for i in idx.tolist()]
+    return collate(images, captions, idx.copy(), epoch, position)
+
+
+def _advance(plan, epoch: int, position: int, order):
+    _, _, _, steps_per_epoch, seed, shuffle, n = plan
+    position += 1
+    if position >= steps_per_epoch:
+        epoch, position = epoch + 1, 0
+        order = _permutation(seed, shuffle, n, epoch)
+    return epoch, position, order
+
+
+def _put(q, stop, item):
+    while True:
+        if stop.is_set():
+            raise _Stop
+        try:
+            q.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            continue
+
+
+def _produce(plan, start, q, stop):
+    """The prefetch thread: batches from ``start`` on, in order, into ``q`` until ``stop`` is set."""
+    epoch, position, order = start
+    try:
+        while not stop.is_set():
+            try:
+                item = (epoch, position, _make(plan, epoch, position, order), None)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
+                _put(q, stop, (epoch, position, None, exc))
+                return
+            _put(q, stop, item)
+            epoch, position, order = _advance(plan, epoch, position, order)
+    except _Stop:
+        return
+
+
 class DataLoader:
     """Infinite iterator of batches over ``dataset`` (see the module docstring)."""
 
@@ -85,23 +136,13 @@ class DataLoader:
     # ------------------------------------------------------------------ order
     def permutation(self, epoch: int) -> numpy.ndarray:
         """The visiting order (N,) int64 of ``epoch``."""
-        if not self.shuffle:
-            return numpy.arange(self.num_images, dtype=numpy.int64)
-        ss = numpy.random.SeedSequence(self.seed, spawn_key=(0, epoch))
-        return numpy.random.default_rng(ss).permutation(self.num_images).astype(numpy.int64)
+        return _permutation(self.seed, self.shuffle, self.num_images, epoch)
 
-    def _make(self, epoch: int, position: int, order: numpy.ndarray):
-        idx = order[position * self.batch_size:(position + 1) * self.batch_size]
-        images = self.dataset.get_images(idx)
-        captions = [self.dataset.captions[i] for i in idx.tolist()]
-        return self.collate(images, captions, idx.copy(), epoch, position)
-
-    def _advance(self, epoch, position, order):
-        position += 1
-        if position >= self.steps_per_epoch:
-            epoch, position = epoch + 1, 0
-            order = self.permutation(epoch)
-        return epoch, position, order
+    def _plan(self):
+        """What the producer needs, without a reference to the loader (so an abandoned loader is collected
+        and its ``__del__`` stops the thread)."""
+        return (self.dataset, self.collate, self.batch_size, self.steps_per_epoch, self.seed, self.shuffle,
+                self.num_images)
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
@@ -109,7 +150,7 @@ class DataLoader:
 
     def __next__(self):
         if self.prefetch == 0:
-            batch = self._make(self.epoch, self.position, self.order)
+            batch = _make(self._plan(), self.epoch, self.position, self.order)
         else:
             if self._thread is None:
                 self._start()
@@ -120,41 +161,16 @@ class DataLoader:
             if (epoch, position) != (self.epoch, self.position):  # a bug, never a user error
                 raise RuntimeError(f"DataLoader: prefetched batch {(epoch, position)} out of order, "
                                    f"expected {(self.epoch, self.position)}")
-        self.epoch, self.position, self.order = self._advance(self.epoch, self.position, self.order)
+        self.epoch, self.position, self.order = _advance(self._plan(), self.epoch, self.position, self.order)
         return batch
 
     def _start(self):
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._stop = threading.Event()
         start = (self.epoch, self.position, self.order)
-        self._thread = threading.Thread(target=self._produce, args=(start, self._queue, self._stop),
+        self._thread = threading.Thread(target=_produce, args=(self._plan(), start, self._queue, self._stop),
                                         name="npdiffusion-prefetch", daemon=True)
         self._thread.start()
-
-    def _produce(self, start, q, stop):
-        epoch, position, order = start
-        try:
-            while not stop.is_set():
-                try:
-                    item = (epoch, position, self._make(epoch, position, order), None)
-                except Exception as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
-                    self._put(q, stop, (epoch, position, None, exc))
-                    return
-                self._put(q, stop, item)
-                epoch, position, order = self._advance(epoch, position, order)
-        except _Stop:
-            return
-
-    @staticmethod
-    def _put(q, stop, item):
-        while True:
-            if stop.is_set():
-                raise _Stop
-            try:
-                q.put(item, timeout=0.05)
-                return
-            except queue.Full:
-                continue
 
     def _join(self):
         if self._thread is not None:

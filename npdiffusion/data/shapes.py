@@ -16,7 +16,8 @@ Each image is black except one filled shape:
 
 The caption is exactly ``"a {color} {shape} in the {position}"``, e.g. ``"a red circle in the top
 left"``. Attributes are drawn independently and uniformly, so the 7 x 3 x 5 = 105 captions are
-equally likely. Everything follows from ``seed`` (NumPy PCG64); the same seed gives the same bytes.
+equally likely. Everything follows from ``seed`` (NumPy PCG64, one row of six uniforms per image);
+the same seed gives the same bytes, and image i depends only on the seed and i.
 
 A pixel belongs to the shape when its centre (y + 0.5, x + 0.5) lies inside it; the masks of a
 chunk of images are computed at once by broadcasting over (N, S, S), with no per-pixel loop.
@@ -72,13 +73,16 @@ def draw_params(num_images: int, seed: int = 0, size: int = SIDE) -> ShapeParams
     size = _check_int("size", size, 8)
     if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0:
         raise ValueError(f"shapes: seed must be a non-negative int, got {seed!r}")
-    rng = numpy.random.default_rng(int(seed))
-    color = rng.integers(0, len(COLORS), size=num_images)
-    shape = rng.integers(0, len(SHAPES), size=num_images)
-    position = rng.integers(0, len(POSITIONS), size=num_images)
+    # One row of uniforms per image, so image i depends only on (seed, i): a longer dataset of the same
+    # seed starts with the same images.
+    u = numpy.random.default_rng(int(seed)).random((num_images, 6))
+    color = numpy.minimum((u[:, 0] * len(COLORS)).astype(numpy.int64), len(COLORS) - 1)
+    shape = numpy.minimum((u[:, 1] * len(SHAPES)).astype(numpy.int64), len(SHAPES) - 1)
+    position = numpy.minimum((u[:, 2] * len(POSITIONS)).astype(numpy.int64), len(POSITIONS) - 1)
     scale = size / SIDE
-    radius = rng.uniform(*RADIUS_RANGE, size=num_images) * scale
-    jitter = rng.uniform(-JITTER, JITTER, size=(num_images, 2)) * scale
+    lo, hi = RADIUS_RANGE
+    radius = (lo + (hi - lo) * u[:, 3]) * scale
+    jitter = (2.0 * u[:, 4:6] - 1.0) * (JITTER * scale)
     anchors = numpy.asarray(list(POSITIONS.values())) * size            # (5, 2) row, column
     center = anchors[position] + jitter
     return ShapeParams(color, shape, position, center, radius)

@@ -235,11 +235,11 @@ class _Reader:
                 return items
             items.append(self.value())
             self.skip_ws(newlines=True)
-            if self.i < len(self.s) and self.s[self.i] == ",":
+            if self.i >= len(self.s):
+                self.fail("unterminated array")
+            if self.s[self.i] == ",":
                 self.i += 1
-            elif self.i < len(self.s) and self.s[self.i] == "]":
-                continue
-            else:
+            elif self.s[self.i] != "]":
                 self.fail("expected ',' or ']' in an array")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 #: name -> (stage module, [(model module the stage needs, what it is)]), in pipeline order.
 STAGES = {
@@ -65,3 +66,32 @@ def dataset_from_config(data):
 
     return load_dataset(data.dataset, path=data.path, num_images=data.num_images, resolution=data.resolution,
                         seed=data.seed, caption_column=data.caption_column)
+
+
+def run_model_stage(config, build_stage, *, resume: bool = False, progress=None, log=print) -> str:
+    """The ``train`` of a model stage: everything but building the stage itself.
+
+    ``config`` has ``output_dir``, ``data`` (a ``DataConfig``) and ``train`` (a ``TrainConfig``);
+    ``build_stage(config, dataset)`` returns the ``Stage`` (its weights drawn after
+    ``npdiffusion.random.manual_seed(config.train.seed)``). Checks come first, cheapest first, so a
+    bad run fails before any work and touches nothing: the output folder is writable, it holds no
+    checkpoints unless resuming, the dataset loads. Then the ``Trainer`` runs; returns its summary.
+    """
+    from npdiffusion.random import manual_seed  # noqa: PLC0415
+    from npdiffusion.training.checkpoint import CheckpointManager, prepare_output_dir  # noqa: PLC0415
+    from npdiffusion.training.config import config_to_dict  # noqa: PLC0415
+    from npdiffusion.training.loop import Trainer, TrainingError  # noqa: PLC0415
+
+    out = prepare_output_dir(config.output_dir)
+    if not resume:
+        existing = CheckpointManager(out).checkpoints()
+        if existing:
+            raise TrainingError(f"output_dir {out!r} already holds checkpoints (newest: "
+                                f"{os.path.basename(existing[-1][1])}); pass --resume to continue that run, "
+                                "or choose another output_dir")
+    dataset = dataset_from_config(config.data)
+    manual_seed(config.train.seed)
+    stage = build_stage(config, dataset)
+    trainer = Trainer(stage, dataset, config.train, out, resume=resume, progress=progress, log=log,
+                      config_snapshot=config_to_dict(config))
+    return trainer.fit().summary(stage.name) + f"; wrote {out}"
