@@ -16,10 +16,10 @@ Both ops share one notation (derivation: docs/ops/normalization.md):
 Numerics and speed:
 
 * Statistics in one pass over x: the row sums and the sums of squares (a batched dot product),
-  so no centered temporary is made. One-pass
-  variance (E[x^2] - mu^2) cancels badly when |mu| >> sigma, so every set whose mu^2 exceeds
-  ``_ONE_PASS_MAX_RATIO * var`` has its variance recomputed with the two-pass formula. Both paths
-  are exercised by the tests.
+  so no centered temporary is made. One-pass variance (E[x^2] - mu^2) cancels badly when
+  |mu| >> sigma, so every set whose mu^2 exceeds ``_ONE_PASS_MAX_RATIO * var`` is redone with
+  the corrected two-pass formula, and group norm then keeps x - mu instead of x so that its
+  per-channel form does not cancel either. Both paths are exercised by the tests.
 * float16 inputs are computed in float32 and the results cast back (torch does the same on CPU).
 * Group norm never materializes xhat: y = x * a + b with per-(batch, channel) coefficients
   a = r * gamma, b = beta - mu * a, and the backward is written the same way,
