@@ -98,6 +98,20 @@ def test_self_attention_sums_qkv_gradients(backend):
     assert relative_error(dx_self, dx + dctx) <= 1e-14
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(backend):
+    rng = np.random.default_rng(8)
+    x, ctx, g = (asarray(rng.standard_normal(s)) for s in ((2, 4, 6), (2, 3, 5), (2, 4, 6)))
+    results = []
+    for checkpointed in (False, True):
+        m = Attention(6, cross_attention_dim=5, heads=2, dim_head=3, bias=True, chunk_size=3).to("float64")
+        m.load_state_dict({k: np.linspace(-1, 1, v.size).reshape(v.shape) for k, v in m.state_dict().items()})
+        m.gradient_checkpointing = checkpointed
+        y = m(x, encoder_hidden_states=ctx)
+        results.append([y, *m.backward(g), *(gr for _, gr in m.named_grads())])
+    for a, b in zip(*results):
+        assert relative_error(a, b) == 0.0
+
+
 def test_state_dict_keys_match_diffusers():
     for kw in CONFIGS.values():
         assert list(Attention(**kw).state_dict()) == list(DiffusersAttention(**kw).state_dict())
