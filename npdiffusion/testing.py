@@ -120,7 +120,10 @@ def gradcheck(module, *inputs, grad_inputs=None, directions: int = 3, eps: float
     module.zero_grad()
     module.forward(*inputs, **kwargs)
     result = module.backward(*upstream)
-    input_grads = list(result) if isinstance(result, tuple) else [result]
+    if isinstance(result, tuple):
+        input_grads = list(result)
+    else:
+        input_grads = [] if result is None and not grad_inputs else [result]
     if len(input_grads) != len(grad_inputs):
         raise AssertionError(f"backward returned {len(input_grads)} gradients for {len(grad_inputs)} inputs")
     named_grads = {f"input[{i}]": g for i, g in zip(grad_inputs, input_grads)}
