@@ -99,7 +99,7 @@ class DiagonalGaussianDistribution:
         if noise is None:
             noise = self.draw_noise(generator)
         _check_like("noise", noise, self.mean, "mean")
-        z = self.std * noise
+        z = self.std * asarray(noise, dtype=self.mean.dtype)
         z += self.mean
         return z
 
@@ -124,7 +124,7 @@ class DiagonalGaussianDistribution:
         """
         _check_like("grad_z", grad_z, self.mean, "mean")
         _check_like("noise", noise, self.mean, "mean")
-        grad_logvar = grad_z * noise
+        grad_logvar = grad_z * asarray(noise, dtype=self.mean.dtype)
         grad_logvar *= self.std
         grad_logvar *= 0.5
         return grad_z.copy(), grad_logvar

@@ -19,7 +19,10 @@ Ops: ``reconstruction_loss_forward/backward`` and ``kl_loss_forward/backward`` (
 whose ``forward(x, noise)`` runs encode -> sample -> decode -> loss and whose ``backward()``
 returns d loss / d x and accumulates every VAE parameter gradient.
 
-Derivations: docs/vae.md ("The training objective and its gradient").
+OPTIONAL, at the end of the file: latent diffusion's adversarial term (``KLAutoencoderGANLoss``
+with a PatchGAN from ``discriminator.py``, the hinge loss and the adaptive weight).
+
+Derivations: docs/vae.md ("The objective's gradient", "Optional: the adversarial term").
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import numbers
 from npdiffusion.backend import asarray, xp
 from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
 from npdiffusion.nn.module import Module
+from npdiffusion.ops.conv import conv2d_backward
 
 RECONSTRUCTIONS = ("l1", "l2")
 REDUCTIONS = ("batchmean", "mean", "sum")
@@ -160,3 +164,166 @@ class KLAutoencoderLoss(Module):
 
     def extra_repr(self):
         return f"beta={self.beta}, reconstruction={self.reconstruction!r}, reduction={self.reduction!r}"
+
+
+# =============================================================================================
+# OPTIONAL: the adversarial term of latent diffusion's autoencoder training (taming-transformers'
+# LPIPSWithDiscriminator without the LPIPS perceptual network, which needs pretrained VGG weights).
+# =============================================================================================
+def hinge_d_loss_forward(logits_real, logits_fake):
+    """The discriminator's hinge loss 0.5 (mean relu(1 - real) + mean relu(1 + fake)).
+    Returns ``(loss (0-d), cache)``; cache = (masks 1 - real > 0, 1 + fake > 0, sizes, dtype)."""
+    active_real = logits_real < 1.0
+    active_fake = logits_fake > -1.0
+    loss = 0.5 * (xp.where(active_real, 1.0 - logits_real, 0.0).mean()
+                  + xp.where(active_fake, 1.0 + logits_fake, 0.0).mean())
+    return xp.asarray(loss, dtype=logits_real.dtype), (active_real, active_fake, logits_real.dtype)
+
+
+def hinge_d_loss_backward(dloss, cache):
+    """Returns ``(d real, d fake)``: -0.5 dloss / N_real where 1 - real > 0, +0.5 dloss / N_fake
+    where 1 + fake > 0, zero elsewhere (torch's relu gradient is 0 at the kink)."""
+    active_real, active_fake, dtype = cache
+    g = asarray(dloss, dtype=dtype)
+    d_real = active_real.astype(dtype) * (-0.5 / active_real.size) * g
+    d_fake = active_fake.astype(dtype) * (0.5 / active_fake.size) * g
+    return d_real, d_fake
+
+
+def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
+    """``weight`` from ``global_step >= threshold`` on, ``value`` before (taming's adopt_weight)."""
+    return weight if global_step >= threshold else value
+
+
+def _snapshot_grads(module):
+    return [(m, {k: None if g is None else g.copy() for k, g in m._grads.items()}) for m in module.modules()]
+
+
+def _restore_grads(snapshot):
+    for m, grads in snapshot:
+        m._grads.clear()
+        m._grads.update(grads)
+
+
+class KLAutoencoderGANLoss(Module):
+    """OPTIONAL. Latent diffusion's autoencoder objective with a PatchGAN (no perceptual term).
+
+    Generator step (``forward(x, noise, global_step)`` then ``backward()``), with d = x_hat - x,
+    s the learned scalar ``logvar`` (a 0-d parameter of this module, init ``logvar_init``), N the
+    number of image elements:
+
+        nll   = (sum |d| / exp(s) + N s) / B
+        kl    = sum_b KL_b / B
+        g     = -mean(D(x_hat))
+        lam   = clip(|grad_W nll| / (|grad_W g| + 1e-4), 0, 1e4) * disc_weight,  W = decoder.conv_out.weight
+        loss  = nll + kl_weight * kl + lam * f * g,     f = disc_factor from disc_start on, else 0
+
+    lam is a constant (taming detaches it): its own dependence on the weights is not differentiated.
+    The forward already runs the discriminator's backward once (for grad_W g and d g / d x_hat);
+    the discriminator's own parameter gradients are left exactly as they were.
+
+    Discriminator step (``discriminator_step(x, x_hat, global_step)``): runs D on x and on x_hat
+    (two calls, as taming, so batch norm sees each batch alone), accumulates D's gradients of
+    f * 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) and returns that loss.
+
+    The ``discriminator`` is held but not registered as a child: this module's parameters are the
+    VAE's and ``logvar`` (the generator optimizer's set); D has its own optimizer, train()/eval()
+    and dtype. See docs/vae.md ("Optional: the adversarial term").
+    """
+
+    def __init__(self, vae, discriminator, kl_weight: float = 1e-6, logvar_init: float = 0.0,
+                 disc_start: int = 0, disc_factor: float = 1.0, disc_weight: float = 1.0):
+        super().__init__()
+        for name, v in (("kl_weight", kl_weight), ("disc_factor", disc_factor), ("disc_weight", disc_weight)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not v >= 0:
+                raise ValueError(f"KLAutoencoderGANLoss: {name} must be a non-negative number, got {v!r}")
+        self.kl_weight, self.disc_factor, self.disc_weight = float(kl_weight), float(disc_factor), float(disc_weight)
+        self.disc_start = int(disc_start)
+        self.vae = vae
+        object.__setattr__(self, "discriminator", discriminator)           # not a child, see the docstring
+        self.register_parameter("logvar", xp.asarray(float(logvar_init), dtype=vae.dtype))
+        self.terms = {}
+        self.noise = None
+
+    def _last_layer_grad(self, d_recon):
+        """d loss / d decoder.conv_out.weight for an upstream d_recon, without accumulating."""
+        conv = self.vae.decoder.conv_out
+        _, dw, _ = conv2d_backward(d_recon, conv.saved())
+        return dw
+
+    def forward(self, x, noise=None, global_step: int = 0, generator=None):
+        """The generator loss (0-d). x (B, C, H, W) with sides multiples of the VAE's factor."""
+        f = self.vae.downsample_factor
+        self.vae.encoder.check_image(x, "KLAutoencoderGANLoss", "x")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"KLAutoencoderGANLoss: x's height and width must be multiples of the VAE's "
+                             f"downsampling factor {f}, got shape {tuple(x.shape)}")
+        posterior = self.vae.encode(x)
+        if noise is None:
+            noise = posterior.draw_noise(generator)
+        x_hat = self.vae.decode(posterior.sample(noise))
+        d = x_hat - x
+        b, n = x.shape[0], x.size
+        inv_var = xp.exp(-self.logvar)
+        nll = (xp.abs(d).sum() * inv_var + n * self.logvar) / b
+        kl, kl_cache = kl_loss_forward(posterior, "batchmean")
+        factor = adopt_weight(self.disc_factor, global_step, self.disc_start)
+
+        # adversarial term: g = -mean(D(x_hat)); d g / d x_hat via D's backward (D's grads restored)
+        logits = self.discriminator(x_hat)
+        g = -logits.mean()
+        snapshot = _snapshot_grads(self.discriminator)
+        d_xhat_g = self.discriminator.backward(xp.full(logits.shape, -1.0 / logits.size, dtype=logits.dtype))
+        _restore_grads(snapshot)
+        d_xhat_nll = xp.sign(d) * (inv_var / b)
+        lam = 0.0
+        if self.disc_factor > 0.0:
+            norm_nll = float(xp.linalg.norm(self._last_layer_grad(d_xhat_nll)))
+            norm_g = float(xp.linalg.norm(self._last_layer_grad(d_xhat_g)))
+            lam = min(max(norm_nll / (norm_g + 1e-4), 0.0), 1e4) * self.disc_weight
+        loss = xp.asarray(nll + self.kl_weight * kl + (lam * factor) * g, dtype=x.dtype)
+        self.terms = {"nll": nll, "kl": kl, "g": g, "d_weight": lam, "disc_factor": factor, "loss": loss,
+                      "reconstruction": x_hat}
+        self.noise = noise
+        self.save_for_backward(posterior, noise, kl_cache, d, inv_var, d_xhat_nll, d_xhat_g, lam * factor)
+        return loss
+
+    def backward(self, grad=1.0):
+        """-> d loss / d x; accumulates the VAE's and ``logvar``'s gradients (not D's)."""
+        posterior, noise, kl_cache, d, inv_var, d_xhat_nll, d_xhat_g, adv = self.saved()
+        g = asarray(grad, dtype=d.dtype)
+        d_xhat = d_xhat_nll * g
+        if adv:
+            d_xhat += d_xhat_g * (adv * g)
+        b = d.shape[0]
+        # d nll / d s = (N - sum |d| / exp(s)) / B
+        self.accumulate_grad("logvar", xp.asarray((d.size - xp.abs(d).sum() * inv_var) / b * g, dtype=d.dtype))
+        dz = self.vae.decode_backward(d_xhat)
+        d_mean, d_logvar = posterior.sample_backward(dz, noise)
+        if self.kl_weight:
+            k_mean, k_logvar = kl_loss_backward(g * self.kl_weight, kl_cache)
+            d_mean += k_mean
+            d_logvar += k_logvar
+        dx = self.vae.encode_backward(d_mean, d_logvar)
+        dx -= d_xhat_nll * g                                              # x as the reconstruction target
+        return dx
+
+    def discriminator_step(self, x, x_hat, global_step: int = 0):
+        """f * hinge(D(x), D(x_hat)) (0-d); accumulates D's parameter gradients (x, x_hat get none)."""
+        factor = adopt_weight(self.disc_factor, global_step, self.disc_start)
+        disc = self.discriminator
+        real = disc(x)
+        active_real = real < 1.0
+        loss_real = xp.where(active_real, 1.0 - real, 0.0).mean()
+        if factor:
+            disc.backward(active_real.astype(real.dtype) * (-0.5 * factor / real.size))
+        fake = disc(x_hat)
+        active_fake = fake > -1.0
+        loss_fake = xp.where(active_fake, 1.0 + fake, 0.0).mean()
+        if factor:
+            disc.backward(active_fake.astype(fake.dtype) * (0.5 * factor / fake.size))
+        return xp.asarray(factor * 0.5 * (loss_real + loss_fake), dtype=real.dtype)
+
+    def extra_repr(self):
+        return (f"kl_weight={self.kl_weight}, disc_start={self.disc_start}, disc_factor={self.disc_factor}, "
+                f"disc_weight={self.disc_weight}")
