@@ -3,7 +3,9 @@
 * ``autoencoder_kl.AutoencoderKL``: encode / decode / their backwards, model folders.
 * ``distribution.DiagonalGaussianDistribution``: the posterior q(z | x) and its gradients.
 * ``encoder.Encoder``, ``decoder.Decoder``, ``vae_blocks``: the networks and their blocks.
-* ``loss``: the training objective (reconstruction + beta * KL through the reparameterization).
+* ``loss``: the training objective (reconstruction + beta * KL through the reparameterization);
+  OPTIONAL at its end, latent diffusion's adversarial term (``KLAutoencoderGANLoss``) with the
+  PatchGAN of ``discriminator``.
 
 Docs: docs/vae.md.
 """
