@@ -19,6 +19,9 @@ The protocol:
   only its inputs; its backward first recomputes the forward (keeping caches), then runs as usual.
   Exact, and it trades compute for memory. Modules must call children (``self.conv(x)``), never
   ``self.conv.forward(x)``, so that checkpointing applies.
+* Recording: ``with npdiffusion.nn.recorder.record(root) as rec:`` captures every named
+  descendant's inputs, outputs and gradients by dotted name (docs/oracle.md); it costs one
+  ``is None`` test per call when no recorder is active.
 
 A subclass registers parameters with ``register_parameter`` (or ``register_buffer`` for
 non-trainable state), stores its cache with ``self.save_for_backward(...)`` in ``forward`` and
@@ -35,6 +38,7 @@ from typing import Iterator
 import numpy
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.nn import recorder as _recorder
 
 DTYPES = {"float16": numpy.float16, "float32": numpy.float32, "float64": numpy.float64}
 
@@ -139,6 +143,8 @@ class Module:
 
     # ----------------------------------------------------------------- forward / backward
     def __call__(self, *args, **kwargs):
+        if _recorder.active is not None and _recorder.active.wants(self):
+            return _recorder.active.call(self, args, kwargs)   # re-enters __call__, unrecorded
         if self.gradient_checkpointing and self.training and _recording["on"]:
             with no_cache():
                 out = self.forward(*args, **kwargs)
@@ -333,13 +339,15 @@ def _recompute_if_checkpointed(backward):
     """Wrap a subclass's backward: a checkpointed call first recomputes its forward with caches."""
 
     @functools.wraps(backward)
-    def wrapper(self, *grad_outputs):
+    def wrapper(self, *grad_outputs, **kwargs):
+        if _recorder.active is not None and _recorder.active.wants_backward(self):
+            return _recorder.active.call_backward(self, wrapper, grad_outputs)  # re-enters, unrecorded
         pending = self.__dict__.get("_checkpoint_inputs")
         if pending is not None:
             object.__setattr__(self, "_checkpoint_inputs", None)
             args, kwargs = pending
             self.forward(*args, **kwargs)
-        return backward(self, *grad_outputs)
+        return backward(self, *grad_outputs, **kwargs)
 
     return wrapper
 
