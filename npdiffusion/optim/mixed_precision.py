@@ -1,0 +1,389 @@
+"""Mixed precision: float16 compute, float32 master weights, dynamic loss scaling.
+
+Shapes: every array here has the shape of the parameter it belongs to (no shapes of its own);
+S is the loss scale, a Python float that is always a float32 value (as torch keeps it).
+
+Two objects, used together::
+
+    master = MasterWeights(unet, compute_dtype="float16")  # float32 copies; unet now holds float16
+    opt = AdamW(master, lr=1e-4)                             # the optimizer updates the masters
+    scaler = DynamicLossScaler()                             # torch.amp.GradScaler's schedule
+    for batch in data:
+        master.zero_grad()                                   # clears the unet's gradients too
+        out = unet(x16, t, ctx16)                            # float16 forward
+        loss, dout = ...                                     # the loss and dL/dout, in float32
+        unet.backward(scaler.scale(dout, dtype=unet.dtype))  # backward of S * L in float16
+        scaler.unscale_(opt)                                 # masters' grads = float32(g16) * (1/S)
+        clip_grad_norm_(master, 1.0)                         # optional, on true-scale gradients
+        scaler.step(opt)                                     # skipped if a gradient is not finite;
+        scaler.update()                                      #   else AdamW, then masters -> unet
+
+* ``MasterWeights(module, compute_dtype)`` keeps a float32 copy of every parameter of ``module``
+  and casts ``module`` to ``compute_dtype``. It looks like a module to the optimizers, ``EMA`` and
+  ``clip_grad_norm_`` (``named_parameters`` / ``named_grads`` / ``zero_grad``, same names), so
+  ``AdamW(master)`` keeps float32 moments and updates float32 weights; ``load_grads`` copies the
+  module's (scaled) gradients into float32 master gradients, ``copy_to_module`` rounds the masters
+  back into the module's arrays in place.
+* ``DynamicLossScaler`` multiplies the loss gradient by S before the float16 backward, so small
+  gradients do not flush to zero, and divides it out in float32. A step whose gradients hold inf
+  or NaN (float16 overflow, or a real divergence) is skipped: the optimizer does not run, so the
+  master weights, the module and the optimizer state stay bitwise unchanged; S is multiplied by
+  ``backoff_factor`` and the skip is counted. After ``growth_interval`` good steps in a row S is
+  multiplied by ``growth_factor``. ``max_consecutive_skips`` skips in a row raise
+  ``NonFiniteGradientError``: a run that no scale can fix stops with a clear message.
+
+The scale schedule is torch.amp.GradScaler's (``_amp_update_scale_``): a new scale is the float64
+product of S and the factor rounded to float32, a growth that would overflow float32 is not
+applied, and 1/S is the float32 rounding of the float64 reciprocal.
+
+bfloat16 is not offered: NumPy has no bfloat16 type, CuPy's (through ``ml_dtypes``, experimental
+since CuPy 14) is not supported by ``cupyx.scipy.special``, which the activations use, and
+``Module.to`` accepts float16/32/64 only.
+
+Why each piece is there, with the float16 numbers: docs/gpu.md ("Mixed precision").
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy
+
+from npdiffusion.backend import to_numpy, xp
+from npdiffusion.optim.optimizer import check_float, check_module
+
+#: Compute dtypes ``MasterWeights`` accepts (float32 = masters and module agree: a plain run).
+COMPUTE_DTYPES = ("float16", "float32")
+MASTER_DTYPE = numpy.dtype(numpy.float32)
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Too many consecutive steps had non-finite gradients: training cannot go on as it is."""
+
+
+def _compute_dtype(dtype) -> numpy.dtype:
+    name = getattr(dtype, "name", None) or (dtype if isinstance(dtype, str) else getattr(dtype, "__name__", None))
+    if name == "bfloat16":
+        raise ValueError("MasterWeights: compute_dtype 'bfloat16' is not available: NumPy has no bfloat16 type, "
+                         "and CuPy's experimental one is not supported by cupyx.scipy.special, which the "
+                         "activations use; use 'float16' (docs/gpu.md, 'Mixed precision')")
+    try:
+        dt = numpy.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in COMPUTE_DTYPES:
+        raise ValueError(f"MasterWeights: compute_dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
+    return dt
+
+
+# ============================================================================ master weights
+class MasterWeights:
+    """float32 master copies of ``module``'s parameters; ``module`` computes in ``compute_dtype``.
+
+    Built from the module's current parameters (copied before the cast, so a float32 module's
+    masters are its exact weights). Afterwards the module's parameters are the float16 roundings
+    of the masters, refreshed by ``copy_to_module`` after each optimizer step (``DynamicLossScaler
+    .step`` does it). Pass this object, not the module, to the optimizer, ``EMA`` and
+    ``clip_grad_norm_``; save ``state_dict()`` (the float32 masters) in checkpoints for an exact
+    resume, since the float16 module weights alone lose the low bits.
+    """
+
+    def __init__(self, module, compute_dtype="float16"):
+        self.module = check_module("MasterWeights", module)
+        self.compute_dtype = _compute_dtype(compute_dtype)
+        self._params = OrderedDict()
+        for name, p in module.named_parameters():
+            if p.dtype.kind != "f":
+                raise TypeError(f"MasterWeights: parameter {name!r} must be floating, got dtype {p.dtype}")
+            self._params[name] = p.astype(MASTER_DTYPE, copy=True)
+        self._grads = {name: None for name in self._params}
+        self._stale = True                     # gradients cleared: named_grads yields zeros
+        self.nonfinite = []                    # names whose gradient was not finite at the last load
+        module.to(self.compute_dtype)
+
+    # ----------------------------------------------------------------- the module-like face
+    def named_parameters(self, prefix: str = ""):
+        """``(name, float32 master array)`` in the module's order and with its names."""
+        for name, p in self._params.items():
+            yield (f"{prefix}.{name}" if prefix else name), p
+
+    def parameters(self):
+        return list(self._params.values())
+
+    def num_parameters(self) -> int:
+        return int(sum(p.size for p in self._params.values()))
+
+    def named_grads(self, prefix: str = ""):
+        """``(name, float32 master gradient)``: what ``load_grads`` wrote (zeros after ``zero_grad``)."""
+        if self._stale:
+            for name, g in self._grads.items():
+                if g is None:
+                    self._grads[name] = xp.zeros_like(self._params[name])
+                else:
+                    g.fill(0)
+            self._stale = False
+        for name, g in self._grads.items():
+            yield (f"{prefix}.{name}" if prefix else name), g
+
+    def zero_grad(self) -> None:
+        """Clear the module's gradients and the master gradients."""
+        self.module.zero_grad()
+        self._stale = True
+
+    @property
+    def dtype(self):
+        return MASTER_DTYPE
+
+    # ----------------------------------------------------------------- moving values across
+    def _module_items(self, items, what: str):
+        """Pair the module's ``(name, array)`` items with the masters, or a clear error."""
+        seen = 0
+        for name, a in items:
+            if name not in self._params:
+                raise KeyError(f"MasterWeights: the module's {what} {name!r} has no master copy "
+                               "(was the module changed after MasterWeights was built?)")
+            seen += 1
+            yield name, a
+        if seen != len(self._params):
+            raise KeyError(f"MasterWeights: the module has {seen} parameters, the masters {len(self._params)}")
+
+    def load_grads(self, inv_scale: float = 1.0) -> bool:
+        """Master gradients <- float32(module gradient) * float32(inv_scale), for every parameter.
+
+        Returns whether every gradient is finite; when not, ``self.nonfinite`` names the culprits.
+        One host synchronization in all (the finiteness flags are reduced on the device first).
+        """
+        inv = numpy.float32(inv_scale)
+        names, flags = [], []
+        for name, g in self._module_items(self.module.named_grads(), "gradient"):
+            m = self._grads[name]
+            if m is None:
+                m = xp.empty(self._params[name].shape, dtype=MASTER_DTYPE)
+                self._grads[name] = m
+            if inv == 1.0:
+                m[...] = g
+            else:
+                xp.multiply(g, inv, out=m, dtype=MASTER_DTYPE)
+            names.append(name)
+            flags.append(xp.isfinite(m).all())
+        self._stale = False
+        if not flags:
+            self.nonfinite = []
+            return True
+        stacked = xp.stack(flags)
+        ok = bool(stacked.all())
+        self.nonfinite = [] if ok else [n for n, f in zip(names, to_numpy(stacked)) if not f]
+        return ok
+
+    def copy_to_module(self) -> None:
+        """The module's parameters <- the masters rounded to the compute dtype (in place)."""
+        for name, p in self._module_items(self.module.named_parameters(), "parameter"):
+            xp.copyto(p, self._params[name], casting="same_kind")
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> "OrderedDict[str, object]":
+        """The float32 master weights by parameter name (the live arrays)."""
+        return OrderedDict(self._params)
+
+    def load_state_dict(self, state_dict) -> None:
+        """Copy float32 masters in (every name, matching shapes), then refresh the module from them."""
+        if not hasattr(state_dict, "items"):
+            raise TypeError(f"MasterWeights.load_state_dict: expected a mapping of names to arrays, "
+                            f"got {type(state_dict).__name__}")
+        missing = [k for k in self._params if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in self._params]
+        if missing or unexpected:
+            raise KeyError(f"MasterWeights.load_state_dict: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        for name, p in self._params.items():
+            value = state_dict[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"MasterWeights.load_state_dict: {name!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(p.shape)}")
+        for name, p in self._params.items():
+            p[...] = xp.asarray(state_dict[name], dtype=MASTER_DTYPE)
+        self.copy_to_module()
+
+
+# ============================================================================ loss scaling
+def _f32(x) -> float:
+    """``x`` rounded to float32, as a Python float (torch keeps the scale in a float32 tensor)."""
+    with numpy.errstate(over="ignore"):
+        return float(numpy.float32(x))
+
+
+def _check_positive_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
+        raise ValueError(f"DynamicLossScaler: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class DynamicLossScaler:
+    """Dynamic loss scaling with torch.amp.GradScaler's schedule and a bounded run of skips.
+
+    ``init_scale`` (S at the start, 2**16), ``growth_factor`` (> 1), ``backoff_factor`` (in (0, 1)),
+    ``growth_interval`` (good steps in a row before S grows), ``max_consecutive_skips`` (skipped
+    steps in a row that stop the run with ``NonFiniteGradientError``; 32 backoffs take 2**16 down
+    to 2**-16, past any scale that float16 overflow could need). Counters: ``skipped_steps``
+    (all skips), ``consecutive_skips`` (the current run), ``growth_tracker`` (good steps since S
+    last changed). Each step: ``scale`` -> backward -> ``unscale_`` (optional) -> ``step`` -> ``update``.
+    """
+
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000, max_consecutive_skips: int = 32):
+        self._set_hyperparameters({"growth_factor": growth_factor, "backoff_factor": backoff_factor,
+                                   "growth_interval": growth_interval,
+                                   "max_consecutive_skips": max_consecutive_skips})
+        self._scale = _f32(check_float("DynamicLossScaler", "init_scale", init_scale, low_open=True))
+        if self._scale == 0.0 or math.isinf(self._scale):
+            raise ValueError(f"DynamicLossScaler: init_scale must be a positive float32 number, got {init_scale!r}")
+        self.growth_tracker = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._run_start_scale = self._scale
+        self._found_inf = None                 # None: not unscaled yet this step
+        self._nonfinite = []
+        self._stepped = False
+
+    def _set_hyperparameters(self, hp: dict) -> None:
+        growth = check_float("DynamicLossScaler", "growth_factor", hp["growth_factor"])
+        if growth <= 1.0:
+            raise ValueError(f"DynamicLossScaler: growth_factor must be > 1, got {hp['growth_factor']!r}")
+        self.growth_factor = growth
+        self.backoff_factor = check_float("DynamicLossScaler", "backoff_factor", hp["backoff_factor"], 0.0, 1.0,
+                                          low_open=True, high_open=True)
+        self.growth_interval = _check_positive_int("growth_interval", hp["growth_interval"])
+        self.max_consecutive_skips = _check_positive_int("max_consecutive_skips", hp["max_consecutive_skips"])
+
+    # ----------------------------------------------------------------- per step
+    def get_scale(self) -> float:
+        """The current loss scale S."""
+        return self._scale
+
+    def scale(self, grad, dtype=None):
+        """``grad * S`` as a fresh array in ``dtype`` (default: grad's), computed in grad's precision.
+
+        ``grad`` is the gradient of the loss with respect to the model output (dL/dout); the
+        model's backward of ``S * L`` then yields S times every gradient (backward is linear in
+        its upstream gradient). Values past float16's range become inf, and the step is skipped.
+        """
+        if not hasattr(grad, "dtype") or grad.dtype.kind != "f":
+            raise TypeError(f"DynamicLossScaler.scale: grad must be a floating array, "
+                            f"got {getattr(grad, 'dtype', type(grad).__name__)}")
+        with numpy.errstate(over="ignore"):
+            out = grad * self._scale
+            if dtype is not None and out.dtype != numpy.dtype(dtype):
+                out = out.astype(dtype)
+        return out
+
+    def unscale_(self, optimizer) -> bool:
+        """Divide the gradients by S once, into float32 masters; returns whether all are finite.
+
+        With a ``MasterWeights`` behind ``optimizer`` its ``load_grads`` does it; with a plain
+        module the module's gradients are unscaled in place. Call it before gradient clipping;
+        ``step`` calls it when you have not.
+        """
+        if self._found_inf is not None:
+            raise RuntimeError("DynamicLossScaler.unscale_: already called for this step; call update() "
+                               "to finish the step first")
+        target = getattr(optimizer, "module", None)
+        check_module("DynamicLossScaler.unscale_", target)
+        inv = float(numpy.float32(1.0 / self._scale))    # torch: scale.double().reciprocal().float()
+        if isinstance(target, MasterWeights):
+            ok = target.load_grads(inv)
+            bad = target.nonfinite
+        else:
+            names, flags = [], []
+            for name, g in target.named_grads():
+                g *= inv
+                names.append(name)
+                flags.append(xp.isfinite(g).all())
+            stacked = xp.stack(flags) if flags else None
+            ok = True if stacked is None else bool(stacked.all())
+            bad = [] if ok else [n for n, f in zip(names, to_numpy(stacked)) if not f]
+        self._found_inf = not ok
+        self._nonfinite = bad
+        return ok
+
+    def step(self, optimizer) -> bool:
+        """Run ``optimizer.step()`` unless a gradient is non-finite; returns whether it ran.
+
+        After a step on ``MasterWeights`` the module's parameters are refreshed from the masters.
+        A skipped step changes nothing: masters, module and optimizer state stay bitwise as they were.
+        """
+        if self._stepped:
+            raise RuntimeError("DynamicLossScaler.step: already called for this step; call update() first")
+        if self._found_inf is None:
+            self.unscale_(optimizer)
+        self._stepped = True
+        if self._found_inf:
+            return False
+        optimizer.step()
+        target = optimizer.module
+        if isinstance(target, MasterWeights):
+            target.copy_to_module()
+        return True
+
+    def update(self) -> None:
+        """Finish the step: back S off after a skipped step, grow it after ``growth_interval`` good ones.
+
+        Raises ``NonFiniteGradientError`` when ``max_consecutive_skips`` steps in a row were skipped.
+        """
+        if self._found_inf is None:
+            raise RuntimeError("DynamicLossScaler.update: no gradients were checked this step; call "
+                               "unscale_(optimizer) or step(optimizer) before update()")
+        found_inf, names = self._found_inf, self._nonfinite
+        self._found_inf, self._nonfinite, self._stepped = None, [], False
+        if found_inf:
+            if self.consecutive_skips == 0:
+                self._run_start_scale = self._scale
+            self._scale = _f32(self._scale * self.backoff_factor)     # float64 product, then float32
+            self.growth_tracker = 0
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                shown = ", ".join(repr(n) for n in names[:5])
+                if len(names) > 5:
+                    shown += f" and {len(names) - 5} more"
+                raise NonFiniteGradientError(
+                    f"DynamicLossScaler: {self.consecutive_skips} steps in a row had non-finite gradients "
+                    f"(last in {shown or 'the gradients'}); the loss scale went from {self._run_start_scale:g} "
+                    f"down to {self._scale:g} without a finite step, so this is not float16 overflow but a "
+                    "diverged model (NaN/inf in the forward or the loss): lower the learning rate, check the "
+                    "inputs, and resume from the last good checkpoint")
+            return
+        self.consecutive_skips = 0
+        self.growth_tracker += 1
+        if self.growth_tracker == self.growth_interval:
+            grown = _f32(self._scale * self.growth_factor)
+            if math.isfinite(grown):
+                self._scale = grown
+            self.growth_tracker = 0
+
+    # ----------------------------------------------------------------- state
+    def hyperparameters(self) -> dict:
+        return {"growth_factor": self.growth_factor, "backoff_factor": self.backoff_factor,
+                "growth_interval": self.growth_interval, "max_consecutive_skips": self.max_consecutive_skips}
+
+    def state_dict(self) -> dict:
+        """JSON-able state: the scale, the hyper-parameters and the counters (exact resume)."""
+        return {"type": "DynamicLossScaler", "scale": self._scale, "growth_tracker": self.growth_tracker,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "hyperparameters": self.hyperparameters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("type") != "DynamicLossScaler":
+            raise ValueError("DynamicLossScaler.load_state_dict: expected a state dict of type 'DynamicLossScaler'")
+        scale = _f32(check_float("DynamicLossScaler", "scale", state.get("scale"), low_open=True))
+        counters = {}
+        for key in ("growth_tracker", "skipped_steps", "consecutive_skips"):
+            v = state.get(key, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"DynamicLossScaler.load_state_dict: {key} must be a non-negative int, got {v!r}")
+            counters[key] = v
+        self._set_hyperparameters({**self.hyperparameters(), **state.get("hyperparameters", {})})
+        self._scale = scale
+        self._run_start_scale = scale
+        self.growth_tracker = counters["growth_tracker"]
+        self.skipped_steps = counters["skipped_steps"]
+        self.consecutive_skips = counters["consecutive_skips"]
+        self._found_inf, self._nonfinite, self._stepped = None, [], False
