@@ -29,6 +29,7 @@ from npdiffusion.backend import BACKENDS, get_backend, set_backend
 
 #: The subcommand modules, in the order ``--help`` lists them: one line per command.
 COMMANDS = [
+    "npdiffusion.cli.golden",
     "npdiffusion.cli.gradcheck",
     "npdiffusion.cli.toy",
     "npdiffusion.cli.train",
