@@ -21,6 +21,26 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 BACKENDS = ["numpy", "cupy"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_xdist_worker():
+    """Under pytest-xdist each worker owns one core: BLAS and torch threads would only fight.
+
+    (On the 2-core CI machine a tiny torch forward/backward took ~3 s with two threads per worker
+    and ~0.03 s with one.)
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Run the test once per backend; the CuPy case skips when this machine has no CUDA GPU."""
