@@ -210,9 +210,9 @@ def dump_candidate(root: torch.nn.Module, golden_dir, out_path, forward, *, dtyp
     submodules are hooked. Returns the dump (key -> numpy array)."""
     manifest, golden = load_golden(golden_dir)
     inputs = OrderedDict()
-    for k, v in golden.items():
+    for k in (e["key"] for e in manifest["keys"]):          # the manifest's order = the call's order
         if k.startswith("input/"):
-            t = torch.from_numpy(np.ascontiguousarray(v))
+            t = torch.from_numpy(np.ascontiguousarray(golden[k]))
             if t.is_floating_point():
                 t = t.to(dtype).requires_grad_(True)
             inputs[k[len("input/"):]] = t
