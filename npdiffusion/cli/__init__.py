@@ -33,6 +33,8 @@ COMMANDS = [
     "npdiffusion.cli.gradcheck",
     "npdiffusion.cli.toy",
     "npdiffusion.cli.train",
+    "npdiffusion.cli.sample",
+    "npdiffusion.cli.img2img",
 ]
 
 #: Exit code of an expected failure (the same as argparse's usage errors).

@@ -1,0 +1,225 @@
+"""``npdiffusion sample --model DIR --prompt TEXT [--prompt TEXT ...] --out FOLDER``: text to image.
+
+Loads a diffusers Stable Diffusion folder with ``StableDiffusionPipeline.from_pretrained``, generates
+``--num-images`` images per prompt in one batch, and writes one PNG per image plus ``grid.png`` (the
+images in rows, one row per prompt, each labelled), every file atomically. With the default
+``--noise torch``, ``--seed K`` gives the images diffusers gives for
+``pipe(prompts, negative_prompt=[NEG] * P, num_images_per_prompt=N,
+generator=torch.Generator().manual_seed(K))``.
+
+Every expected failure is one line on stderr and exit code 2 (docs/cli.md): a missing or malformed
+model folder, an unknown scheduler, a size the VAE cannot take, a corrupt safetensors file, an
+output file that already exists (unless ``--overwrite``). All of them are found before the first
+denoising step (the output folder is created only then), and nothing in it is touched by a failure.
+
+The helpers here (options, checks, output planning and writing) are shared with ``npdiffusion
+img2img``. Docs: docs/cli.md ("npdiffusion sample"), docs/pipeline.md.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import time
+
+#: --scheduler names -> diffusers / npdiffusion class names
+SCHEDULER_NAMES = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm++2m": "DPMSolverMultistepScheduler",
+}
+GRID_NAME = "grid.png"
+SIZE_MULTIPLE = 8
+
+
+# ------------------------------------------------------------------------------------- options
+def add_common_options(p) -> None:
+    """The options ``sample`` and ``img2img`` share."""
+    p.add_argument("--model", metavar="DIR", required=True,
+                   help="a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, "
+                        "tokenizer/, scheduler/; safetensors weights)")
+    p.add_argument("--prompt", metavar="TEXT", action="append", required=True,
+                   help="what to draw; repeat the option for several prompts (one grid row each)")
+    p.add_argument("--negative-prompt", metavar="TEXT", default=None,
+                   help="what to steer away from, used for every prompt (default: the empty prompt)")
+    p.add_argument("--num-images", metavar="N", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--steps", metavar="S", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance", metavar="G", type=float, default=7.5,
+                   help="classifier-free guidance scale w; guidance is off for w <= 1 (default 7.5)")
+    p.add_argument("--scheduler", metavar="NAME", default=None,
+                   help=f"sampler: {'|'.join(SCHEDULER_NAMES)} (default: the one the model folder names)")
+    p.add_argument("--seed", metavar="K", type=int, default=None,
+                   help="seed of the noise (default: a random seed, printed)")
+    p.add_argument("--noise", choices=("torch", "numpy"), default="torch",
+                   help="torch: torch's CPU generator reproduced bit for bit, so a seed gives diffusers' "
+                        "image (default); numpy: numpy.random.default_rng(seed)")
+    p.add_argument("--height", metavar="H", type=int, default=None,
+                   help="image height in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", metavar="W", type=int, default=None,
+                   help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--out", metavar="FOLDER", required=True, help="output folder (created if missing)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same names already in the output folder (default: refuse)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "sample", help="text to image with a Stable Diffusion model folder: PNGs and a labelled grid",
+        description="Generate images from text prompts with a diffusers Stable Diffusion folder: one PNG per "
+                    "image and a labelled grid.png, written atomically. With --noise torch (the default) a "
+                    "seed gives the same images as diffusers with torch.Generator().manual_seed(seed). "
+                    "Docs: docs/cli.md, docs/pipeline.md.")
+    add_common_options(p)
+    p.add_argument("--guidance-rescale", metavar="PHI", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2023; default 0, off)")
+    return p
+
+
+# -------------------------------------------------------------------------------------- checks
+def check_common(args) -> None:
+    """Cheap checks of the shared options, before anything is loaded (ValueError naming the option)."""
+    for name in ("num_images", "steps"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value}")
+    for name in ("guidance", "guidance_rescale"):
+        value = getattr(args, name, 0.0)
+        if not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if getattr(args, "guidance_rescale", 0.0) < 0:
+        raise ValueError(f"--guidance-rescale must be >= 0, got {args.guidance_rescale}")
+    if args.scheduler is not None and args.scheduler.lower() not in SCHEDULER_NAMES:
+        raise ValueError(f"unknown scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    if (args.height is None) != (args.width is None):
+        raise ValueError("give --height and --width together (or neither, for the model's default size)")
+    if args.height is not None:
+        for name in ("height", "width"):
+            value = getattr(args, name)
+            if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+                raise ValueError(f"--{name} must be a positive multiple of {SIZE_MULTIPLE} (the VAE downsamples by "
+                                 f"8), got {value}")
+    for i, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            raise ValueError(f"--prompt number {i + 1} is empty; give some text")
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe, lower-case version of ``text`` (letters, digits and dashes), at most ``limit`` long."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:limit].rstrip("-") or "prompt")
+
+
+def image_names(prompts, num_images: int) -> list[str]:
+    """File names ``PP-II-slug.png`` (prompt index, image index) in generation order."""
+    return [f"{p:02d}-{i:02d}-{slug(text)}.png" for p, text in enumerate(prompts) for i in range(num_images)]
+
+
+def check_out(out: str, names, overwrite: bool) -> list[str]:
+    """The full paths of ``names`` in ``out``; raises FileExistsError when one exists (unless
+    ``overwrite``) and NotADirectoryError when ``out`` is a file. Creates nothing."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out!r} exists and is not a folder")
+    paths = [os.path.join(out, n) for n in names]
+    if not overwrite:
+        taken = [p for p in paths if os.path.exists(p)]
+        if taken:
+            more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+            raise FileExistsError(f"{taken[0]!r}{more} already exists; nothing was written (pass --overwrite to "
+                                  "replace, or choose another --out)")
+    return paths
+
+
+def make_out(out: str) -> None:
+    """Create ``out`` (and parents) and check that a file can be written there (OSError if not)."""
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, f".npdiffusion-write-test-{os.getpid()}")
+    with open(probe, "wb"):
+        pass
+    os.remove(probe)
+
+
+def load_pipeline(args):
+    """The pipeline of ``--model`` with ``--scheduler`` swapped in (diffusers' ``from_config`` rule)."""
+    from npdiffusion.pipelines.loading import SCHEDULERS  # noqa: PLC0415 - keep `--help` fast
+    from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    if args.scheduler is not None:
+        cls = SCHEDULERS[SCHEDULER_NAMES[args.scheduler.lower()]]
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def resolve_seed(args) -> int:
+    from npdiffusion.pipelines.noise import random_seed  # noqa: PLC0415
+
+    return random_seed() if args.seed is None else args.seed
+
+
+# -------------------------------------------------------------------------------------- writing
+def png_bytes(image, text: dict | None = None) -> bytes:
+    """A PIL image as PNG bytes, with ``text`` stored in tEXt chunks (key -> str)."""
+    from PIL.PngImagePlugin import PngInfo  # noqa: PLC0415
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def write_images(paths, images, params: list[dict]) -> None:
+    """Write each image to its path atomically, with its parameters as JSON in the "parameters" text chunk."""
+    from npdiffusion.io.atomic import atomic_write_bytes  # noqa: PLC0415
+
+    for path, image, p in zip(paths, images, params):
+        atomic_write_bytes(path, png_bytes(image, {"parameters": json.dumps(p, sort_keys=True)}))
+
+
+def write_grid(path, images, labels, cols: int) -> None:
+    from npdiffusion.io.atomic import atomic_write_bytes  # noqa: PLC0415
+    from npdiffusion.pipelines.image_utils import image_grid  # noqa: PLC0415
+
+    atomic_write_bytes(path, png_bytes(image_grid(images, labels, cols=cols)))
+
+
+def base_params(args, pipe, seed: int) -> dict:
+    return {"model": os.path.abspath(args.model), "negative_prompt": args.negative_prompt, "steps": args.steps,
+            "guidance": args.guidance, "scheduler": type(pipe.scheduler).__name__, "seed": seed, "noise": args.noise}
+
+
+def run(args) -> int:
+    check_common(args)
+    seed = resolve_seed(args)
+    names = image_names(args.prompt, args.num_images)
+    paths = check_out(args.out, names + [GRID_NAME], args.overwrite)
+    start = time.perf_counter()
+    pipe = load_pipeline(args)
+    height, width = (args.height, args.width) if args.height is not None else pipe.default_height_width()
+    pipe.check_inputs(args.prompt, height, width)                      # the VAE's size rule, before any work
+    make_out(args.out)
+    negative = None if args.negative_prompt is None else [args.negative_prompt] * len(args.prompt)
+    images = pipe(list(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, height=height, width=width,
+                  num_images_per_prompt=args.num_images, seed=seed, noise=args.noise, output_type="pil",
+                  progress=not args.no_progress).images
+    common = base_params(args, pipe, seed)
+    params = [dict(common, prompt=text, image=i, num_images=args.num_images, height=height, width=width,
+                   guidance_rescale=args.guidance_rescale)
+              for text in args.prompt for i in range(args.num_images)]
+    write_images(paths[:-1], images, params)
+    labels = [f"{text} | #{i + 1}, seed {seed}" for text in args.prompt for i in range(args.num_images)]
+    write_grid(paths[-1], images, labels, cols=args.num_images)
+    seconds = time.perf_counter() - start
+    print(f"sample: {len(images)} image(s) of {width}x{height}, {args.steps} steps of "
+          f"{type(pipe.scheduler).__name__}, seed {seed} ({args.noise} noise), in {seconds:.1f} s; "
+          f"wrote {len(images)} PNG(s) and {GRID_NAME} to {args.out}")
+    return 0

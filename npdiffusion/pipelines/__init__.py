@@ -1,0 +1,18 @@
+"""Pipelines: text to image and image to image with diffusers' semantics (docs/pipeline.md).
+
+    from npdiffusion.pipelines import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained("path/to/stable-diffusion-v1-5")   # a diffusers folder
+    image = pipe("a photo of an astronaut riding a horse", seed=42, noise="torch").images[0]
+    edited = pipe.img2img(image, "a watercolor painting", strength=0.6, seed=1).images[0]
+
+Modules: ``stable_diffusion`` (the pipeline), ``img2img`` (image to image), ``loading`` (pipeline
+folders), ``noise`` (seeds: NumPy's or torch's stream), ``image_utils`` (PIL <-> arrays, grids),
+``output`` (the returned object).
+"""
+from npdiffusion.pipelines.img2img import StableDiffusionImg2ImgPipeline, img2img
+from npdiffusion.pipelines.loading import SCHEDULERS, PipelineFolderError
+from npdiffusion.pipelines.output import StableDiffusionPipelineOutput
+from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
+
+__all__ = ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipelineOutput", "img2img",
+           "PipelineFolderError", "SCHEDULERS"]

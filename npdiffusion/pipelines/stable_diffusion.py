@@ -1,0 +1,460 @@
+"""``StableDiffusionPipeline``: text to image with a CLIP text encoder, a U-Net, a scheduler and a VAE.
+
+Shapes: P prompts, n = num_images_per_prompt, B = P n images, T = 77 tokens, D = the text width
+(768 in SD 1.x), f = the VAE's downsampling factor (8 in SD), h x w = H/f x W/f latents, 4 latent
+channels; "2B" is the guidance batch [unconditional | conditional].
+
+    1. tokenize     prompts -> ids (P, T) (padded with the end token, cut to T)
+    2. encode       ids -> CLIPTextModel -> last hidden state (P, T, D), repeated n times -> (B, T, D);
+                    with guidance the negative prompt ("" by default) the same way; context (2B, T, D)
+                    = [negative | positive]
+    3. timesteps    scheduler.set_timesteps(S) -> t_0 > t_1 > ... (S of them; PNDM S + 1, Heun 2S - 1)
+    4. latents      x ~ N(0, I) (B, 4, h, w) times scheduler.init_noise_sigma
+    5. denoise      for each t: x_in = scale_model_input([x | x], t) (2B, 4, h, w);
+                    eps = unet(x_in, t, context) (2B, 4, h, w); eps = eps_u + w (eps_c - eps_u)
+                    (optionally rescaled, guidance_rescale); x = scheduler.step(eps, t, x)
+    6. decode       image = vae.decode(x / scaling_factor) (B, 3, H, W)
+    7. postprocess  clip(image / 2 + 0.5, 0, 1) -> (B, H, W, 3) float32 or PIL images
+
+This is diffusers' ``StableDiffusionPipeline.__call__`` (diffusers/pipelines/stable_diffusion/
+pipeline_stable_diffusion.py) operation for operation, so from the same initial latents the images
+agree with diffusers' to float32 rounding. Everything runs with no caches kept (eval mode and
+``no_cache``), so memory stays flat over any number of steps. Walk-through: docs/pipeline.md.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import numbers
+import os
+
+import numpy
+
+from npdiffusion.backend import asarray, is_array, to_numpy, xp
+from npdiffusion.diffusion.guidance import classifier_free_guidance, rescale_noise_cfg
+from npdiffusion.io.pretrained import read_config
+from npdiffusion.models.clip.text_model import CLIPTextModel
+from npdiffusion.models.clip.tokenizer import CLIPTokenizer
+from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel
+from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
+from npdiffusion.nn.module import canonical_dtype, no_cache
+from npdiffusion.pipelines.image_utils import OUTPUT_TYPES, postprocess_image
+from npdiffusion.pipelines.loading import (
+    PipelineFolderError,
+    load_tokenizer,
+    read_model_index,
+    scheduler_class,
+    write_model_index,
+)
+from npdiffusion.pipelines.noise import NoiseSource
+from npdiffusion.pipelines.output import StableDiffusionPipelineOutput
+
+logger = logging.getLogger(__name__)
+
+#: the height and width of every image must be a multiple of this (diffusers checks 8)
+SIZE_MULTIPLE = 8
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_real(name, value, minimum=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not numpy.isfinite(float(value)):
+        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _version_tuple(text) -> tuple:
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece else ""
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+class StableDiffusionPipeline:
+    """Text-to-image with diffusers' semantics (module docstring; docs/pipeline.md).
+
+    ``StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler)`` from npdiffusion models
+    (``AutoencoderKL``, ``CLIPTextModel``, ``CLIPTokenizer``, ``UNet2DConditionModel``, any npdiffusion
+    scheduler); ``from_pretrained(folder)`` reads a diffusers folder, ``save_pretrained(folder)`` writes
+    one that diffusers loads. Schedulers swap as in diffusers:
+    ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``.
+
+    As diffusers does at construction, a scheduler config with ``steps_offset`` other than 1 is set
+    to 1 and ``clip_sample=True`` to False (old SD configs; diffusers warns and fixes them).
+    ``safety_checker`` / ``feature_extractor`` must be None: npdiffusion has no safety checker.
+    """
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
+                 feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False):
+        for name, value, cls in (("vae", vae, AutoencoderKL), ("text_encoder", text_encoder, CLIPTextModel),
+                                 ("tokenizer", tokenizer, CLIPTokenizer), ("unet", unet, UNet2DConditionModel)):
+            if not isinstance(value, cls):
+                raise TypeError(f"StableDiffusionPipeline: {name} must be an npdiffusion {cls.__name__}, "
+                                f"got {type(value).__name__}")
+        for name, value in (("safety_checker", safety_checker), ("feature_extractor", feature_extractor),
+                            ("image_encoder", image_encoder)):
+            if value is not None:
+                raise ValueError(f"StableDiffusionPipeline: {name} must be None (npdiffusion has no {name}), "
+                                 f"got {type(value).__name__}")
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.unet = unet.eval()
+        self.scheduler = scheduler
+        self.requires_safety_checker = bool(requires_safety_checker)
+        self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+        self.default_sample_size = unet.config["sample_size"]
+        self._progress_config = {}
+        self._fix_scheduler_config()
+
+    # ------------------------------------------------------------------ components
+    @property
+    def scheduler(self):
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, value):
+        for attr in ("set_timesteps", "step", "scale_model_input", "config"):
+            if not hasattr(value, attr):
+                raise TypeError(f"StableDiffusionPipeline: scheduler must be an npdiffusion scheduler (with "
+                                f"set_timesteps, step, scale_model_input, config), got {type(value).__name__}")
+        self._scheduler = value
+
+    @property
+    def components(self) -> dict:
+        """The five components by their diffusers names."""
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "unet": self.unet, "scheduler": self.scheduler}
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def _fix_scheduler_config(self):
+        """diffusers' StableDiffusionPipeline.__init__: steps_offset -> 1, clip_sample True -> False."""
+        cfg = self.scheduler.config
+        if "steps_offset" in cfg and cfg["steps_offset"] != 1:
+            logger.info("scheduler config has steps_offset=%s; set to 1 as diffusers does", cfg["steps_offset"])
+            self.scheduler._update_config(steps_offset=1)
+        if cfg.get("clip_sample", False) is True:
+            logger.info("scheduler config has clip_sample=True; set to False as diffusers does")
+            self.scheduler._update_config(clip_sample=False)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options for the tqdm bar over the steps, e.g. ``disable=True`` (as diffusers)."""
+        self._progress_config = dict(kwargs)
+
+    def _progress_bar(self, total: int):
+        from tqdm.auto import tqdm  # noqa: PLC0415 - only when generating
+
+        options = {"desc": "denoising", "unit": "step", "dynamic_ncols": True, **self._progress_config}
+        return tqdm(total=total, **options)
+
+    # ------------------------------------------------------------------ folders
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None) -> "StableDiffusionPipeline":
+        """Load a diffusers pipeline folder (model_index.json; unet/, vae/, text_encoder/, tokenizer/,
+        scheduler/; safetensors weights only). ``dtype``: the models' parameter dtype (default float32).
+
+        Components set to null (safety_checker, feature_extractor...) are ignored; the scheduler class
+        named in model_index.json must be one of npdiffusion's. Any problem raises an error naming the
+        folder and the component (PipelineFolderError, a ValueError; FileNotFoundError; the
+        safetensors reader's error for a corrupt file).
+        """
+        folder = os.fspath(folder)
+        index = read_model_index(folder)
+        dt = canonical_dtype("float32" if dtype is None else dtype)
+
+        def load(name, loader):
+            path = os.path.join(folder, name)
+            try:
+                return loader(path)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"cannot load {name} from {path!r}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - a malformed user folder: one message naming it
+                raise PipelineFolderError(f"cannot load {name} from {path!r}: {type(exc).__name__}: {exc}") from exc
+
+        unet = load("unet", lambda p: UNet2DConditionModel.from_pretrained(p, dtype=dt))
+        vae = load("vae", lambda p: AutoencoderKL.from_pretrained(p, dtype=dt))
+        text_encoder = load("text_encoder", lambda p: CLIPTextModel.from_pretrained(p, dtype=dt))
+        tokenizer = load("tokenizer", load_tokenizer)
+        sched_cls = scheduler_class(index["scheduler"][1])
+        scheduler = load("scheduler", lambda p: sched_cls.from_pretrained(p))
+        pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        # diffusers: a U-Net saved before diffusers 0.9 with sample_size < 64 is an SD 1.x model whose
+        # config was wrong; it generates at sample_size 64.
+        raw = read_config(os.path.join(folder, "unet"))
+        if _version_tuple(raw.get("_diffusers_version", "1.0.0")) < (0, 9, 0) \
+                and isinstance(pipe.default_sample_size, int) and pipe.default_sample_size < 64:
+            pipe.default_sample_size = 64
+        return pipe
+
+    def save_pretrained(self, folder) -> str:
+        """Write a diffusers pipeline folder (safetensors weights, model_index.json last) that
+        ``diffusers.StableDiffusionPipeline.from_pretrained`` loads. Returns the folder."""
+        folder = os.fspath(folder)
+        if os.path.isfile(folder):
+            raise ValueError(f"save_pretrained: {folder!r} is a file, expected a folder")
+        os.makedirs(folder, exist_ok=True)
+        self.unet.save_pretrained(os.path.join(folder, "unet"))
+        self.vae.save_pretrained(os.path.join(folder, "vae"))
+        self.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        self.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+        write_model_index(folder, type(self.scheduler).__name__)
+        return folder
+
+    # ------------------------------------------------------------------ prompt encoding
+    def _tokenize(self, texts, max_length):
+        """ids (P, T) padded and cut to ``max_length``; warns (as diffusers) about text that was cut off."""
+        ids = self.tokenizer(texts, max_length=max_length, padding="max_length", truncation=True)   # (P, T)
+        for text in texts:
+            content = self.tokenizer.tokenize_ids(text)
+            if len(content) + 2 > max_length:
+                removed = self.tokenizer.decode(content[max_length - 2:])
+                logger.warning("The following part of your input was truncated because CLIP can only handle "
+                               "sequences up to %d tokens: %s", max_length, removed)
+        return ids
+
+    def encode_prompt(self, prompt, num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None):
+        """(prompt_embeds (B, T, D), negative_prompt_embeds (B, T, D) or None), as diffusers' ``encode_prompt``.
+
+        Each prompt's embedding is repeated ``num_images_per_prompt`` times in a row. With guidance the
+        negative prompt defaults to "" for every prompt; a str negative prompt needs a str prompt and a
+        list needs a list of the same length (diffusers' rules). ``clip_skip`` applies to the prompt
+        only, not to the negative prompt, as in diffusers.
+        """
+        n = _check_int("num_images_per_prompt", num_images_per_prompt)
+        if prompt is not None and isinstance(prompt, str):
+            batch = 1
+        elif prompt is not None and isinstance(prompt, list):
+            batch = len(prompt)
+        else:
+            batch = prompt_embeds.shape[0]
+        dt = self.text_encoder.dtype
+        if prompt_embeds is None:
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            ids = self._tokenize(texts, self.tokenizer.model_max_length)
+            prompt_embeds = self.text_encoder(asarray(ids), clip_skip=clip_skip)[0]          # (P, T, D)
+        prompt_embeds = asarray(prompt_embeds).astype(dt, copy=False)
+        prompt_embeds = xp.repeat(prompt_embeds, n, axis=0)                                  # (B, T, D)
+
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                uncond = [""] * batch
+            elif prompt is not None and type(prompt) is not type(negative_prompt):
+                raise TypeError(f"negative_prompt should be the same type as prompt, but got "
+                                f"{type(negative_prompt).__name__} != {type(prompt).__name__}")
+            elif isinstance(negative_prompt, str):
+                uncond = [negative_prompt]
+            elif batch != len(negative_prompt):
+                raise ValueError(f"negative_prompt has batch size {len(negative_prompt)}, but prompt has batch "
+                                 f"size {batch}; give one negative prompt per prompt")
+            else:
+                uncond = list(negative_prompt)
+            ids = self._tokenize(uncond, prompt_embeds.shape[1])
+            negative_prompt_embeds = self.text_encoder(asarray(ids))[0]
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = asarray(negative_prompt_embeds).astype(dt, copy=False)
+            negative_prompt_embeds = xp.repeat(negative_prompt_embeds, n, axis=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    # ------------------------------------------------------------------ checks
+    def default_height_width(self) -> tuple[int, int]:
+        """(height, width) in pixels when none is given: the U-Net's sample_size times the VAE factor."""
+        size = self.default_sample_size
+        h, w = (size, size) if isinstance(size, int) else (size[0], size[1])
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def check_inputs(self, prompt, height, width, negative_prompt=None, prompt_embeds=None,
+                     negative_prompt_embeds=None):
+        """diffusers' ``check_inputs``: sizes multiples of 8 (and of the VAE factor), prompt xor embeddings."""
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        multiple = int(numpy.lcm(SIZE_MULTIPLE, self.vae_scale_factor))
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple} (the VAE downsamples by "
+                             f"{self.vae_scale_factor}; diffusers requires multiples of 8), got {height} x {width}")
+        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+
+    def check_prompt_inputs(self, prompt, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):
+        """The prompt half of ``check_inputs``: prompt xor prompt_embeds, types, matching shapes."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass a prompt (a str or a list of str) or prompt_embeds")
+        if prompt is not None and not (isinstance(prompt, str) or _is_str_list(prompt)):
+            raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt must hold at least one prompt, got an empty list")
+        if negative_prompt is not None and not (isinstance(negative_prompt, str) or _is_str_list(negative_prompt)):
+            raise TypeError(f"negative_prompt must be a str, a list of str or None, got {type(negative_prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        for name, emb in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if emb is not None and (not is_array(emb) or emb.ndim != 3):
+                raise ValueError(f"{name} must be an array (B, T, D), got {getattr(emb, 'shape', type(emb).__name__)}")
+        if prompt_embeds is not None and negative_prompt_embeds is not None \
+                and tuple(prompt_embeds.shape) != tuple(negative_prompt_embeds.shape):
+            raise ValueError(f"prompt_embeds and negative_prompt_embeds must have the same shape, got "
+                             f"{tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}")
+
+    # ------------------------------------------------------------------ denoising (steps 5)
+    def _unet_timestep(self, t):
+        """A scheduler timestep (a NumPy scalar) as the (1,) array the U-Net takes, keeping int / float."""
+        return numpy.asarray(t).reshape(1)
+
+    def denoise(self, latents, timesteps, prompt_embeds, guidance_scale: float, guidance_rescale: float,
+                noise: NoiseSource | None, num_inference_steps: int, eta: float = 0.0,
+                callback_on_step_end=None, progress: bool = True):
+        """The loop of step 5: latents (B, 4, h, w), context (2B, T, D) with guidance else (B, T, D) -> latents."""
+        do_cfg = guidance_scale > 1.0
+        scheduler = self.scheduler
+        accepted = inspect.signature(scheduler.step).parameters       # diffusers' prepare_extra_step_kwargs
+        step_kwargs = {}
+        if "eta" in accepted:
+            step_kwargs["eta"] = eta
+        if noise is not None and "rng" in accepted:
+            step_kwargs["rng"] = noise.scheduler_rng()
+        order = getattr(scheduler, "order", 1)
+        num_warmup = len(timesteps) - num_inference_steps * order
+        bar = self._progress_bar(num_inference_steps) if progress else None
+        try:
+            for i, t in enumerate(timesteps):
+                x_in = xp.concatenate([latents, latents], axis=0) if do_cfg else latents    # (2B, 4, h, w)
+                x_in = scheduler.scale_model_input(x_in, t)
+                eps = self.unet(x_in, self._unet_timestep(t), prompt_embeds)               # (2B, 4, h, w)
+                if do_cfg:
+                    half = eps.shape[0] // 2
+                    eps_u, eps_c = eps[:half], eps[half:]
+                    eps = classifier_free_guidance(eps_u, eps_c, guidance_scale)           # (B, 4, h, w)
+                    if guidance_rescale > 0.0:
+                        eps = rescale_noise_cfg(eps, eps_c, guidance_rescale)
+                latents = scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, t, {"latents": latents})
+                    if out and "latents" in out:
+                        latents = out["latents"]
+                if bar is not None and (i == len(timesteps) - 1 or ((i + 1) > num_warmup and (i + 1) % order == 0)):
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+        return latents
+
+    def decode_latents(self, latents, output_type: str = "pil"):
+        """Steps 6 and 7: vae.decode(latents / scaling_factor) (B, 3, H, W) -> postprocessed images."""
+        if output_type == "latent":
+            return latents
+        image = self.vae.decode(latents / self.vae.config["scaling_factor"])
+        return postprocess_image(image, output_type)
+
+    # ------------------------------------------------------------------ text to image
+    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 guidance_rescale: float = 0.0, height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, latents=None, seed=None, noise: str = "numpy",
+                 output_type: str = "pil", eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None,
+                 clip_skip: int | None = None, return_dict: bool = True, callback_on_step_end=None,
+                 progress: bool = True):
+        """Generate images from ``prompt`` (a str or a list of str); diffusers' arguments and semantics.
+
+        Args:
+            negative_prompt: what to steer away from (str or one per prompt); "" when None.
+            num_inference_steps: S denoising steps. guidance_scale: w; guidance is on when w > 1.
+            guidance_rescale: phi of Lin et al. (2023), 0 = off.
+            height, width: image size, multiples of 8; default U-Net sample_size x VAE factor.
+            num_images_per_prompt: n images per prompt (B = P n).
+            latents: initial latents (B, 4, h, w) (they are multiplied by init_noise_sigma, as in
+                diffusers); drawn when None.
+            seed: an int, a list of B ints (one generator per image) or None (a fresh random seed).
+            noise: "numpy" (numpy.random.default_rng(seed)) or "torch" (torch's CPU generator
+                reproduced bit for bit: the same image as diffusers with
+                ``generator=torch.Generator().manual_seed(seed)``). The stochastic schedulers draw
+                their step noise from the same stream.
+            output_type: "pil" (list of PIL images), "np" (float32 (B, H, W, 3) in [0, 1]) or "latent".
+            eta: DDIM's eta (ignored by the other schedulers, as in diffusers).
+            prompt_embeds, negative_prompt_embeds: precomputed text embeddings (B, T, D) instead of prompts.
+            clip_skip: use the output of the layer clip_skip layers before the last (prompt only).
+            return_dict: False returns (images, None) like diffusers.
+            callback_on_step_end: f(pipe, i, t, {"latents": x}) -> dict, after each step; a returned
+                "latents" replaces them.
+            progress: show the tqdm bar over the steps.
+
+        Returns: ``StableDiffusionPipelineOutput`` with ``images`` (and ``nsfw_content_detected`` None).
+        """
+        default_h, default_w = self.default_height_width()
+        if not height or not width:
+            height, width = default_h, default_w
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        steps = _check_int("num_inference_steps", num_inference_steps)
+        guidance_scale = _check_real("guidance_scale", guidance_scale)
+        guidance_rescale = _check_real("guidance_rescale", guidance_rescale, minimum=0.0)
+        eta = _check_real("eta", eta, minimum=0.0)
+        n = _check_int("num_images_per_prompt", num_images_per_prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        do_cfg = guidance_scale > 1.0
+        batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        source = NoiseSource(noise, seed, batch * n)
+
+        with no_cache():
+            # 1-2. text encoding: context (2B, T, D) = [negative | positive] with guidance
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt, n, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+            context = xp.concatenate([negative_prompt_embeds, prompt_embeds], axis=0) if do_cfg else prompt_embeds
+            # 3. timesteps
+            self.scheduler.set_timesteps(steps)
+            timesteps = self.scheduler.timesteps
+            # 4. initial latents (B, 4, h, w) x init_noise_sigma
+            shape = (batch * n, self.unet.config["in_channels"], height // self.vae_scale_factor,
+                     width // self.vae_scale_factor)
+            dtype = numpy.dtype(context.dtype)
+            if latents is None:
+                latents = asarray(source.randn(shape, dtype))
+            else:
+                if not hasattr(latents, "shape") or tuple(latents.shape) != shape:
+                    raise ValueError(f"latents must have shape {shape} (B, in_channels, height/{self.vae_scale_factor}, "
+                                     f"width/{self.vae_scale_factor}), got {getattr(latents, 'shape', type(latents).__name__)}")
+                latents = asarray(latents).astype(dtype, copy=False)
+            latents = latents * _init_noise_sigma(self.scheduler)
+            # 5. denoising loop
+            latents = self.denoise(latents, timesteps, context, guidance_scale, guidance_rescale, source, steps,
+                                   eta=eta, callback_on_step_end=callback_on_step_end, progress=progress)
+            # 6-7. decode and postprocess
+            images = self.decode_latents(latents, output_type)
+        if not return_dict:
+            return images, None
+        return StableDiffusionPipelineOutput(images=images)
+
+    # ------------------------------------------------------------------ image to image
+    def img2img(self, image, prompt=None, strength: float = 0.8, **kwargs):
+        """Image-to-image: see ``npdiffusion.pipelines.img2img.img2img`` (diffusers' StableDiffusionImg2ImgPipeline)."""
+        from npdiffusion.pipelines.img2img import img2img  # noqa: PLC0415 - img2img imports this module
+
+        return img2img(self, image, prompt, strength=strength, **kwargs)
+
+    def __repr__(self):
+        return (f"StableDiffusionPipeline(unet={self.unet.extra_repr()}, vae={self.vae.extra_repr()}, "
+                f"scheduler={type(self.scheduler).__name__}, vae_scale_factor={self.vae_scale_factor})")
+
+
+def _init_noise_sigma(scheduler):
+    """The scheduler's init_noise_sigma as a Python float (a property on the sigma schedulers)."""
+    value = scheduler.init_noise_sigma
+    return float(to_numpy(value)) if hasattr(value, "shape") else float(value)
+
+
+__all__ = ["StableDiffusionPipeline", "PipelineFolderError"]
