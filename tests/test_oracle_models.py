@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -105,16 +104,18 @@ def _perturb(name, index=(1, 2), delta=0.5):
 
 def test_perturbed_deep_attention_weight_is_the_first_divergence_forward_and_backward(goldens, tmp_path, capsys):
     g = goldens["unet"]
-    path = _dump("unet", g, tmp_path / "forced.safetensors", teacher_forcing=True, params=False,
-                 edit=_perturb(DEEP_ATTENTION))
+    path = _dump("unet", g, tmp_path / "forced.safetensors", teacher_forcing=True, edit=_perturb(DEEP_ATTENTION))
     report = check_golden(g, path)
     assert not report.passed and report.teacher_forced
     assert report.first_forward_divergence.layer == DEEP_ATTENTION
     assert report.first_forward_divergence.key == f"act/{DEEP_ATTENTION}/output"
     assert report.first_backward_divergence.layer == DEEP_ATTENTION
     assert report.first_backward_divergence.key == f"grad/{DEEP_ATTENTION}/input.0"
-    # teacher forcing keeps the error where it is made: nothing else diverges
-    assert {r.layer for r in report.results if r.diverged} == {DEEP_ATTENTION}
+    # teacher forcing keeps the error where it is made: the weight itself, y = x W'^T and dx = g W'
+    # diverge; dW = g^T x (golden g and x) and everything else match
+    assert {r.key for r in report.results if r.diverged} == {
+        f"param/{DEEP_ATTENTION}.weight", f"act/{DEEP_ATTENTION}/output", f"grad/{DEEP_ATTENTION}/input.0"}
+    assert report.first_divergence.layer == DEEP_ATTENTION and not report.missing_required
     assert main(["golden", "check", g, path, "--only-failures"]) == 1
     out = capsys.readouterr().out
     assert f"first forward divergence: layer '{DEEP_ATTENTION}'" in out
@@ -168,23 +169,23 @@ def _op_twins():
 
     def pos(m, x):
         return {"output": m(*x.values())}
+
+    def cross(m, x):
+        return {"output": m(x["hidden_states"], encoder_hidden_states=x["encoder_hidden_states"])}
     return {
         "linear": (lambda: torch.nn.Linear(4, 3), pos),
         "conv2d": (lambda: torch.nn.Conv2d(2, 3, 3, padding=1), pos),
         "group_norm": (lambda: torch.nn.GroupNorm(2, 4, eps=1e-5), pos),
         "layer_norm": (lambda: torch.nn.LayerNorm(5), pos),
         "attention": (lambda: Attention(8, heads=2, dim_head=4), pos),
-        "cross_attention": (lambda: Attention(8, cross_attention_dim=6, heads=2, dim_head=4),
-                            lambda m, x: {"output": m(x["hidden_states"], encoder_hidden_states=x["encoder_hidden_states"])}),
+        "cross_attention": (lambda: Attention(8, cross_attention_dim=6, heads=2, dim_head=4), cross),
         "geglu": (lambda: GEGLU(6, 5), pos),
         "feedforward": (lambda: FeedForward(6, mult=2), pos),
         "resnet_block": (lambda: ResnetBlock2D(in_channels=4, out_channels=6, temb_channels=5, groups=2), pos),
-        "transformer_block": (lambda: BasicTransformerBlock(8, 2, 4, cross_attention_dim=6),
-                              lambda m, x: {"output": m(x["hidden_states"],
-                                                        encoder_hidden_states=x["encoder_hidden_states"])}),
+        "transformer_block": (lambda: BasicTransformerBlock(8, 2, 4, cross_attention_dim=6), cross),
         "transformer_2d": (lambda: Transformer2DModel(2, 4, in_channels=8, norm_num_groups=2, cross_attention_dim=6),
-                           lambda m, x: {"output": m(x["hidden_states"], encoder_hidden_states=x["encoder_hidden_states"],
-                                                     return_dict=False)[0]}),
+                           lambda m, x: {"output": m(x["hidden_states"], return_dict=False,
+                                                     encoder_hidden_states=x["encoder_hidden_states"])[0]}),
     }
 
 

@@ -184,15 +184,15 @@ class CheckReport:
         return self.table() + "\n" + self.summary()
 
 
-def _compare(entry: dict, cand, rtol_scale: float) -> KeyResult:
+def _row(entry: dict) -> KeyResult:
+    """An unfilled report row for a manifest key entry."""
     key = entry["key"]
-    gshape = tuple(entry["shape"])
-    r = KeyResult(key=key, phase=entry.get("phase", mf.phase_of(key)), layer=entry.get("layer", mf.layer_of(key)),
-                  required=bool(entry.get("required", False)), status="ok", golden_shape=gshape)
-    return r
+    return KeyResult(key=key, phase=entry.get("phase", mf.phase_of(key)), layer=entry.get("layer", mf.layer_of(key)),
+                     required=bool(entry.get("required", False)), status="ok", golden_shape=tuple(entry["shape"]))
 
 
 def _fill(r: KeyResult, entry: dict, golden, cand, rtol_scale: float) -> KeyResult:
+    """Compare ``cand`` with ``golden`` for row ``r`` (see the module docstring)."""
     r.candidate_shape = tuple(cand.shape)
     r.candidate_dtype = cand.dtype.name
     gkind = golden.dtype.kind
@@ -269,7 +269,7 @@ def check_golden(golden_dir, candidate, rtol_scale: float = 1.0) -> CheckReport:
     for entry in manifest["keys"]:
         key = entry["key"]
         known.add(key)
-        r = _compare(entry, None, rtol_scale)
+        r = _row(entry)
         if key not in golden:
             raise mf.GoldenFormatError(f"golden folder {golden_dir!r}: manifest key {key!r} is not in {mf.TENSORS}")
         if key not in cand:

@@ -92,12 +92,13 @@ def _run_module_case(case: GoldenCase, master: dict, dtype, seed) -> _Run:
         run.put(f"param/{k}", "weights", v)
     owners = _param_owners(model)
     with record(model) as rec:
-        outputs = OrderedDict((k, v) for k, v in case.forward(model, inputs).items() if v is not None)
-        outputs = OrderedDict((k, v if is_array(v) else asarray(numpy.asarray(v, dtype=dtype))) for k, v in outputs.items())
+        outputs = OrderedDict((k, v if is_array(v) else asarray(numpy.asarray(v, dtype=dtype)))
+                              for k, v in case.forward(model, inputs).items() if v is not None)
         proj = _projections(outputs, seed)
         grads = OrderedDict((k, asarray(p.astype(dtype))) for k, p in proj.items())
         in_grads = case.backward(model, grads) or {}
-    run.layers = [(label, type(dict(model.named_modules())[_base_name(label)]).__name__) for label in rec.layers]
+    modules = dict(model.named_modules())
+    run.layers = [(label, type(modules[_base_name(label)]).__name__) for label in rec.layers]
 
     def required_layer(key):
         head, rest = key.split("/", 1)
@@ -254,7 +255,8 @@ def export_golden(model_or_spec, out_dir, dtype="float64", seed: int = 0, *, con
         "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
         "library": {"name": "npdiffusion", "version": __version__, "backend": get_backend()},
         "model": case.name, "class": case.class_name, "config": case.config, "dtype": dt.name, "seed": int(seed),
-        "from_pretrained": None if from_pretrained is None else os.path.basename(os.path.normpath(os.fspath(from_pretrained))),
+        "from_pretrained": (None if from_pretrained is None
+                            else os.path.basename(os.path.normpath(os.fspath(from_pretrained)))),
         "notes": case.notes,
         "loss": loss_doc,
         "tolerances": {"base_rtol": dict(mf.BASE_RTOL), "safety": mf.SAFETY,

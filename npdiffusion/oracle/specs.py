@@ -109,7 +109,7 @@ def _name_outputs(out) -> "OrderedDict":
     return OrderedDict(("output" + "".join(f".{i}" for i in path), a) for path, a in items)
 
 
-def _positional_backward(model, grads, input_names, float_names):
+def _positional_backward(model, grads, float_names):
     result = model.backward(*grads.values())
     returned = list(result) if isinstance(result, tuple) else ([] if result is None else [result])
     return {n: g for n, g in zip(float_names, returned) if is_array(g)}
@@ -124,11 +124,10 @@ def module_case(module: Module, inputs, name: str = "module", config: dict | Non
         raise TypeError("export_golden: inputs must be a mapping of input names to arrays, "
                         f"got {type(inputs).__name__}")
     inputs = OrderedDict((str(k), numpy.asarray(v)) for k, v in inputs.items())
-    names = list(inputs)
     floats = [k for k, v in inputs.items() if v.dtype.kind == "f"]
 
     def backward(model, grads):
-        return _positional_backward(model, grads, names, floats)
+        return _positional_backward(model, grads, floats)
 
     return GoldenCase(name=name, model=module, inputs=inputs, forward=_positional_forward, backward=backward,
                       config=dict(config or {}), class_name=type(module).__name__)
