@@ -341,7 +341,7 @@ def _recompute_if_checkpointed(backward):
     @functools.wraps(backward)
     def wrapper(self, *grad_outputs, **kwargs):
         if _recorder.active is not None and _recorder.active.wants_backward(self):
-            return _recorder.active.call_backward(self, wrapper, grad_outputs)  # re-enters, unrecorded
+            return _recorder.active.call_backward(self, wrapper, grad_outputs, kwargs)  # re-enters, unrecorded
         pending = self.__dict__.get("_checkpoint_inputs")
         if pending is not None:
             object.__setattr__(self, "_checkpoint_inputs", None)

@@ -122,8 +122,9 @@ class Recorder:
         self.layers.append(label)
         return out
 
-    def call_backward(self, module, backward, grad_outputs):
-        """Record ``backward(module, *grad_outputs)``: output gradients, then input and parameter ones."""
+    def call_backward(self, module, backward, grad_outputs, kwargs=None):
+        """Record ``backward(module, *grad_outputs, **kwargs)``: output gradients, then input and
+        parameter ones (keyword gradients are passed through unrecorded)."""
         name = self._names[id(module)]
         label = self._label(name, self._bwd_calls)
         grad_inputs, single_path, tuple_out = self._signature.get(id(module), ([], None, False))
@@ -135,7 +136,7 @@ class Recorder:
         self._busy.add(id(module))
         self._in_backward += 1
         try:
-            result = backward(module, *grad_outputs)
+            result = backward(module, *grad_outputs, **(kwargs or {}))
         finally:
             self._in_backward -= 1
             self._busy.discard(id(module))
