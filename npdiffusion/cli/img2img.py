@@ -77,6 +77,8 @@ def run(args) -> int:
     m = math.lcm(SIZE_MULTIPLE, pipe.vae_scale_factor)                 # round down, as diffusers' preprocess
     height = args.height if args.height is not None else image.height - image.height % m
     width = args.width if args.width is not None else image.width - image.width % m
+    if height < m or width < m:
+        raise ValueError(f"--image {args.image!r} is {image.width}x{image.height} pixels, smaller than {m}x{m}")
     pipe.check_inputs(args.prompt, height, width)                      # the VAE's size rule, before any work
     if (width, height) != image.size:
         from PIL import Image  # noqa: PLC0415
