@@ -72,7 +72,10 @@ class Stage:
       (e.g. ``folder/vae/config.json`` + ``diffusion_pytorch_model.safetensors``).
     * ``load_models(folder)``: load what ``save_models`` wrote back into ``module``, exactly.
     * optional: ``collate`` (runs in the prefetch thread, see ``DataLoader``), ``after_step()`` (after
-      each applied optimizer step), ``state_dict()`` / ``load_state_dict(d)`` (JSON-able extra state).
+      each applied optimizer step), ``export_models(folder)`` (the final models, with the weights to
+      export in place; default ``save_models``: a stage may measure something first, like the VAE's
+      scaling factor, or write extra folders), ``state_dict()`` / ``load_state_dict(d)`` (JSON-able
+      extra state).
     """
 
     name = "stage"
@@ -90,6 +93,9 @@ class Stage:
 
     def after_step(self) -> None:
         pass
+
+    def export_models(self, folder):
+        self.save_models(folder)
 
     def state_dict(self) -> dict:
         return {}
@@ -350,13 +356,14 @@ class Trainer:
         return buf.getvalue()
 
     def export(self) -> None:
-        """Write the final model(s) into the output folder (the EMA weights when ``use_ema``), losses.csv and
-        losses.png."""
+        """Write the final model(s) into the output folder (the EMA weights when ``use_ema``) with the
+        stage's ``export_models`` (default ``save_models``), then losses.csv and losses.png."""
         if self.ema is not None:
             self.ema.store()
             self.ema.copy_to()
         try:
-            self.stage.save_models(self.output_dir)
+            export = getattr(self.stage, "export_models", None) or self.stage.save_models
+            export(self.output_dir)
         finally:
             if self.ema is not None:
                 self.ema.restore()
