@@ -54,7 +54,11 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
         echo "/${DIR#"$REPO"/}/" >> "$REPO/.git/info/exclude"
     fi
     du -sh "$DIR"
-    echo "wheels in $DIR; carry that folder to the GPU machine (the device tool: carry [\"${DIR#"$REPO"/}\"])"
+    if [[ "$DIR" == "$REPO"/* ]]; then
+        echo "wheels in $DIR (git-ignored); carry it to the GPU machine (the device tool: carry [\"${DIR#"$REPO"/}\"])"
+    else
+        echo "wheels in $DIR; copy them into a git-ignored folder of the repository (.whl) and carry that"
+    fi
     exit 0
 fi
 
