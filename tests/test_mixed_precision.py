@@ -194,6 +194,33 @@ def test_float16_with_masters_tracks_float32_run(backend):
         assert np.array_equal(to_numpy(p), masters[name].astype(np.float16))
 
 
+def test_loss_scaling_is_exact_in_float32(backend):
+    """Every backward is linear in its upstream gradient, and a power-of-two scale commutes with
+    rounding (barring overflow and underflow): float32 compute with S = 2^16 reproduces the plain
+    float32 run bit for bit. So does MasterWeights without a scaler (gradients loaded unscaled)."""
+    xs, ys = make_data(6)
+    ref, _ = train_float32(xs, ys, lr=1e-2)
+    for use_scaler in (True, False):
+        manual_seed(7)
+        net = TinyNet()
+        master = MasterWeights(net, "float32")
+        opt = AdamW(master, lr=1e-2, weight_decay=0.0)
+        scaler = DynamicLossScaler(init_scale=2.0 ** 16)
+        for x, y in zip(xs, ys):
+            master.zero_grad()
+            dout = mse(net(asarray(x)), y)[1]
+            if use_scaler:
+                net.backward(scaler.scale(dout))
+                assert scaler.step(opt)
+                scaler.update()
+            else:
+                net.backward(dout)
+                opt.step()
+                master.copy_to_module()
+        for name, p in host(master.named_parameters()).items():
+            assert p.tobytes() == ref[name].tobytes(), (use_scaler, name)
+
+
 def test_float16_weights_alone_lose_small_updates(backend):
     """AdamW moves a weight by at most lr = 1e-4 per step here: less than half a float16 ulp
     (2^-12 / 2) for |w| >= 0.25, so such a float16 weight never changes, while its master does."""

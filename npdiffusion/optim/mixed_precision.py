@@ -83,7 +83,7 @@ class MasterWeights:
     Built from the module's current parameters (copied before the cast, so a float32 module's
     masters are its exact weights). Afterwards the module's parameters are the float16 roundings
     of the masters, refreshed by ``copy_to_module`` after each optimizer step (``DynamicLossScaler
-    .step`` does it). Pass this object, not the module, to the optimizer, ``EMA`` and
+    .step`` does it; without a scaler call it yourself after ``optimizer.step()``). Pass this object, not the module, to the optimizer, ``EMA`` and
     ``clip_grad_norm_``; save ``state_dict()`` (the float32 masters) in checkpoints for an exact
     resume, since the float16 module weights alone lose the low bits.
     """
@@ -97,7 +97,7 @@ class MasterWeights:
                 raise TypeError(f"MasterWeights: parameter {name!r} must be floating, got dtype {p.dtype}")
             self._params[name] = p.astype(MASTER_DTYPE, copy=True)
         self._grads = {name: None for name in self._params}
-        self._stale = True                     # gradients cleared: named_grads yields zeros
+        self._stale = True                     # nothing loaded since zero_grad: named_grads loads
         self.nonfinite = []                    # names whose gradient was not finite at the last load
         module.to(self.compute_dtype)
 
@@ -114,19 +114,18 @@ class MasterWeights:
         return int(sum(p.size for p in self._params.values()))
 
     def named_grads(self, prefix: str = ""):
-        """``(name, float32 master gradient)``: what ``load_grads`` wrote (zeros after ``zero_grad``)."""
+        """``(name, float32 master gradient)``: what ``load_grads`` wrote since the last ``zero_grad``.
+
+        When nothing was loaded since then (a run without a loss scaler), the module's current
+        gradients are loaded first, unscaled, so an optimizer never sees stale or missing ones.
+        """
         if self._stale:
-            for name, g in self._grads.items():
-                if g is None:
-                    self._grads[name] = xp.zeros_like(self._params[name])
-                else:
-                    g.fill(0)
-            self._stale = False
+            self.load_grads(1.0)
         for name, g in self._grads.items():
             yield (f"{prefix}.{name}" if prefix else name), g
 
     def zero_grad(self) -> None:
-        """Clear the module's gradients and the master gradients."""
+        """Clear the module's gradients (the masters' are reloaded from them before they are read)."""
         self.module.zero_grad()
         self._stale = True
 
