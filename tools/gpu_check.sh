@@ -28,7 +28,9 @@
 #                                     it; NPD_BOTH_BACKENDS=1 keeps it), --maxfail=$NPD_MAXFAIL (100;
 #                                     1 = stop at the first failure, like -x), Hypothesis "ci"
 #                                     profile, --timeout 120 per test when pytest-timeout is there,
-#                                     SIGINT at the stage limit so pytest still reports what ran
+#                                     SIGINT at the stage limit so pytest still reports what ran;
+#                                     NPD_TESTS=paths runs a part (a rerun of failing files, say),
+#                                     NPD_TEST_BACKEND=numpy tries the stage on a machine without GPU
 #   bench    NPD_BENCH_TIMEOUT=150    python tools/bench_gpu.py (NPD_BENCH_ARGS adds arguments)
 #   demo     NPD_DEMO_TIMEOUT=60      `npdiffusion --backend cupy demo`, only if the command exists
 # Defaults add up to 560 s. Logs and results go to $OUT when it is set (the device tool's output
@@ -218,13 +220,16 @@ fi
 
 # ------------------------------------------------------------------------------ tests
 if want tests; then
-    args=(-m pytest tests -q -rfE --tb=short -p no:cacheprovider --junitxml="$LOG/junit.xml"
+    # shellcheck disable=SC2206  # NPD_TESTS is a list of paths on purpose
+    args=(-m pytest ${NPD_TESTS:-tests} -q -rfE --tb=short -p no:cacheprovider --junitxml="$LOG/junit.xml"
           --maxfail="${NPD_MAXFAIL:-100}")
     "$PY" -c "import xdist" 2>/dev/null && args+=(-n "${NPD_WORKERS:-auto}")
     "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 120)
+    "$PY" -c "import pytest_benchmark" 2>/dev/null && args+=(-p no:benchmark)   # no test uses it; it warns under xdist
     [[ "${NPD_BOTH_BACKENDS:-0}" == 1 ]] || args+=(-k "not [numpy")
     # one BLAS/OpenMP thread per xdist worker: the workers already fill the cores
-    run_stage tests "${NPD_TESTS_TIMEOUT:-270}" "$LOG/tests.log" env NPDIFFUSION_BACKEND=cupy HYPOTHESIS_PROFILE=ci \
+    run_stage tests "${NPD_TESTS_TIMEOUT:-270}" "$LOG/tests.log" env NPDIFFUSION_BACKEND="${NPD_TEST_BACKEND:-cupy}" \
+        HYPOTHESIS_PROFILE=ci \
         OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$PY" "${args[@]}"
     record tests "$STATUS" "$SECS" "junit"
 fi
