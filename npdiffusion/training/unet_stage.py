@@ -1,0 +1,260 @@
+"""``npdiffusion train unet``: train a latent-diffusion U-Net on a frozen VAE and a frozen CLIP text encoder.
+
+Shape legend: B batch, L latent channels, h latent side (S / VAE factor), T tokens
+(tokenizer.model_max_length), D text hidden size (= the U-Net's cross_attention_dim), N images.
+
+Before the first step, the frozen models are run once over the data (they never change, so
+running them every step would only burn time):
+
+    q(z | x_n) = N(mean_n, std_n^2)       the VAE posterior of every training image   (N, L, h, h) x 2
+    c_k        = text_encoder(ids_k)      last_hidden_state of every distinct caption  (K, T, D)
+                                          and of the empty caption "" (the unconditional context)
+
+Per step (diffusers' examples/text_to_image/train_text_to_image.py; docs/training.md, "The U-Net stage")::
+
+    z0     = (mean + std * e0) * scaling_factor      e0 ~ N(0, I): latent_dist.sample() x scaling
+    c      = c_caption, or c_"" with probability caption_dropout  (classifier-free guidance)
+    t      ~ U{0, ..., num_train_timesteps - 1},  noise ~ N(0, I)
+    z_t    = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise                      (q_sample)
+    target = noise (epsilon) or sqrt(abar_t) noise - sqrt(1 - abar_t) z0 (v_prediction)
+    loss   = mean_b w_b mean_i (unet(z_t, t, c) - target)^2,  w_b = 1 or the Min-SNR-gamma weight
+
+Every draw comes from the trainer's generator, so a resumed run is exact. The exported U-Net is
+the EMA of the weights when ``train.use_ema``. At the end ``output_dir/model`` receives a complete
+diffusers pipeline folder (vae, text_encoder, tokenizer, unet, scheduler, model_index.json) that
+``StableDiffusionPipeline.from_pretrained`` loads here and in diffusers; its scheduler is
+DPM-Solver++ (2M) with the training noise schedule and prediction type.
+Docs: docs/training.md ("The U-Net stage").
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy
+
+from npdiffusion.training.config import DataConfig, TrainConfig, option, section
+from npdiffusion.training.loop import Stage
+
+NAME = "unet"
+ENCODE_BATCH = 128
+UNET_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+
+
+@dataclass
+class UNetOptions:
+    """``[unet]``: the frozen models, the U-Net and the diffusion objective."""
+
+    vae: str = option("runs/vae/vae", "the trained VAE folder (from `npdiffusion train vae`)")
+    text_encoder: str = option("runs/clip/text_encoder", "the trained text encoder folder (from `npdiffusion "
+                               "train clip`)")
+    tokenizer: str = option("runs/clip/tokenizer", "the tokenizer folder that goes with the text encoder")
+    block_out_channels: tuple[int, ...] = option((32, 64), "channels of each U-Net level (each level after the "
+                                                 "first halves the latent side)", min=1)
+    down_block_types: tuple[str, ...] = option(UNET_BLOCKS, "diffusers block type of each level, "
+                                               "CrossAttnDownBlock2D (with cross-attention to the caption) or "
+                                               "DownBlock2D; the up path mirrors it")
+    layers_per_block: int = option(1, "ResNet (+ transformer) layers per level (the up path has one more)", min=1)
+    attention_head_dim: int = option(8, "channels per attention head", min=1)
+    norm_num_groups: int = option(8, "GroupNorm groups (must divide every channel count)", min=1)
+    prediction_type: str = option("epsilon", "what the U-Net predicts", choices=("epsilon", "v_prediction"))
+    snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (5.0 is the paper's); 0 disables it", min=0.0)
+    caption_dropout: float = option(0.1, "probability of training on the empty caption (classifier-free "
+                                    "guidance needs it)", min=0.0)
+    num_train_timesteps: int = option(1000, "diffusion steps T", min=2)
+    beta_schedule: str = option("scaled_linear", "noise schedule (diffusers' names)",
+                                choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    beta_start: float = option(0.00085, "first beta (linear / scaled_linear)", min=0.0)
+    beta_end: float = option(0.012, "last beta (linear / scaled_linear)", min=0.0)
+
+
+@dataclass
+class UNetStageConfig:
+    """The config file of ``npdiffusion train unet``."""
+
+    output_dir: str = option("runs/unet", "folder for checkpoints, losses, unet/ and the pipeline folder model/")
+    data: DataConfig = section(DataConfig, "the captioned training images")
+    train: TrainConfig = section(TrainConfig, "the optimization loop")
+    unet: UNetOptions = section(UNetOptions, "the frozen models, the U-Net and the diffusion objective")
+
+
+CONFIG = UNetStageConfig
+
+
+def make_scheduler(opts: UNetOptions):
+    """The sampler written into the pipeline folder: DPM-Solver++ 2M on the training schedule."""
+    from npdiffusion.schedulers.dpm_multistep import DPMSolverMultistepScheduler  # noqa: PLC0415
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=opts.num_train_timesteps, beta_start=opts.beta_start,
+                                       beta_end=opts.beta_end, beta_schedule=opts.beta_schedule,
+                                       prediction_type=opts.prediction_type)
+
+
+def _check_folder(key: str, path: str, what: str, stage: str):
+    if not os.path.isfile(os.path.join(path, "config.json" if what != "tokenizer" else "vocab.json")):
+        raise ValueError(f"unet.{key} {path!r} is not a {what} folder; run `npdiffusion train {stage}` first "
+                         f"(or point unet.{key} at its output)")
+
+
+class UNetStage(Stage):
+    """``module`` is the UNet2DConditionModel; VAE and text encoder are frozen (module docstring)."""
+
+    name = NAME
+
+    def __init__(self, config: UNetStageConfig, dataset, log=print):
+        from npdiffusion.diffusion.schedules import alphas_cumprod  # noqa: PLC0415
+        from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
+        from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
+        from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
+        from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
+        from npdiffusion.schedulers.base import make_betas  # noqa: PLC0415
+
+        opts = config.unet
+        _check_folder("vae", opts.vae, "VAE", "vae")
+        _check_folder("text_encoder", opts.text_encoder, "text encoder", "clip")
+        _check_folder("tokenizer", opts.tokenizer, "tokenizer", "clip")
+        n = len(opts.block_out_channels)
+        if len(opts.down_block_types) != n:
+            raise ValueError(f"unet.down_block_types needs one entry per level of block_out_channels ({n}), "
+                             f"got {len(opts.down_block_types)}")
+        bad = [b for b in opts.down_block_types if b not in ("CrossAttnDownBlock2D", "DownBlock2D")]
+        if bad:
+            raise ValueError(f"unet.down_block_types entries must be CrossAttnDownBlock2D or DownBlock2D, got {bad[0]!r}")
+        self.dtype = numpy.dtype(config.train.dtype)
+        self.vae = AutoencoderKL.from_pretrained(opts.vae).eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(opts.text_encoder).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(opts.tokenizer)
+        factor = 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+        side = config.data.resolution
+        if side % factor:
+            raise ValueError(f"unet: data.resolution {side} is not a multiple of the VAE's factor {factor}")
+        latent_side = side // factor
+        if latent_side % (2 ** (n - 1)):
+            raise ValueError(f"unet: the latent side {latent_side} must be divisible by 2^{n - 1} for {n} U-Net levels")
+        up = tuple("CrossAttnUpBlock2D" if b == "CrossAttnDownBlock2D" else "UpBlock2D"
+                   for b in reversed(opts.down_block_types))
+        latent_channels = self.vae.config["latent_channels"]
+        self.unet = UNet2DConditionModel(
+            sample_size=latent_side, in_channels=latent_channels, out_channels=latent_channels,
+            block_out_channels=tuple(opts.block_out_channels), layers_per_block=opts.layers_per_block,
+            down_block_types=tuple(opts.down_block_types), up_block_types=up,
+            cross_attention_dim=self.text_encoder.config.hidden_size, attention_head_dim=opts.attention_head_dim,
+            norm_num_groups=opts.norm_num_groups)
+        self.unet.to(config.train.dtype).train()
+        self.module = self.unet
+        self.opts = opts
+        betas = make_betas("unet", opts.num_train_timesteps, opts.beta_start, opts.beta_end, opts.beta_schedule, None)
+        self.alphas_cumprod = alphas_cumprod(numpy.asarray(betas, dtype=numpy.float64))
+        self.scaling_factor = float(self.vae.config["scaling_factor"])
+        self.log = log
+        self._encode_dataset(dataset)
+        self._encode_captions(dataset)
+
+    # ------------------------------------------------------------------ the frozen models, once
+    def _encode_dataset(self, dataset):
+        """Posterior mean and std of every training image (N, L, h, h), float32 on the host."""
+        from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
+        from npdiffusion.data.dataset import to_model_input  # noqa: PLC0415
+        from npdiffusion.nn.module import no_cache  # noqa: PLC0415
+
+        means, stds = [], []
+        with no_cache():
+            for start in range(0, len(dataset), ENCODE_BATCH):
+                idx = numpy.arange(start, min(len(dataset), start + ENCODE_BATCH))
+                post = self.vae.encode(asarray(to_model_input(dataset.get_images(idx)), dtype=self.dtype))
+                means.append(to_numpy(post.mean).astype(self.dtype))
+                stds.append(to_numpy(post.std).astype(self.dtype))
+        self.latent_mean = numpy.concatenate(means)
+        self.latent_std = numpy.concatenate(stds)
+
+    def encode_text(self, captions):
+        """last_hidden_state (K, T, D) of ``captions`` under the frozen text encoder."""
+        from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
+        from npdiffusion.nn.module import no_cache  # noqa: PLC0415
+
+        out = []
+        with no_cache():
+            for start in range(0, len(captions), ENCODE_BATCH):
+                ids = self.tokenizer(list(captions[start:start + ENCODE_BATCH]))
+                out.append(to_numpy(self.text_encoder(asarray(ids))[0]).astype(self.dtype))
+        return numpy.concatenate(out)
+
+    def _encode_captions(self, dataset):
+        distinct = sorted(set(dataset.captions))
+        self.caption_index = {c: i + 1 for i, c in enumerate(distinct)}      # 0 is the empty caption
+        self.context = self.encode_text([""] + distinct)                     # (K + 1, T, D)
+
+    # ------------------------------------------------------------------ training
+    def collate(self, images, captions, indices, epoch, position):
+        """Runs in the prefetch thread: no pixels needed (the latents are cached), caption rows only."""
+        from npdiffusion.data.loader import Batch  # noqa: PLC0415
+
+        batch = Batch(None, captions, indices, epoch, position)
+        batch.caption_rows = numpy.asarray([self.caption_index[c] for c in captions], dtype=numpy.int64)
+        return batch
+
+    def train_step(self, batch, rng):
+        from npdiffusion.backend import asarray  # noqa: PLC0415
+        from npdiffusion.diffusion.forward import q_sample  # noqa: PLC0415
+        from npdiffusion.diffusion.objectives import simple_loss, training_target  # noqa: PLC0415
+
+        idx = numpy.asarray(batch.indices)
+        b = idx.shape[0]
+        mean, std = self.latent_mean[idx], self.latent_std[idx]
+        z0 = (mean + std * rng.standard_normal(mean.shape).astype(self.dtype)) * self.dtype.type(self.scaling_factor)
+        rows = numpy.where(rng.random(b) < self.opts.caption_dropout, 0, batch.caption_rows)
+        t = rng.integers(0, self.opts.num_train_timesteps, b)
+        noise = rng.standard_normal(z0.shape).astype(self.dtype)
+        z0, noise = asarray(z0), asarray(noise)
+        x_t = q_sample(z0, t, self.alphas_cumprod, noise).astype(self.dtype)
+        target = training_target(z0, noise, t, self.alphas_cumprod, self.opts.prediction_type)
+        out = self.unet(x_t, t, asarray(self.context[rows]))
+        loss, grad = simple_loss(out, target.astype(self.dtype), t, self.alphas_cumprod, self.opts.prediction_type,
+                                 self.opts.snr_gamma or None)
+        self.unet.backward(grad)
+        return {"loss": loss}
+
+    def save_models(self, folder):
+        self.unet.save_pretrained(os.path.join(folder, "unet"))
+
+    def load_models(self, folder):
+        from npdiffusion.io.pretrained import load_weights  # noqa: PLC0415
+
+        self.unet.load_state_dict(load_weights(os.path.join(folder, "unet")))
+
+    def pipeline(self, unet=None):
+        """A ``StableDiffusionPipeline`` of the frozen models and ``unet`` (default: the trained one)."""
+        from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
+
+        return StableDiffusionPipeline(self.vae, self.text_encoder, self.tokenizer, unet or self.unet,
+                                       make_scheduler(self.opts))
+
+
+def build_stage(config: UNetStageConfig, dataset) -> UNetStage:
+    return UNetStage(config, dataset)
+
+
+def write_pipeline(config: UNetStageConfig, folder: str) -> str:
+    """Assemble ``folder`` (a diffusers pipeline folder) from the stage's inputs and its exported unet/."""
+    from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
+    from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
+    from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
+    from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
+    from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
+
+    opts = config.unet
+    pipe = StableDiffusionPipeline(AutoencoderKL.from_pretrained(opts.vae),
+                                   CLIPTextModel.from_pretrained(opts.text_encoder),
+                                   CLIPTokenizer.from_pretrained(opts.tokenizer),
+                                   UNet2DConditionModel.from_pretrained(os.path.join(config.output_dir, "unet")),
+                                   make_scheduler(opts))
+    return pipe.save_pretrained(folder)
+
+
+def train(config: UNetStageConfig, resume: bool = False, progress=None, log=print) -> str:
+    """Train the U-Net (see the module docstring), then write ``output_dir/model``; returns a summary."""
+    from npdiffusion.training.stages import run_model_stage  # noqa: PLC0415
+
+    summary = run_model_stage(config, build_stage, resume=resume, progress=progress, log=log)
+    folder = write_pipeline(config, os.path.join(config.output_dir, "model"))
+    return summary + f"; pipeline folder {folder}"
