@@ -33,6 +33,7 @@ COMMANDS = [
     "npdiffusion.cli.gradcheck",
     "npdiffusion.cli.toy",
     "npdiffusion.cli.train",
+    "npdiffusion.cli.demo",
     "npdiffusion.cli.sample",
     "npdiffusion.cli.img2img",
 ]
