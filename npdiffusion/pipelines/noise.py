@@ -8,7 +8,7 @@ diffusers takes one ``generator`` (or a list, one per image) and draws from it, 
 1. text-to-image: the initial latents ``randn(B, 4, H/f, W/f)``; image-to-image: the VAE posterior's
    sample ``randn(B, 4, h, w)`` and then the ``add_noise`` noise ``randn(B, 4, h, w)``;
 2. inside ``scheduler.step``, the stochastic schedulers' fresh noise ``randn(B, 4, h, w)`` (Euler
-   ancestral at every step, DDPM at every step but the last, DDIM when eta > 0).
+   ancestral at every step, DDPM at every step with t > 0, DDIM when eta > 0).
 
 ``NoiseSource`` gives the same sequence. With ``kind="torch"`` every draw comes from
 ``npdiffusion.random.TorchGenerator(seed)``, which reproduces ``torch.Generator().manual_seed(seed)``
