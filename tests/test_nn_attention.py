@@ -119,6 +119,29 @@ def test_gradient_checkpointing_gives_the_same_gradients(backend, call):
         assert relative_error(a, b) == 0.0
 
 
+def test_dropout_masks_the_output_projection(backend):
+    """to_out.1 drops entries of to_out.0's output (before the residual), with the same mask in
+    backward; in eval mode it is the identity. Reference: the p = 0 module without the residual
+    (so its output is to_out.0's output / 2) and the mask drawn from an identically seeded generator."""
+    rng = np.random.default_rng(4)
+    x, g = asarray(rng.standard_normal((2, 5, 4))), asarray(rng.standard_normal((2, 5, 4)))
+    m = Attention(4, heads=2, dim_head=2, dropout=0.5, residual_connection=True,
+                  rescale_output_factor=2.0).to("float64")
+    m.to_out[1].rng = np.random.default_rng(0)
+    keep = asarray((np.random.default_rng(0).random((2, 5, 4)) >= 0.5) * 2.0)
+    y, dx = m(x), m.backward(g)
+    ref = Attention(4, heads=2, dim_head=2, rescale_output_factor=2.0).to("float64")
+    ref.load_state_dict(m.state_dict())
+    branch = ref(x)                                            # to_out.0(...) / 2
+    assert relative_error(y, branch * keep + x / 2.0) <= 1e-14
+    dx_branch = ref.backward(g * keep)
+    assert relative_error(dx, dx_branch + g / 2.0) <= 1e-14   # plus the residual's g / 2
+    for (name, a), (_, b) in zip(m.named_grads(), ref.named_grads()):
+        assert relative_error(a, b) <= 1e-14, name
+    m.eval()
+    assert relative_error(m(x), branch + x / 2.0) <= 1e-14
+
+
 def test_state_dict_keys_match_diffusers():
     for kw in CONFIGS.values():
         assert list(Attention(**kw).state_dict()) == list(DiffusersAttention(**kw).state_dict())
@@ -150,8 +173,8 @@ def test_attention_errors(backend):
         m(x, asarray(np.zeros((2, 3, 5))), attention_mask=asarray(np.zeros((2, 1, 4))))
     with pytest.raises(ValueError, match="heads must be a positive int, got 0"):
         Attention(6, heads=0)
-    with pytest.raises(ValueError, match="dropout must be 0.0"):
-        Attention(6, dropout=0.1)
+    with pytest.raises(ValueError, match=r"Dropout: p must be a probability in \[0, 1\], got 1.5"):
+        Attention(6, dropout=1.5)
     with pytest.raises(ValueError, match="rescale_output_factor must be a nonzero number"):
         Attention(6, rescale_output_factor=0)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):

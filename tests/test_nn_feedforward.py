@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from npdiffusion.backend import asarray
 from npdiffusion.nn.feedforward import GEGLU, FeedForward
-from npdiffusion.testing import gradcheck, noncontiguous
+from npdiffusion.testing import gradcheck, noncontiguous, relative_error
 from parity import assert_parity, randomize_
 
 
@@ -48,6 +48,26 @@ def test_geglu_module_matches_diffusers(backend, dtype, rtol):
     assert_parity(GEGLU(5, 3), theirs, [x], dtype=dtype, rtol=rtol)
 
 
+def test_dropout_masks_the_inner_activation(backend):
+    """net.1 drops entries of net.0's output with one mask in forward and backward; eval: identity."""
+    rng = np.random.default_rng(6)
+    x, g = asarray(rng.standard_normal((2, 3, 4))), asarray(rng.standard_normal((2, 3, 4)))
+    m = FeedForward(4, mult=2, dropout=0.25).to("float64")
+    m.net[1].rng = np.random.default_rng(1)
+    keep = asarray((np.random.default_rng(1).random((2, 3, 8)) >= 0.25) / 0.75)
+    y, dx = m(x), m.backward(g)
+    ref = FeedForward(4, mult=2).to("float64")
+    ref.load_state_dict(m.state_dict())
+    h = ref.net[0](x)
+    expected = ref.net[2](h * keep)
+    expected_dx = ref.net[0].backward(ref.net[2].backward(g) * keep)
+    assert relative_error(y, expected) <= 1e-14 and relative_error(dx, expected_dx) <= 1e-14
+    for (name, a), (_, b) in zip(m.named_grads(), ref.named_grads()):
+        assert relative_error(a, b) <= 1e-14, name
+    m.eval()
+    assert relative_error(m(x), ref.net[2](ref.net[0](x))) <= 1e-14
+
+
 def test_state_dict_keys_match_diffusers():
     for kw in CONFIGS.values():
         assert list(FeedForward(**kw).state_dict()) == list(DiffusersFeedForward(**kw).state_dict())
@@ -59,8 +79,8 @@ def test_feedforward_errors(backend):
         FeedForward(4)(asarray(np.zeros((2, 3))))
     with pytest.raises(ValueError, match="activation_fn must be one of .*, got 'swish'"):
         FeedForward(4, activation_fn="swish")
-    with pytest.raises(ValueError, match="dropout must be 0.0"):
-        FeedForward(4, dropout=0.1)
+    with pytest.raises(ValueError, match=r"Dropout: p must be a probability in \[0, 1\], got -0.1"):
+        FeedForward(4, dropout=-0.1)
     with pytest.raises(ValueError, match="mult must be a positive number, got 0"):
         FeedForward(4, mult=0)
     with pytest.raises(ValueError, match="dim_out must be a positive int"):

@@ -11,7 +11,7 @@ hidden_states (B, Tq, C), encoder_hidden_states (B, Tk, Cc) -> (B, Tq, C).
 
 ctx = x (self-attention) when ``encoder_hidden_states`` is None. State-dict keys as in diffusers:
 ``to_q.weight``, ``to_k.weight``, ``to_v.weight`` (+ ``.bias`` when ``bias``), ``to_out.0.weight``,
-``to_out.0.bias`` (``to_out.1`` is diffusers' dropout and has no parameters).
+``to_out.0.bias`` (``to_out.1`` is the dropout, as in diffusers: no parameters).
 Derivations: docs/ops/attention.md. Source mirrored: diffusers/models/attention_processor.py.
 """
 from __future__ import annotations
@@ -19,26 +19,18 @@ from __future__ import annotations
 import numbers
 
 from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.nn.dropout import Dropout
 from npdiffusion.nn.linear import Linear
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.ops.attention import attention_backward, attention_forward
-
-
-def _check_dropout(dropout):
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    if dropout != 0.0:
-        raise ValueError(
-            f"dropout must be 0.0: npdiffusion has no dropout yet (Stable Diffusion uses 0.0), got {dropout!r}"
-        )
-    return float(dropout)
 
 
 class Attention(Module):
     """Multi-head self- or cross-attention with diffusers' parameter names.
 
     ``upcast_softmax`` is accepted for config compatibility; the softmax of float16 inputs is always
-    computed in float32 here. ``chunk_size`` (also settable later as an attribute) computes the
+    computed in float32 here. ``dropout`` (``to_out.1``, an ``npdiffusion.nn.dropout.Dropout``) acts on
+    the output projection in training mode, before the residual, as in diffusers. ``chunk_size`` (also settable later as an attribute) computes the
     attention ``chunk_size`` query rows at a time, so the full (Tq, Tk) score matrix never exists:
     a memory option for large latents, exact to rounding. The VAE's ``group_norm`` is left to
     the VAE code.
@@ -56,7 +48,6 @@ class Attention(Module):
         self.heads = check_positive_int("heads", heads)
         self.dim_head = check_positive_int("dim_head", dim_head)
         self.inner_dim = heads * dim_head
-        self.dropout = _check_dropout(dropout)
         if isinstance(rescale_output_factor, bool) or not isinstance(rescale_output_factor, numbers.Real) \
                 or rescale_output_factor == 0:
             raise ValueError(f"rescale_output_factor must be a nonzero number, got {rescale_output_factor!r}")
@@ -70,7 +61,7 @@ class Attention(Module):
         self.to_q = Linear(query_dim, self.inner_dim, bias=bias)
         self.to_k = Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
         self.to_v = Linear(self.cross_attention_dim, self.inner_dim, bias=bias)
-        self.to_out = ModuleList([Linear(self.inner_dim, query_dim, bias=out_bias)])
+        self.to_out = ModuleList([Linear(self.inner_dim, query_dim, bias=out_bias), Dropout(dropout)])
 
     def _split_heads(self, t, b, n):
         """(B, T, HD) -> (B, H, T, Dh), a view."""
@@ -120,19 +111,23 @@ class Attention(Module):
         v = self._split_heads(self.to_v(ctx), b, tk)
         o, cache = attention_forward(q, k, v, mask=mask, scale=self.scale, chunk_size=self.chunk_size)
         y = self.to_out[0](self._merge_heads(o, b, tq))             # (B, Tq, C), a fresh array
+        dropout = self.training and self.to_out[1].p > 0.0
+        if dropout:
+            y = self.to_out[1](y)                                   # a fresh array too
         if self.residual_connection:
             y += x
         if self.rescale_output_factor != 1.0:
             y /= self.rescale_output_factor
-        self.save_for_backward(cache, b, tq, tk, cross)
+        self.save_for_backward(cache, b, tq, tk, cross, dropout)
         return y
 
     def backward(self, grad):
         """grad (B, Tq, query_dim) -> d hidden_states, or (d hidden_states, d encoder_hidden_states)
         after a cross-attention forward. Accumulates every parameter gradient."""
-        cache, b, tq, tk, cross = self.saved()
+        cache, b, tq, tk, cross, dropout = self.saved()
         g = grad / self.rescale_output_factor if self.rescale_output_factor != 1.0 else grad
-        do = self._split_heads(self.to_out[0].backward(g), b, tq)   # (B, H, Tq, Dh)
+        dz = self.to_out[1].backward(g) if dropout else g
+        do = self._split_heads(self.to_out[0].backward(dz), b, tq)  # (B, H, Tq, Dh)
         dq, dk, dv = attention_backward(do, cache)
         dctx = self.to_v.backward(self._merge_heads(dv, b, tk))
         dctx += self.to_k.backward(self._merge_heads(dk, b, tk))

@@ -2,8 +2,8 @@
 
 Shapes: x (..., dim) -> (..., dim_out); I = inner_dim = dim * mult.
 
-    FeedForward:  net.0 (GEGLU or GELU: dim -> I), net.1 (dropout, no parameters),
-                  net.2 (Linear I -> dim_out)
+    FeedForward:  net.0 (GEGLU or GELU: dim -> I), net.1 (Dropout, no parameters),
+                  net.2 (Linear I -> dim_out), net.3 (Dropout, with final_dropout)
     GEGLU:        proj (Linear dim -> 2I), then value * GELU_erf(gate) on [value | gate] (ops/geglu.py)
     GELU:         proj (Linear dim -> I), then GELU (erf, or tanh with approximate="tanh")
 
@@ -13,8 +13,8 @@ Source mirrored: diffusers/models/attention.py (FeedForward), diffusers/models/a
 """
 from __future__ import annotations
 
-from npdiffusion.nn.attention import _check_dropout
 from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.nn.dropout import Dropout
 from npdiffusion.nn.linear import Linear
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.ops.activations import gelu_backward, gelu_forward
@@ -68,20 +68,6 @@ class GELU(Module):
         return f"dim_in={self.dim_in}, dim_out={self.dim_out}, approximate={self.approximate!r}"
 
 
-class _Dropout(Module):
-    """diffusers' ``net.1`` (``nn.Dropout``) with p = 0: the identity, and no parameters."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = _check_dropout(p)
-
-    def forward(self, x):
-        return x
-
-    def backward(self, grad):
-        return grad
-
-
 ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")
 
 
@@ -89,7 +75,8 @@ class FeedForward(Module):
     """net.0 (GEGLU / GELU), net.1 (dropout), net.2 (Linear). x (..., dim) -> (..., dim_out).
 
     ``activation_fn``: "geglu" (Stable Diffusion), "gelu" or "gelu-approximate" (tanh GELU).
-    ``dropout`` must be 0.0 (no dropout in npdiffusion yet).
+    ``dropout``: the probability of ``net.1`` (and of ``net.3`` with ``final_dropout``), active in
+    training mode; a dropout layer with p = 0 is skipped (no copy in forward or backward).
     """
 
     def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4, dropout: float = 0.0,
@@ -113,20 +100,22 @@ class FeedForward(Module):
             raise ValueError(f"activation_fn must be one of {ACTIVATIONS}, got {activation_fn!r}")
         self.dim, self.dim_out, self.inner_dim = dim, dim_out, inner_dim
         self.activation_fn = activation_fn
-        layers = [act, _Dropout(dropout), Linear(inner_dim, dim_out, bias=bias)]
+        layers = [act, Dropout(dropout), Linear(inner_dim, dim_out, bias=bias)]
         if final_dropout:
-            layers.append(_Dropout(dropout))
+            layers.append(Dropout(dropout))
         self.net = ModuleList(layers)
 
     def forward(self, hidden_states):
         check_input("FeedForward", "hidden_states", hidden_states, min_ndim=1, axis=-1, size=self.dim)
+        active = [m for m in self.net if not (isinstance(m, Dropout) and (m.p == 0.0 or not self.training))]
         h = hidden_states
-        for layer in self.net:
+        for layer in active:
             h = layer(h)
+        self.save_for_backward(active)
         return h
 
     def backward(self, grad):
-        for layer in reversed(list(self.net)):
+        for layer in reversed(self.saved()):
             grad = layer.backward(grad)
         return grad
 
