@@ -165,6 +165,15 @@ def test_damaged_folders_raise_errors_naming_the_component(tmp_path):
         StableDiffusionPipeline.from_pretrained(folder)
 
 
+def test_old_unet_configs_get_diffusers_sample_size_rule(tmp_path):
+    """diffusers: a U-Net saved before 0.9 with sample_size < 64 generates at sample_size 64."""
+    folder = copy_folder(tmp_path / "old")
+    edit_json(os.path.join(folder, "unet", "config.json"), lambda d: d.update(_diffusers_version="0.8.1"))
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.default_height_width() == (128, 128)            # 64 x the VAE factor 2
+    assert our_pipeline().default_height_width() == (64, 64)     # a current config keeps its 32
+
+
 def test_save_pretrained_refuses_a_file(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")

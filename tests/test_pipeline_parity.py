@@ -199,6 +199,17 @@ def test_output_object_and_pil_output():
     assert nsfw is None and np.array_equal(images, np_images)
 
 
+def test_long_prompts_are_cut_with_a_warning(caplog):
+    pipe = our_pipeline()
+    long = " ".join(["a red dog"] * 40)                          # 120 words: more than 75 tokens
+    with caplog.at_level("WARNING", logger="npdiffusion.pipelines.stable_diffusion"):
+        pos, _ = pipe.encode_prompt(long, 1, False)
+    assert "truncated" in caplog.text and "red dog" in caplog.text
+    hf = HFTokenizer.from_pretrained(dummy_folder(), subfolder="tokenizer")
+    ids = hf([long], padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    assert np.array_equal(pipe.tokenizer([long]), ids) and pos.shape == (1, 77, 8)
+
+
 def test_prompt_embeds_give_the_prompt_image():
     pipe = our_pipeline()
     lat = initial_latents(1, seed=4)
