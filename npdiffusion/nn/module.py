@@ -345,8 +345,8 @@ def _recompute_if_checkpointed(backward):
         pending = self.__dict__.get("_checkpoint_inputs")
         if pending is not None:
             object.__setattr__(self, "_checkpoint_inputs", None)
-            args, kwargs = pending
-            self.forward(*args, **kwargs)
+            forward_args, forward_kwargs = pending
+            self.forward(*forward_args, **forward_kwargs)
         return backward(self, *grad_outputs, **kwargs)
 
     return wrapper
