@@ -98,13 +98,7 @@ def test_self_attention_sums_qkv_gradients(backend):
     assert relative_error(dx_self, dx + dctx) <= 1e-14
 
 
-@pytest.mark.parametrize("call", [
-    "positional",
-    pytest.param("keyword", marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="npdiffusion/nn/module.py's backward wrapper (since 099f2c9) reuses the name `kwargs` "
-               "for the checkpointed forward's keywords and passes them to backward")),
-])
+@pytest.mark.parametrize("call", ["positional", "keyword"])
 def test_gradient_checkpointing_gives_the_same_gradients(backend, call):
     rng = np.random.default_rng(8)
     x, ctx, g = (asarray(rng.standard_normal(s)) for s in ((2, 4, 6), (2, 3, 5), (2, 4, 6)))
