@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numbers
 
+from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.nn.checks import check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.dropout import Dropout
@@ -123,6 +124,7 @@ class ResnetBlock2D(Module):
             dtemb = silu_backward(self.time_emb_proj.backward(dproj), ct)
         dx = self.norm1.backward(silu_backward(self.conv1.backward(dh), c1))
         dx += self.conv_shortcut.backward(g) if self.use_in_shortcut else g
+        release_caches(self)                                             # see blocks/caches.py
         return dx if dtemb is None else (dx, dtemb)
 
     def extra_repr(self):

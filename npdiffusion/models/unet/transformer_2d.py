@@ -26,6 +26,7 @@ diffusers/models/transformers/transformer_2d.py (Transformer2DModel).
 from __future__ import annotations
 
 from npdiffusion.backend import xp
+from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.nn.attention import Attention
 from npdiffusion.nn.checks import check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
@@ -105,6 +106,7 @@ class BasicTransformerBlock(Module):
             dn = self.attn1.backward(g)
         dx = self.norm1.backward(dn)
         dx += g
+        release_caches(self)                                   # see models/blocks/caches.py
         if not had_ctx:
             return dx
         return dx, dctx
@@ -205,6 +207,7 @@ class Transformer2DModel(Module):
             dn = self.proj_in.backward(dtok.reshape(b, hh, ww, self.inner_dim).transpose(0, 3, 1, 2))
         dx = self.norm.backward(dn)
         dx += grad
+        release_caches(self)
         if not had_ctx:
             return dx
         return dx, dctx                                         # dctx None: no block reads the context

@@ -32,6 +32,7 @@ import numpy
 
 from npdiffusion.backend import asarray, is_array, xp
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
+from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
 from npdiffusion.models.unet.embeddings import TimestepEmbedding, Timesteps, check_act_fn
 from npdiffusion.models.unet.transformer_2d import BasicTransformerBlock
@@ -397,6 +398,8 @@ class UNet2DConditionModel(Module):
         parameter gradient (the time MLP's included). Derivation: docs/unet.md."""
         act_cache, spans, up_spans, n_skips, ctx_shape, ctx_dtype = self.saved()
         g = self.conv_norm_out.backward(silu_backward(self.conv_out.backward(grad), act_cache))
+        release_caches(self.conv_out)
+        release_caches(self.conv_norm_out)
         dskips = [None] * n_skips
         dtemb = dctx = None
 
@@ -429,6 +432,7 @@ class UNet2DConditionModel(Module):
         if self.config["center_input_sample"]:
             dsample *= 2.0
         self.time_embedding.backward(dtemb)                 # parameter gradients; timesteps get none
+        release_caches(self)                                # every block already freed its own
         if dctx is None:
             dctx = xp.zeros(ctx_shape, dtype=ctx_dtype)
         return dsample, dctx
