@@ -180,6 +180,7 @@ def log_prob_grad(classifier: NoiseAwareClassifier, x, t, y):
     labels = _check_labels(y, x.shape[0], classifier.num_classes)
     was_training = classifier.training
     saved = [(m, dict(m._grads)) for m in classifier.modules()]
+    classifier.zero_grad()           # so the backward below stores fresh arrays, not += into the saved ones
     classifier.train()
     try:
         logits = classifier(x, t)
