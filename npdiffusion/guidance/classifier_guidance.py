@@ -137,6 +137,10 @@ def guided_sample(model_fn, scheduler, shape, num_inference_steps: int, rng, gui
     eps_hat = eps - s sqrt(1 - abar_t) grad. ``rng`` (a NumPy Generator) draws the initial noise
     (unless ``latents`` is given) and the noise of stochastic samplers.
     Returns the final sample x_0 (B, C, H, W).
+
+    Build DDPM/DDIM schedulers with ``clip_sample=False`` for guidance: with clipping, x0_hat is
+    clipped to [-1, 1] while DDIM keeps the guided eps_hat, so a large guidance term enters x_t' only
+    through eps_hat and pushes the sample *away* from the class (measured: tests/test_guidance_step.py).
     """
     n = int(num_inference_steps)
     terms = [(_number("guidance scale", s), f) for s, f in guidance]
