@@ -24,13 +24,14 @@ def conv_configs(draw):
     assume(h + 2 * sp[0] >= kh and w + 2 * sp[1] >= kw)   # the kernel must fit the padded input
     return dict(k=(kh, kw), stride=stride, padding=padding, h=h, w=w,
                 b=draw(st.integers(1, 2)), c=draw(st.integers(1, 4)), o=draw(st.integers(1, 4)),
-                bias=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+                bias=draw(st.booleans()), contiguous=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
 
 @given(cfg=conv_configs())
 def test_conv2d_op_gradcheck(backend, cfg):
     rng = np.random.default_rng(cfg["seed"])
-    x = noncontiguous(rng.standard_normal((cfg["b"], cfg["c"], cfg["h"], cfg["w"])))
+    x = rng.standard_normal((cfg["b"], cfg["c"], cfg["h"], cfg["w"]))
+    x = asarray(x) if cfg["contiguous"] else noncontiguous(x)      # contiguous rows take the flat im2col
     w = noncontiguous(rng.standard_normal((cfg["o"], cfg["c"], *cfg["k"])))
     inputs = [x, w] + ([asarray(rng.standard_normal(cfg["o"]))] if cfg["bias"] else [])
     report = gradcheck_op(conv2d_forward, conv2d_backward, inputs, full_max=40,

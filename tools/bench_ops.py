@@ -15,7 +15,8 @@ Each row is warmed up, then ours and torch run alternately (A B B A ...) in this
 the table shows the median time of each, the median of the per-pair ratios ours / torch, and
 GFLOP/s of both (FLOPs counted by torch's FlopCounterMode on the torch step, analytic for
 attention; group norm has no GEMM and shows none). A row whose op module does not exist yet is
-skipped with a note. Shared machines are noisy: read ratios, not absolute times, and rerun.
+skipped with a note. Shared machines are noisy: read ratios, not absolute times, and rerun;
+``--clean`` keeps only the pairs during which no other process used the CPU (Linux).
 """
 from __future__ import annotations
 
@@ -132,6 +133,32 @@ def attention_row(torch, b=16, heads=8, tokens=256, d=64):
 
 
 # ----------------------------------------------------------------------------- timing
+class ForeignCpu:
+    """CPU ticks used by *other* processes while a call ran (Linux /proc; None elsewhere).
+
+    Busy ticks of the whole machine (including steal) minus this process's own ticks. On a
+    shared machine, ``--clean`` keeps only the pairs during which this was zero.
+    """
+
+    def __init__(self):
+        self.ok = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
+
+    def snapshot(self):
+        if not self.ok:
+            return None
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            own = f.read()
+        fields = own[own.rindex(")") + 2:].split()
+        busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]        # user nice system irq softirq steal
+        return busy, int(fields[11]) + int(fields[12])          # utime + stime of this process
+
+    @staticmethod
+    def ticks(a, b):
+        return None if a is None else (b[0] - a[0]) - (b[1] - a[1])
+
+
 def count_flops(torch, fn):
     try:
         from torch.utils.flop_counter import FlopCounterMode
@@ -142,23 +169,36 @@ def count_flops(torch, fn):
     return counter.get_total_flops() or None
 
 
-def time_pair(run_ours, run_theirs, repeats, warmup):
+def time_pair(run_ours, run_theirs, repeats, warmup, clean=False, max_tries=20):
+    """Median time of each and median per-pair ratio over ``repeats`` alternating pairs.
+
+    With ``clean``, pairs during which other processes used the CPU are discarded and retried
+    (up to ``max_tries`` times ``repeats`` pairs); returns the number of pairs kept as well.
+    """
     for _ in range(warmup):
         run_ours()
         run_theirs()
+    probe = ForeignCpu()
     ours, theirs, ratios = [], [], []
-    for i in range(repeats):
-        order = (0, 1) if i % 2 == 0 else (1, 0)        # A B, then B A: neither always goes first
+    tries = 0
+    while len(ratios) < repeats and tries < max(repeats, 1) * (max_tries if clean else 1):
+        order = (0, 1) if tries % 2 == 0 else (1, 0)    # A B, then B A: neither always goes first
+        tries += 1
         t = [0.0, 0.0]
+        s0 = probe.snapshot()
         for which in order:
             fn = run_ours if which == 0 else run_theirs
             t0 = time.perf_counter()
             fn()
             t[which] = time.perf_counter() - t0
+        if clean and probe.ok and probe.ticks(s0, probe.snapshot()) > 0:
+            continue
         ours.append(t[0])
         theirs.append(t[1])
         ratios.append(t[0] / t[1])
-    return statistics.median(ours), statistics.median(theirs), statistics.median(ratios)
+    if not ratios:
+        return float("nan"), float("nan"), float("nan"), 0
+    return statistics.median(ours), statistics.median(theirs), statistics.median(ratios), len(ratios)
 
 
 def main(argv=None):
@@ -168,6 +208,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: BLAS's)")
     ap.add_argument("--only", default=None, help="comma-separated row names (conv3x3, groupnorm, attention, ...)")
     ap.add_argument("--extra", action="store_true", help="also time more convolution shapes")
+    ap.add_argument("--clean", action="store_true",
+                    help="keep only pairs during which no other process used the CPU (Linux; shared machines)")
     args = ap.parse_args(argv)
 
     import torch
@@ -195,8 +237,10 @@ def main(argv=None):
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; numpy {np.__version__} "
           f"({threads} BLAS threads), torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          f"{args.repeats} alternating pairs per row after {args.warmup} warm-up pairs")
-    header = f"{'row':<13} {'shape':<40} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'ours GF/s':>10} {'torch GF/s':>11}"
+          f"{args.repeats} alternating pairs per row after {args.warmup} warm-up pairs"
+          + (", quiet pairs only" if args.clean else ""))
+    header = (f"{'row':<13} {'shape':<40} {'ours ms':>8} {'torch ms':>9} {'ratio':>6} {'ours GF/s':>10} "
+              f"{'torch GF/s':>11} {'pairs':>6}")
     print(header)
     print("-" * len(header))
     for name, shape, build in rows:
@@ -207,10 +251,10 @@ def main(argv=None):
             continue
         if flops is None:
             flops = count_flops(torch, run_theirs)
-        t_ours, t_theirs, ratio = time_pair(run_ours, run_theirs, args.repeats, args.warmup)
+        t_ours, t_theirs, ratio, kept = time_pair(run_ours, run_theirs, args.repeats, args.warmup, args.clean)
         gf = (lambda t: f"{flops / t / 1e9:10.1f}") if flops else (lambda t: f"{'-':>10}")
         print(f"{name:<13} {shape:<40} {t_ours * 1e3:8.2f} {t_theirs * 1e3:9.2f} {ratio:6.2f} "
-              f"{gf(t_ours)} {gf(t_theirs):>11}")
+              f"{gf(t_ours)} {gf(t_theirs):>11} {kept:6d}", flush=True)
     if limiter is not None:
         limiter.restore_original_limits()
 

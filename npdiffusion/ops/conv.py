@@ -17,7 +17,9 @@ The im2col matrix is laid out channel-major, ``cols (C, kh, kw, B, R, Wo)`` view
 each copy takes the in-bounds rectangle and zeroes the rest). It lives in a per-thread workspace
 that is reused from call to call, so the forward caches only ``x`` and backward rebuilds
 ``cols(x)``. Everything runs in chunks of images / output rows of about ``CHUNK_BYTES`` each,
-small enough to stay in cache between the copy and the GEMM. A 1x1, stride-1, unpadded
+small enough to stay in cache between the copy and the GEMM. For stride-1 "same"-width
+convolutions each slice copy moves whole (channel, image) planes as one flat run (see
+``_im2col``). A 1x1, stride-1, unpadded
 convolution is a batched matmul with no im2col at all.
 
 Derivation and measurements: docs/ops/convolution.md, docs/benchmarks.md.
@@ -28,10 +30,11 @@ import threading
 
 from npdiffusion.backend import get_backend, xp
 
-#: Target size (bytes) of one im2col chunk. Chunks this small stay in the core's L2 cache between
-#: the slice copies that fill them and the GEMM that reads them; one 40 MB im2col matrix would make
-#: both passes run at memory bandwidth. Measured in docs/benchmarks.md.
-CHUNK_BYTES = 2 * 2**20
+#: Target size (bytes) of one im2col chunk. The slice copies that fill a chunk and the GEMM that
+#: reads it then work on data still in cache, instead of streaming a 40 MB matrix through memory
+#: twice; much smaller chunks lose more to per-GEMM thread start-up than they gain. 8 MB was the
+#: fastest of 1-64 MB on the development machine (docs/benchmarks.md).
+CHUNK_BYTES = 8 * 2**20
 #: The same on the GPU (CuPy), where each chunk costs kernel launches and caches are no concern.
 GPU_CHUNK_BYTES = 256 * 2**20
 
@@ -114,8 +117,19 @@ def _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
 
     out[c, i, j, b, r - r0, w] = src[c, b, r*sh + i - ph, w*sw + j - pw], zero outside src.
     One slice copy per kernel offset (i, j); negative padding (a crop) is allowed.
+
+    Fast path ("same" width, stride 1, rows of src contiguous): then output row r of offset
+    (i, j) is source row r + i - ph shifted by d = j - pw columns, so a block of rows is one flat
+    run of each (c, b) plane, copied in a single slice (long contiguous runs instead of one short
+    run per row); the |d| entries per row that wrapped around from the neighbouring row are
+    zeroed afterwards.
     """
     H, W = src.shape[2], src.shape[3]
+    item = src.dtype.itemsize
+    flat = (sh == 1 and sw == 1 and Wo == W and src.strides[3] == item and src.strides[2] == W * item)
+    if flat:
+        src_f = src.reshape(src.shape[0], src.shape[1], H * W)      # (Ch, B, H*W), a view
+        out_f = out.reshape(out.shape[0], kh, kw, out.shape[3], (r1 - r0) * Wo)
     for i in range(kh):
         lo, hi = _valid_range(r0, r1, i - ph, sh, H)
         for j in range(kw):
@@ -129,12 +143,19 @@ def _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
                 dst[:, :, :a] = 0
             if b < r1 - r0:
                 dst[:, :, b:] = 0
+            if flat:
+                d, base, n = j - pw, (lo + i - ph) * W, (b - a) * W
+                if d >= 0:
+                    out_f[:, i, j, :, a * W:b * W - d] = src_f[:, :, base + d:base + n]
+                else:
+                    out_f[:, i, j, :, a * W - d:b * W] = src_f[:, :, base:base + n + d]
             if wlo > 0:
                 dst[:, :, a:b, :wlo] = 0
             if whi < Wo:
                 dst[:, :, a:b, whi:] = 0
-            dst[:, :, a:b, wlo:whi] = src[:, :, lo * sh + i - ph:(hi - 1) * sh + i - ph + 1:sh,
-                                          wlo * sw + j - pw:(whi - 1) * sw + j - pw + 1:sw]
+            if not flat:
+                dst[:, :, a:b, wlo:whi] = src[:, :, lo * sh + i - ph:(hi - 1) * sh + i - ph + 1:sh,
+                                              wlo * sw + j - pw:(whi - 1) * sw + j - pw + 1:sw]
 
 
 def _col2im_add(dcols, kh, kw, sh, sw, ph, pw, r0, r1, Wo, dst):
@@ -267,15 +288,16 @@ def conv2d_backward(dy, cache):
     # dW (O, K) = sum over chunks of dy_t[:, images, rows] (O, n) @ cols(x)^T (n, K)
     src = x.transpose(1, 0, 2, 3)                                              # (C, B, H, W)
     itemsize = xp.dtype(cdt).itemsize
-    dweight = xp.zeros((O, K), dtype=cdt)
+    # (computed transposed, dW^T = cols dy_t^T (K, O): measured faster than dy_t cols^T here)
+    dweight_t = xp.zeros((K, O), dtype=cdt)
     for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
         nb, R = b1 - b0, r1 - r0
         cols = _workspace("cols", (K, nb * R * Wo), cdt)
         _im2col(src[:, b0:b1], kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(C, kh, kw, nb, R, Wo))
-        part = _workspace("gemm", (O, K), cdt)
-        xp.matmul(dy_t[:, b0:b1, r0:r1].reshape(O, -1), cols.T, out=part)
-        dweight += part
-    dweight = dweight.reshape(O, C, kh, kw)
+        part = _workspace("gemm", (K, O), cdt)
+        xp.matmul(cols, dy_t[:, b0:b1, r0:r1].reshape(O, -1).T, out=part)
+        dweight_t += part
+    dweight = xp.ascontiguousarray(dweight_t.T).reshape(O, C, kh, kw)
 
     if stride == (1, 1):
         dx = xp.empty((B, C, H, W), dtype=dtype)
