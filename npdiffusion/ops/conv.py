@@ -9,7 +9,7 @@ The im2col matrix is laid out channel-major, ``cols (C, kh, kw, B, R, Wo)`` view
 ``(K, B*R*Wo)``, so that every GEMM is a plain 2-D matmul with no transposed copies:
 
 * forward        y_t  (O, B*L) = W_col (O, K) @ cols(x) (K, B*L)           (then y = y_t^T + b)
-* weight grad    dW   (O, K)   = dy_t (O, B*L) @ cols(x)^T (B*L, K)
+* weight grad    dW^T (K, O)   = cols(x) (K, B*L) @ dy_t^T (B*L, O)
 * input grad     dx_t (C, B*H*W) = W_flip (C, O*kh*kw) @ cols(dy)          (stride 1: a "full"
   convolution of dy with the flipped kernel), or ``col2im(W_col^T @ dy_t)`` (stride > 1).
 
@@ -19,8 +19,7 @@ that is reused from call to call, so the forward caches only ``x`` and backward 
 ``cols(x)``. Everything runs in chunks of images / output rows of about ``CHUNK_BYTES`` each,
 small enough to stay in cache between the copy and the GEMM. For stride-1 "same"-width
 convolutions each slice copy moves whole (channel, image) planes as one flat run (see
-``_im2col``). A 1x1, stride-1, unpadded
-convolution is a batched matmul with no im2col at all.
+``_im2col``). A 1x1, stride-1, unpadded convolution is a batched matmul with no im2col at all.
 
 Derivation and measurements: docs/ops/convolution.md, docs/benchmarks.md.
 """
