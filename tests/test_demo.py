@@ -75,3 +75,15 @@ def test_cli_refuses_an_unwritable_output_folder(tmp_path, capsys):
     assert main(["demo", "--quick", "--no-progress", "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "demo" in err[0]
+
+
+def test_repository_configs_are_the_demo_settings():
+    """configs/shapes/*.toml (documented defaults of each stage for the shapes) stay the demo's settings."""
+    from npdiffusion.training.config import config_to_dict, load_config
+    from npdiffusion.training.stages import load_stage
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, cfg in stage_configs(".").items():
+        ours = load_config(os.path.join(root, "configs", "shapes", f"{name}.toml"), load_stage(name).CONFIG)
+        want = json.loads(json.dumps(config_to_dict(cfg)).replace('"./runs/', '"runs/'))
+        assert config_to_dict(ours) == want, name
