@@ -14,5 +14,8 @@ from __future__ import annotations
 
 def release_caches(module) -> None:
     """Drop the backward caches of ``module`` and every descendant (parameters and gradients stay)."""
-    for m in module.modules():
+    stack = [module]
+    while stack:                                   # iterative walk: no dotted names to build
+        m = stack.pop()
         object.__setattr__(m, "_cache", None)
+        stack.extend(m.children())
