@@ -325,7 +325,9 @@ class UNet2DConditionModel(Module):
         """timestep (scalar, (), (1,) or (B,), ints or floats) -> (B,) array."""
         if isinstance(timestep, bool) or isinstance(timestep, numpy.bool_):
             raise TypeError(f"{CLASS_NAME}: timestep must be a number or an array of numbers, got {timestep!r}")
-        if isinstance(timestep, numbers.Number):
+        if isinstance(timestep, numpy.generic):
+            t = numpy.asarray([timestep])                       # keep the NumPy scalar's dtype
+        elif isinstance(timestep, numbers.Number):
             t = numpy.asarray([timestep], dtype=numpy.float64 if isinstance(timestep, float) else numpy.int64)
         elif is_array(timestep):
             t = timestep
