@@ -169,19 +169,22 @@ def count_flops(torch, fn):
     return counter.get_total_flops() or None
 
 
-def time_pair(run_ours, run_theirs, repeats, warmup, clean=False, max_tries=20):
-    """Median time of each and median per-pair ratio over ``repeats`` alternating pairs.
+def time_pair(run_ours, run_theirs, repeats, warmup, clean=False, clean_timeout=600.0):
+    """Median time of each, median per-pair ratio and the number of pairs kept.
 
-    With ``clean``, pairs during which other processes used the CPU are discarded and retried
-    (up to ``max_tries`` times ``repeats`` pairs); returns the number of pairs kept as well.
+    Runs ``repeats`` alternating pairs. With ``clean``, a pair during which other processes used
+    the CPU is discarded and run again, for at most ``clean_timeout`` seconds per row.
     """
     for _ in range(warmup):
         run_ours()
         run_theirs()
     probe = ForeignCpu()
     ours, theirs, ratios = [], [], []
+    deadline = time.monotonic() + clean_timeout
     tries = 0
-    while len(ratios) < repeats and tries < max(repeats, 1) * (max_tries if clean else 1):
+    while len(ratios) < repeats:
+        if clean and tries >= repeats and time.monotonic() > deadline:
+            break
         order = (0, 1) if tries % 2 == 0 else (1, 0)    # A B, then B A: neither always goes first
         tries += 1
         t = [0.0, 0.0]
@@ -197,7 +200,7 @@ def time_pair(run_ours, run_theirs, repeats, warmup, clean=False, max_tries=20):
         theirs.append(t[1])
         ratios.append(t[0] / t[1])
     if not ratios:
-        return float("nan"), float("nan"), float("nan"), 0
+        return None
     return statistics.median(ours), statistics.median(theirs), statistics.median(ratios), len(ratios)
 
 
@@ -210,6 +213,8 @@ def main(argv=None):
     ap.add_argument("--extra", action="store_true", help="also time more convolution shapes")
     ap.add_argument("--clean", action="store_true",
                     help="keep only pairs during which no other process used the CPU (Linux; shared machines)")
+    ap.add_argument("--clean-timeout", type=float, default=600.0,
+                    help="with --clean, give up on a row after this many seconds (default 600)")
     args = ap.parse_args(argv)
 
     import torch
@@ -251,7 +256,11 @@ def main(argv=None):
             continue
         if flops is None:
             flops = count_flops(torch, run_theirs)
-        t_ours, t_theirs, ratio, kept = time_pair(run_ours, run_theirs, args.repeats, args.warmup, args.clean)
+        timing = time_pair(run_ours, run_theirs, args.repeats, args.warmup, args.clean, args.clean_timeout)
+        if timing is None:
+            print(f"{name:<13} no quiet pair within {args.clean_timeout:g} s: the machine is busy, try later")
+            continue
+        t_ours, t_theirs, ratio, kept = timing
         gf = (lambda t: f"{flops / t / 1e9:10.1f}") if flops else (lambda t: f"{'-':>10}")
         print(f"{name:<13} {shape:<40} {t_ours * 1e3:8.2f} {t_theirs * 1e3:9.2f} {ratio:6.2f} "
               f"{gf(t_ours)} {gf(t_theirs):>11} {kept:6d}", flush=True)
