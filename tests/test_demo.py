@@ -59,7 +59,8 @@ def test_model_folder_loads_in_diffusers_with_the_same_images(quick_demo):
     ours = StableDiffusionPipeline.from_pretrained(folder)
     assert type(theirs.scheduler).__name__ == type(ours.scheduler).__name__
     prompts = random_prompts(2, seed=7)
-    latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    channels = ours.unet.config["in_channels"]
+    latents = np.random.default_rng(3).standard_normal((2, channels, 8, 8)).astype(np.float32)
     mine = ours(prompts, num_inference_steps=5, guidance_scale=3.0, latents=latents, output_type="np",
                 progress=False).images
     with torch.no_grad():

@@ -4,7 +4,7 @@ Stages, in order (each the same code as ``npdiffusion train STAGE``; the setting
 written to ``DIR/configs/*.toml`` so any stage can be rerun or resumed by hand)::
 
     tokenizer + CLIP   BPE on the captions; text and vision towers trained contrastively
-    VAE                32x32x3 images <-> 8x8x4 latents (reconstruction + KL)
+    VAE                32x32x3 images <-> 8x8x8 latents (reconstruction + KL)
     U-Net              latent diffusion conditioned on the frozen text tower (caption dropout for
                        classifier-free guidance, EMA weights)
 
@@ -37,16 +37,16 @@ EVAL_STEPS = 20
 #: The demo's settings: for each stage, the TOML keys that differ from the stage's defaults.
 SETTINGS = {
     "data": {"dataset": "shapes", "num_images": 10000, "resolution": 32, "seed": 0},
-    "clip": {"train": {"steps": 200, "batch_size": 64, "learning_rate": 2e-3, "lr_scheduler": "cosine",
+    "clip": {"train": {"steps": 400, "batch_size": 64, "learning_rate": 2e-3, "lr_scheduler": "cosine",
                        "lr_warmup_steps": 20},
              "clip": {"patch_size": 8, "text_heads": 4, "vision_heads": 4, "text_intermediate_size": 128,
                       "vision_intermediate_size": 128}},
     "tokenizer": {"tokenizer": {"vocab_size": 1000, "model_max_length": 16}},
-    "vae": {"train": {"steps": 300, "batch_size": 16, "learning_rate": 3e-3, "lr_scheduler": "cosine",
-                      "lr_warmup_steps": 20},
-            "vae": {"block_out_channels": [16, 32, 32], "norm_num_groups": 8, "mid_block_add_attention": False,
-                    "reconstruction": "l2"}},
-    "unet": {"train": {"steps": 600, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
+    "vae": {"train": {"steps": 800, "batch_size": 8, "learning_rate": 2e-3,
+                      "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20},
+            "vae": {"block_out_channels": [16, 32, 32], "latent_channels": 8, "norm_num_groups": 8,
+                    "mid_block_add_attention": False, "reconstruction": "l2"}},
+    "unet": {"train": {"steps": 800, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
                        "lr_warmup_steps": 20, "use_ema": True, "ema_decay": 0.999},
              "unet": {"block_out_channels": [32, 64], "snr_gamma": 5.0, "caption_dropout": 0.1}},
 }
