@@ -198,7 +198,10 @@ def test_discretized_log_likelihood_gradcheck(backend, seed, shape, broadcast):
     log_scales = rng.uniform(-3.5, -1.5, ls_shape)
     report = gradcheck_op(discretized_gaussian_log_likelihood_forward, discretized_gaussian_log_likelihood_backward,
                           [asarray(x), noncontiguous(means), noncontiguous(log_scales)], grad_inputs=[1, 2],
-                          full_max=24, **GRAD_KW)
+                          # floor 1e-3: for bins far in a tail the log-likelihood itself loses ~1e-11
+                          # to cancellation, so directional derivatives below 1e-3 are round-off in
+                          # central differences (seed 800, shape (2, 3): 4e-6 at floor 1e-4).
+                          full_max=24, eps=GRAD_KW["eps"], floor=1e-3)
     assert report.passed, report
 
 
