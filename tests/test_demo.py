@@ -88,3 +88,10 @@ def test_repository_configs_are_the_demo_settings():
         ours = load_config(os.path.join(root, "configs", "shapes", f"{name}.toml"), load_stage(name).CONFIG)
         want = json.loads(json.dumps(config_to_dict(cfg)).replace('"./runs/', '"runs/'))
         assert config_to_dict(ours) == want, name
+
+
+def test_cli_refuses_to_overwrite_an_earlier_run(quick_demo, capsys):
+    out, _ = quick_demo
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a demo run" in err[0]

@@ -274,6 +274,11 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
 
     start = time.perf_counter()
     out = prepare_output_dir(out)
+    if os.path.isdir(os.path.join(out, "runs")):
+        from npdiffusion.training.loop import TrainingError  # noqa: PLC0415
+
+        raise TrainingError(f"{out!r} already holds a demo run (its runs/ folder); choose another --out or "
+                            "delete that folder first")
     blas_one = limit_blas_threads(1)
     configs = stage_configs(out, quick)
     os.makedirs(os.path.join(out, "configs"), exist_ok=True)
