@@ -59,13 +59,17 @@ CASES = [  # (B, C, O, H, W, kernel, stride, padding)
     (1, 2, 3, 4, 4, (3, 3), 1, 3),        # padding > kernel - 1: dx reads a cropped dy
     (2, 2, 3, 8, 9, (3, 2), 3, (2, 1)),
     (3, 2, 2, 1, 1, (3, 3), 1, 1),        # 1x1 image, 3x3 kernel
+    (1, 6, 3, 2, 2, (3, 3), 1, 1),        # fewer positions (4) than channels (6): stride-1 col2im
+    (1, 9, 2, 2, 3, (2, 2), 1, 2),        # the same with padding > kernel - 1
 ]
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1, 300])
 @pytest.mark.parametrize("case", CASES)
 def test_conv2d_op_matches_torch_float64(backend, monkeypatch, case, chunk_bytes):
-    """Every path (single chunk, one output row per chunk, a few rows per chunk) against torch."""
+    """Every path (single chunk, one output row per chunk, a few rows per chunk; dW direct and
+    transposed) against torch."""
+    monkeypatch.setattr(conv_ops, "TRANSPOSED_DW_MIN_POSITIONS", 1 if chunk_bytes == 300 else 10**9)
     if chunk_bytes is not None:
         monkeypatch.setattr(conv_ops, "CHUNK_BYTES", chunk_bytes)
         monkeypatch.setattr(conv_ops, "GPU_CHUNK_BYTES", chunk_bytes)

@@ -11,7 +11,8 @@ The im2col matrix is laid out channel-major, ``cols (C, kh, kw, B, R, Wo)`` view
 * forward        y_t  (O, B*L) = W_col (O, K) @ cols(x) (K, B*L)           (then y = y_t^T + b)
 * weight grad    dW^T (K, O)   = cols(x) (K, B*L) @ dy_t^T (B*L, O)
 * input grad     dx_t (C, B*H*W) = W_flip (C, O*kh*kw) @ cols(dy)          (stride 1: a "full"
-  convolution of dy with the flipped kernel), or ``col2im(W_col^T @ dy_t)`` (stride > 1).
+  convolution of dy with the flipped kernel), or ``col2im(W_col^T @ dy_t)`` (stride > 1, or
+  fewer input positions than channels, where copying the flipped kernel would dominate).
 
 ``cols`` is filled by kh*kw slice copies (one per kernel offset; padding is never materialized:
 each copy takes the in-bounds rectangle and zeroes the rest). It lives in a per-thread workspace
@@ -34,6 +35,8 @@ from npdiffusion.backend import get_backend, xp
 #: twice; much smaller chunks lose more to per-GEMM thread start-up than they gain. 8 MB was the
 #: fastest of 1-64 MB on the development machine (docs/benchmarks.md).
 CHUNK_BYTES = 8 * 2**20
+#: The weight gradient is computed as (cols dy^T)^T from this many output positions B*Ho*Wo on.
+TRANSPOSED_DW_MIN_POSITIONS = 1024
 #: The same on the GPU (CuPy), where each chunk costs kernel launches and caches are no concern.
 GPU_CHUNK_BYTES = 256 * 2**20
 
@@ -259,7 +262,7 @@ def conv2d_backward(dy, cache):
     """Returns ``(dx, dweight, dbias)`` for dy (B, O, Ho, Wo); dbias is None without a bias.
 
     dW = dy_t cols(x)^T; db = sum of dy over B, Ho, Wo; dx = full convolution of dy with the
-    flipped, transposed kernel (stride 1) or col2im(W_col^T dy_t) (stride > 1).
+    flipped, transposed kernel (stride 1, B*H*W >= C) or col2im(W_col^T dy_t) (otherwise).
     Derivation: docs/ops/convolution.md.
     """
     x, weight, has_bias, stride, padding = cache
@@ -287,18 +290,25 @@ def conv2d_backward(dy, cache):
     # dW (O, K) = sum over chunks of dy_t[:, images, rows] (O, n) @ cols(x)^T (n, K)
     src = x.transpose(1, 0, 2, 3)                                              # (C, B, H, W)
     itemsize = xp.dtype(cdt).itemsize
-    # (computed transposed, dW^T = cols dy_t^T (K, O): measured faster than dy_t cols^T here)
-    dweight_t = xp.zeros((K, O), dtype=cdt)
+    # With many output positions the transposed product dW^T = cols dy_t^T (K, O) is the faster
+    # GEMM (measured), and its final (K, O) -> (O, K) copy is negligible; with few positions and
+    # many channels that copy would cost as much as the GEMM, so dW is computed directly.
+    transposed = B * Ho * Wo >= TRANSPOSED_DW_MIN_POSITIONS
+    acc = xp.zeros((K, O) if transposed else (O, K), dtype=cdt)
     for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
         nb, R = b1 - b0, r1 - r0
         cols = _workspace("cols", (K, nb * R * Wo), cdt)
         _im2col(src[:, b0:b1], kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(C, kh, kw, nb, R, Wo))
-        part = _workspace("gemm", (K, O), cdt)
-        xp.matmul(cols, dy_t[:, b0:b1, r0:r1].reshape(O, -1).T, out=part)
-        dweight_t += part
-    dweight = xp.ascontiguousarray(dweight_t.T).reshape(O, C, kh, kw)
+        dyc = dy_t[:, b0:b1, r0:r1].reshape(O, -1)                             # (O, n)
+        part = _workspace("gemm", acc.shape, cdt)
+        if transposed:
+            xp.matmul(cols, dyc.T, out=part)
+        else:
+            xp.matmul(dyc, cols.T, out=part)
+        acc += part
+    dweight = (xp.ascontiguousarray(acc.T) if transposed else acc).reshape(O, C, kh, kw)
 
-    if stride == (1, 1):
+    if stride == (1, 1) and B * H * W >= C:
         dx = xp.empty((B, C, H, W), dtype=dtype)
         # dx[b, c, h, w] = sum_{o,i,j} W[o, c, i, j] dy[b, o, h + ph - i, w + pw - j]: a stride-1
         # convolution of dy, padded by k-1-p, with W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j].
@@ -307,6 +317,8 @@ def conv2d_backward(dy, cache):
                    (H, W), dx.transpose(1, 0, 2, 3))
     else:
         # dx = col2im(W_col^T dy_t): each chunk's dcols (K, n) is scattered back by slice adds.
+        # Used for stride > 1, and for stride 1 when there are fewer input positions B*H*W than
+        # channels C: then the flipped kernel's copy (C*O*kh*kw) would outweigh the col2im work.
         dx = xp.zeros((B, C, H, W), dtype=cdt)                                 # accumulated in cdt
         dx_t = dx.transpose(1, 0, 2, 3)                                        # (C, B, H, W) view
         wcolT = xp.ascontiguousarray(weight.reshape(O, K).T, dtype=cdt)        # (K, O)
