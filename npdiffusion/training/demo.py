@@ -37,7 +37,7 @@ EVAL_STEPS = 20
 #: The demo's settings: for each stage, the TOML keys that differ from the stage's defaults.
 SETTINGS = {
     "data": {"dataset": "shapes", "num_images": 10000, "resolution": 32, "seed": 0},
-    "clip": {"train": {"steps": 400, "batch_size": 64, "learning_rate": 2e-3, "lr_scheduler": "cosine",
+    "clip": {"train": {"steps": 600, "batch_size": 64, "learning_rate": 2e-3, "lr_scheduler": "cosine",
                        "lr_warmup_steps": 20},
              "clip": {"patch_size": 8, "text_heads": 4, "vision_heads": 4, "text_intermediate_size": 128,
                       "vision_intermediate_size": 128}},
@@ -46,7 +46,7 @@ SETTINGS = {
                       "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20},
             "vae": {"block_out_channels": [16, 32, 32], "latent_channels": 8, "norm_num_groups": 8,
                     "mid_block_add_attention": False, "reconstruction": "l2"}},
-    "unet": {"train": {"steps": 800, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
+    "unet": {"train": {"steps": 1500, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
                        "lr_warmup_steps": 20, "use_ema": True, "ema_decay": 0.999},
              "unet": {"block_out_channels": [32, 64], "snr_gamma": 5.0, "caption_dropout": 0.1}},
 }
