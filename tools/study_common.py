@@ -175,11 +175,13 @@ def text_embeddings(pipe, texts: list):
 
 
 def initial_latents(pipe, seeds: list) -> numpy.ndarray:
-    """(len(seeds), C, h, w) float32: image i's initial noise from numpy.random.default_rng(seeds[i])."""
+    """(len(seeds), C, h, w) float32: image i's initial noise from numpy.random.default_rng(seeds[i]),
+    the same latents as the pipeline's ``seed=[...]`` (``NoiseSource``, kind "numpy")."""
     c = pipe.unet.config["in_channels"]
     size = pipe.unet.config["sample_size"]
-    return numpy.concatenate([numpy.random.default_rng(int(s)).standard_normal((1, c, size, size))
-                              for s in seeds]).astype(numpy.float32)
+    # drawn in float32 as the pipeline's NoiseSource draws them, so these are the pipeline's latents
+    return numpy.concatenate([numpy.random.default_rng(int(s)).standard_normal((1, c, size, size), dtype=numpy.float32)
+                              for s in seeds])
 
 
 def decode(pipe, latents) -> numpy.ndarray:
