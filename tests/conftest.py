@@ -34,11 +34,15 @@ def _one_thread_per_xdist_worker():
     import torch
     from threadpoolctl import threadpool_limits
 
-    previous = torch.get_num_threads()
+    from npdiffusion import parallel
+
+    previous = torch.get_num_threads(), parallel.get_num_threads()
     torch.set_num_threads(1)
+    parallel.set_num_threads(1)
     with threadpool_limits(limits=1):
         yield
-    torch.set_num_threads(previous)
+    torch.set_num_threads(previous[0])
+    parallel.set_num_threads(previous[1])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.backend import xp
+from npdiffusion.parallel import parallel_for
 
 # Largest mu^2 / var for which the one-pass variance is trusted (a loss of at most ~4 bits
 # relative to the two-pass formula); sets above it are recomputed with the two-pass formula.
@@ -96,13 +97,32 @@ def _moments(rows, eps):
 
 
 # --------------------------------------------------------------------------------- group norm
+def _spread(per_group, cg):
+    """(n, G) per-group values -> (n, G*cg) per-channel values (each repeated cg times)."""
+    n, g = per_group.shape
+    return xp.broadcast_to(per_group[:, :, None], (n, g, cg)).reshape(n, g * cg)
+
+
+def _affine(mean, rstd, cg, gamma, beta):
+    """Per-(batch, channel) a, sh with y = x * a + sh: a = r * gamma, sh = beta - mu * a; (n, C)."""
+    a = _spread(rstd, cg)
+    if gamma is not None:
+        a = a * gamma
+    sh = _spread(mean, cg) * a
+    xp.negative(sh, out=sh)
+    if beta is not None:
+        sh += beta
+    return a, sh
+
+
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Group normalization of x (B, C, *spatial) over groups of C/G consecutive channels.
 
     weight (gamma) and bias (beta) are per channel (C,), each optional. Equals
     torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype;
     cache = (x as (B, C, S) in the compute dtype (x - mu where |mu| >> sigma), mu (B, G), r (B, G),
-    weight, flags).
+    weight, flags). Samples are independent, so the work runs in blocks of samples on the CPU's
+    threads (npdiffusion/parallel.py), each block's passes finding it in cache.
     Derivation: docs/ops/normalization.md.
     """
     op = "group_norm"
@@ -117,28 +137,34 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
                          f"into num_groups={num_groups} groups")
     _check_param(op, "weight", weight, (c,))
     _check_param(op, "bias", bias, (c,))
-    g = num_groups
+    g, cg = num_groups, c // num_groups
     s = _prod(x.shape[2:])
+    eps = float(eps)
     xc = x.astype(cdt, copy=False).reshape(b, c, s)                    # (B, C, S), copy if strided
-    mean, rstd, centered = _moments(xc.reshape(b * g, (c // g) * s), float(eps))  # (B*G,)
-    mean = mean.reshape(b, g)
-    rstd = rstd.reshape(b, g)
-    mean_c = xp.broadcast_to(mean[:, :, None], (b, g, c // g)).reshape(b, c)  # (B, C)
+    gamma = None if weight is None else weight.astype(cdt, copy=False)
+    beta = None if bias is None else bias.astype(cdt, copy=False)
+    mean = xp.empty((b, g), dtype=cdt)
+    rstd = xp.empty((b, g), dtype=cdt)
+    y = xp.empty((b, c, s), dtype=cdt)
+
+    def block(lo, hi):                                                 # samples [lo, hi)
+        mu, r, cancels = _moments(xc[lo:hi].reshape((hi - lo) * g, cg * s), eps)
+        mean[lo:hi] = mu.reshape(hi - lo, g)
+        rstd[lo:hi] = r.reshape(hi - lo, g)
+        if not cancels:
+            a, sh = _affine(mean[lo:hi], rstd[lo:hi], cg, gamma, beta)
+            xp.multiply(xc[lo:hi], a[:, :, None], out=y[lo:hi])
+            y[lo:hi] += sh[:, :, None]
+        return cancels
+
+    centered = any(parallel_for(block, b, c * s))
     if centered:
         # |mu| >> sigma somewhere: x * a - mu * a would cancel, so keep x - mu instead of x (one
         # more pass, only then); y, the backward's sums and its x * k + k0 all use it with mu = 0.
-        xc = xc - mean_c[:, :, None]
-        mean_c = xp.zeros_like(mean_c)
-    # Per-(batch, channel) coefficients: y = x * a + sh, a = r * gamma, sh = beta - mu * a.
-    a = xp.broadcast_to(rstd[:, :, None], (b, g, c // g)).reshape(b, c)  # (B, C)
-    if weight is not None:
-        a = a * weight.astype(cdt, copy=False)
-    sh = mean_c * a
-    xp.negative(sh, out=sh)
-    if bias is not None:
-        sh += bias.astype(cdt, copy=False)
-    y = xp.multiply(xc, a[:, :, None])                                 # (B, C, S)
-    y += sh[:, :, None]
+        xc = xc - _spread(mean, cg)[:, :, None]
+        a, sh = _affine(xp.zeros_like(mean), rstd, cg, gamma, beta)
+        xp.multiply(xc, a[:, :, None], out=y)
+        y += sh[:, :, None]
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
     cache = (xc, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
     return y, cache
@@ -150,6 +176,8 @@ def group_norm_backward(dy, cache):
     With g = dy * gamma and means over each group:
     dx = r (g - mean(g) - xhat mean(g xhat)), dgamma = sum_{B,S} dy xhat, dbeta = sum_{B,S} dy.
     Expanded per (batch, channel): dx = dy * (r gamma) + x * k + k0 (docs/ops/normalization.md).
+    dx is computed in blocks of samples on the CPU's threads; dgamma and dbeta are summed over the
+    batch afterwards from per-sample (B, C) sums.
     """
     xc, mean, rstd, centered, weight, has_bias, in_dtype, in_shape = cache
     b, c, s = xc.shape
@@ -159,29 +187,36 @@ def group_norm_backward(dy, cache):
     cdt = xc.dtype
     if centered:                                                       # xc holds x - mu
         mean = xp.zeros_like(mean)
-    mean_c = xp.broadcast_to(mean[:, :, None], (b, g, cg)).reshape(b, c)
-    rstd_c = xp.broadcast_to(rstd[:, :, None], (b, g, cg)).reshape(b, c)
     dyc = dy.astype(cdt, copy=False).reshape(b, c, s)                  # (B, C, S)
-    db = _row_sum(dyc.reshape(b * c, s)).reshape(b, c)                 # sum_S dy        (B, C)
-    ds = _row_dot(dyc.reshape(b * c, s), xc.reshape(b * c, s)).reshape(b, c)  # sum_S dy x
-    dxhat = (ds - mean_c * db) * rstd_c                                # sum_S dy xhat   (B, C)
     gamma = None if weight is None else weight.astype(cdt, copy=False)
+    db = xp.empty((b, c), dtype=cdt)                                   # sum_S dy        (B, C)
+    dxhat = xp.empty((b, c), dtype=cdt)                                # sum_S dy xhat   (B, C)
+    dx = xp.empty((b, c, s), dtype=cdt)
+
+    def block(lo, hi):                                                 # samples [lo, hi)
+        n = hi - lo
+        dyb, xb = dyc[lo:hi].reshape(n * c, s), xc[lo:hi].reshape(n * c, s)
+        mean_c, rstd_c = _spread(mean[lo:hi], cg), _spread(rstd[lo:hi], cg)   # (n, C)
+        db[lo:hi] = _row_sum(dyb).reshape(n, c)
+        ds = _row_dot(dyb, xb).reshape(n, c)                           # sum_S dy x
+        dxhat[lo:hi] = (ds - mean_c * db[lo:hi]) * rstd_c
+        # Group means of g = dy * gamma and of g * xhat: (n, G), then spread back to channels.
+        gdb = db[lo:hi] if gamma is None else db[lo:hi] * gamma
+        gdx = dxhat[lo:hi] if gamma is None else dxhat[lo:hi] * gamma
+        mean_g = _spread(gdb.reshape(n, g, cg).sum(axis=2) * (1.0 / m), cg)     # mean(g)
+        mean_gx = _spread(gdx.reshape(n, g, cg).sum(axis=2) * (1.0 / m), cg)   # mean(g xhat)
+        # dx = r*gamma*dy - r*mean(g) - r^2 (x - mu) mean(g xhat) = dy*a + x*k + k0.
+        a = rstd_c if gamma is None else rstd_c * gamma
+        k = -(rstd_c * rstd_c) * mean_gx
+        k0 = -rstd_c * mean_g - k * mean_c
+        out = dx[lo:hi]
+        xp.multiply(dyc[lo:hi], a[:, :, None], out=out)
+        out += k0[:, :, None]
+        out += xc[lo:hi] * k[:, :, None]
+
+    parallel_for(block, b, c * s)
     dweight = None if weight is None else dxhat.sum(axis=0).astype(weight.dtype, copy=False)
     dbias = db.sum(axis=0).astype(in_dtype if weight is None else weight.dtype, copy=False) if has_bias else None
-    # Group means of g and of g * xhat: (B, G), then spread back to channels.
-    gdb = db if gamma is None else db * gamma
-    gdx = dxhat if gamma is None else dxhat * gamma
-    mean_g = gdb.reshape(b, g, cg).sum(axis=2) * (1.0 / m)             # mean(g)         (B, G)
-    mean_gx = gdx.reshape(b, g, cg).sum(axis=2) * (1.0 / m)            # mean(g xhat)    (B, G)
-    mean_g = xp.broadcast_to(mean_g[:, :, None], (b, g, cg)).reshape(b, c)
-    mean_gx = xp.broadcast_to(mean_gx[:, :, None], (b, g, cg)).reshape(b, c)
-    # dx = r*gamma*dy - r*mean(g) - r^2 (x - mu) mean(g xhat) = dy*a + x*k + k0.
-    a = rstd_c if gamma is None else rstd_c * gamma
-    k = -(rstd_c * rstd_c) * mean_gx
-    k0 = -rstd_c * mean_g - k * mean_c
-    dx = xp.multiply(dyc, a[:, :, None])                               # (B, C, S)
-    dx += k0[:, :, None]
-    dx += xc * k[:, :, None]
     dx = dx.reshape(in_shape).astype(in_dtype, copy=False)
     return dx, dweight, dbias
 
