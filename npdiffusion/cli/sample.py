@@ -12,6 +12,14 @@ model folder, an unknown scheduler, a size the VAE cannot take, a corrupt safete
 output file that already exists (unless ``--overwrite``). All of them are found before the first
 denoising step (the output folder is created only then), and nothing in it is touched by a failure.
 
+Gradient guidance (docs/guidance.md): ``--classifier DIR --classifier-scale S`` adds a noise-aware
+classifier's grad_x log p(y | x_t, t) (``--classifier-class`` names y; by default each prompt's class
+is the one label of the classifier that the prompt contains as a word), ``--clip-guidance S`` the
+gradient of the CLIP similarity of prompt and decoded x0 prediction (a CLIP model with a vision tower:
+``--clip-model DIR``, else ``clip/`` in the model folder). Either runs the denoising loop here with
+``guided_sample`` (same initial noise and step noise as the plain pipeline for a seed), with each term
+added as eps - S sqrt(1 - abar_t) grad after classifier-free guidance.
+
 The helpers here (options, checks, output planning and writing) are shared with ``npdiffusion
 img2img``. Docs: docs/cli.md ("npdiffusion sample"), docs/pipeline.md.
 """
@@ -23,6 +31,8 @@ import math
 import os
 import re
 import time
+
+import numpy
 
 #: --scheduler names -> diffusers / npdiffusion class names
 SCHEDULER_NAMES = {
@@ -79,7 +89,173 @@ def add_parser(subparsers):
     add_common_options(p)
     p.add_argument("--guidance-rescale", metavar="PHI", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2023; default 0, off)")
+    g = p.add_argument_group("gradient guidance (docs/guidance.md)")
+    g.add_argument("--classifier", metavar="DIR", default=None,
+                   help="a noise-aware classifier folder (saved by the classifier training stage) on the model's "
+                        "latents: classifier guidance")
+    g.add_argument("--classifier-scale", metavar="S", type=float, default=None,
+                   help="classifier guidance scale S (needs --classifier; default 1)")
+    g.add_argument("--classifier-class", metavar="NAME_OR_INDEX", default=None,
+                   help="the class to steer towards, a label of the classifier or an index (default: for each "
+                        "prompt, the one label that occurs in it as a word)")
+    g.add_argument("--clip-guidance", metavar="S", type=float, default=0.0,
+                   help="CLIP guidance scale S: follow the gradient of the CLIP similarity of the prompt and the "
+                        "decoded x0 prediction (default 0, off)")
+    g.add_argument("--clip-model", metavar="DIR", default=None,
+                   help="the CLIP model (transformers CLIPModel folder, with a vision tower) for --clip-guidance "
+                        "(default: clip/ in the model folder)")
     return p
+
+
+def check_guidance(args) -> None:
+    """Cheap checks of the gradient-guidance options (ValueError naming the option)."""
+    for name in ("classifier_scale", "clip_guidance"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.classifier is None and (args.classifier_scale is not None or args.classifier_class is not None):
+        raise ValueError("--classifier-scale and --classifier-class need --classifier DIR")
+    if args.clip_model is not None and not args.clip_guidance:
+        raise ValueError("--clip-model needs --clip-guidance S (a nonzero scale)")
+    if args.classifier is not None and not os.path.isdir(args.classifier):
+        raise FileNotFoundError(f"--classifier {args.classifier!r} is not a folder")
+
+
+def _classifier_targets(args, classifier, attribute, batch_prompts) -> list[int]:
+    """The class index of each prompt (see --classifier-class)."""
+    labels = list(classifier.labels or [])
+    k = classifier.num_classes
+    what = f"the classifier ({attribute or 'unnamed attribute'}: {', '.join(labels) if labels else f'{k} classes'})"
+    choice = args.classifier_class
+    if choice is not None:
+        if choice in labels:
+            return [labels.index(choice)] * len(batch_prompts)
+        if re.fullmatch(r"\d+", choice.strip()) and int(choice) < k:
+            return [int(choice)] * len(batch_prompts)
+        raise ValueError(f"--classifier-class must be a label or an index in [0, {k}) of {what}, got {choice!r}")
+    if not labels:
+        raise ValueError(f"--classifier-class is needed: {what} has no labels to find in the prompts")
+    out = []
+    for text in batch_prompts:
+        words = set(re.findall(r"[a-z0-9]+", text.lower()))
+        found = [i for i, name in enumerate(labels) if name.lower() in words]
+        if len(found) != 1:
+            got = "none" if not found else ", ".join(labels[i] for i in found)
+            raise ValueError(f"--classifier-class not given and prompt {text!r} names {got} of the labels of {what}; "
+                             f"give --classifier-class NAME_OR_INDEX")
+        out.append(found[0])
+    return out
+
+
+def _find_clip(args):
+    """(folder of a CLIPModel with a vision tower, folder of its tokenizer or None); one-line errors."""
+    from npdiffusion.io.pretrained import read_config  # noqa: PLC0415
+
+    candidates = [args.clip_model] if args.clip_model is not None else [
+        os.path.join(args.model, "clip"), os.path.join(args.model, "text_encoder")]
+    for folder in candidates:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            if args.clip_model is not None:
+                raise FileNotFoundError(f"--clip-model {folder!r} has no config.json (not a transformers CLIPModel "
+                                        "folder)")
+            continue
+        if "vision_config" in read_config(folder, "config.json"):
+            tok = next((t for t in (os.path.join(folder, "tokenizer"), folder)
+                        if os.path.isfile(os.path.join(t, "vocab.json"))), None)
+            return folder, tok
+        if args.clip_model is not None:
+            raise ValueError(f"--clip-model {folder!r} is a CLIP model without a vision tower (no vision_config); "
+                             "CLIP guidance needs a full CLIPModel")
+    raise ValueError(f"--clip-guidance needs a CLIP model with a vision tower, and the model folder {args.model!r} "
+                     "has none (no clip/ folder, and text_encoder/ is a text tower only); pass --clip-model DIR "
+                     "(e.g. runs/clip/clip from `npdiffusion train clip`)")
+
+
+def prepare_guidance(args, pipe, batch_prompts):
+    """The ``(scale, grad_fn)`` terms of ``guided_sample`` for the gradient-guidance options (empty when off),
+    and a dict describing them for the PNG parameters."""
+    from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
+    from npdiffusion.guidance.classifier_guidance import classifier_gradient_fn  # noqa: PLC0415
+
+    terms, info = [], {}
+    ptype = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if args.classifier is not None:
+        from npdiffusion.training.classifier_stage import load_classifier  # noqa: PLC0415
+
+        classifier, attribute = load_classifier(args.classifier)
+        want = pipe.unet.config["in_channels"]
+        if classifier.in_channels != want:
+            raise ValueError(f"--classifier {args.classifier!r} takes {classifier.in_channels}-channel inputs, but the "
+                             f"model's latents have {want} channels (train the classifier on the VAE's scaled latents)")
+        y = _classifier_targets(args, classifier, attribute, batch_prompts)
+        scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+        terms.append((scale, classifier_gradient_fn(classifier.eval(), numpy.asarray(y))))
+        info.update(classifier=os.path.abspath(args.classifier), classifier_scale=scale,
+                    classifier_class=[classifier.labels[i] if classifier.labels else i for i in y])
+    if args.clip_guidance:
+        from npdiffusion.guidance.clip_guidance import (  # noqa: PLC0415
+            CLIPImageInput,
+            clip_gradient_fn,
+            clip_text_embeds,
+            read_image_processor_config,
+        )
+        from npdiffusion.models.clip.clip_model import CLIPModel  # noqa: PLC0415
+        from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
+
+        folder, tok_folder = _find_clip(args)
+        clip = CLIPModel.from_pretrained(folder)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_folder) if tok_folder is not None else pipe.tokenizer
+        tc = clip.config.text_config
+        ids = numpy.asarray(tokenizer(list(batch_prompts), max_length=tc.max_position_embeddings,
+                                      padding="max_length", truncation=True))
+        if ids.max() >= tc.vocab_size:
+            raise ValueError(f"--clip-model {folder!r}: its text tower has {tc.vocab_size} tokens but the tokenizer "
+                             f"gives id {int(ids.max())}; put the CLIP model's tokenizer in {folder}/tokenizer")
+        stats = {}
+        for where in (folder, os.path.join(args.model, "feature_extractor")):
+            stats = read_image_processor_config(where)
+            if stats:
+                break
+        image_input = CLIPImageInput(clip.config.vision_config.image_size, **stats)
+        te = clip_text_embeds(clip, asarray(ids))
+        terms.append((args.clip_guidance, clip_gradient_fn(clip, te, to_numpy(pipe.scheduler.alphas_cumprod),
+                                                           vae=pipe.vae, image_input=image_input,
+                                                           prediction_type=ptype)))
+        info.update(clip_model=os.path.abspath(folder), clip_guidance=args.clip_guidance,
+                    clip_image_mean=list(image_input.mean), clip_image_std=list(image_input.std))
+    return terms, info
+
+
+def guided_images(args, pipe, seed: int, height: int, width: int, terms):
+    """The pipeline's text-to-image with gradient guidance terms: PIL images (B = prompts x num_images)."""
+    from npdiffusion.backend import to_numpy, xp  # noqa: PLC0415
+    from npdiffusion.diffusion.guidance import classifier_free_guidance, rescale_noise_cfg  # noqa: PLC0415
+    from npdiffusion.guidance.classifier_guidance import guided_sample  # noqa: PLC0415
+    from npdiffusion.pipelines.noise import NoiseSource  # noqa: PLC0415
+
+    n, prompts = args.num_images, list(args.prompt)
+    do_cfg = args.guidance > 1.0
+    negative = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
+    cond, uncond = pipe.encode_prompt(prompts, n, do_cfg, negative)
+    context = xp.concatenate([uncond, cond], axis=0) if do_cfg else cond
+    b = len(prompts) * n
+    shape = (b, pipe.unet.config["in_channels"], height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    source = NoiseSource(args.noise, seed, b)
+    latents = source.randn(shape, numpy.dtype(context.dtype))
+
+    def model_fn(x, t):                                   # as the pipeline's loop: CFG, then rescale
+        x_in = xp.concatenate([x, x], axis=0) if do_cfg else x
+        eps = pipe.unet(x_in, pipe._unet_timestep(t), context)
+        if do_cfg:
+            eps_u, eps_c = eps[:b], eps[b:]
+            eps = classifier_free_guidance(eps_u, eps_c, args.guidance)
+            if args.guidance_rescale > 0.0:
+                eps = rescale_noise_cfg(eps, eps_c, args.guidance_rescale)
+        return eps
+
+    x = guided_sample(model_fn, pipe.scheduler, shape, args.steps, source.scheduler_rng(), guidance=terms,
+                      dtype=numpy.dtype(context.dtype), latents=to_numpy(latents))
+    return pipe.decode_latents(x, "pil")
 
 
 # -------------------------------------------------------------------------------------- checks
@@ -198,6 +374,7 @@ def base_params(args, pipe, seed: int) -> dict:
 
 def run(args) -> int:
     check_common(args)
+    check_guidance(args)
     seed = resolve_seed(args)
     names = image_names(args.prompt, args.num_images)
     paths = check_out(args.out, names + [GRID_NAME], args.overwrite)
@@ -205,13 +382,18 @@ def run(args) -> int:
     pipe = load_pipeline(args)
     height, width = (args.height, args.width) if args.height is not None else pipe.default_height_width()
     pipe.check_inputs(args.prompt, height, width)                      # the VAE's size rule, before any work
+    batch_prompts = [text for text in args.prompt for _ in range(args.num_images)]
+    terms, guidance_info = prepare_guidance(args, pipe, batch_prompts)   # loads and checks, before any work
     make_out(args.out)
-    negative = None if args.negative_prompt is None else [args.negative_prompt] * len(args.prompt)
-    images = pipe(list(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, height=height, width=width,
-                  num_images_per_prompt=args.num_images, seed=seed, noise=args.noise, output_type="pil",
-                  progress=not args.no_progress).images
-    common = base_params(args, pipe, seed)
+    if terms:
+        images = guided_images(args, pipe, seed, height, width, terms)
+    else:
+        negative = None if args.negative_prompt is None else [args.negative_prompt] * len(args.prompt)
+        images = pipe(list(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, height=height,
+                      width=width, num_images_per_prompt=args.num_images, seed=seed, noise=args.noise,
+                      output_type="pil", progress=not args.no_progress).images
+    common = dict(base_params(args, pipe, seed), **guidance_info)
     params = [dict(common, prompt=text, image=i, num_images=args.num_images, height=height, width=width,
                    guidance_rescale=args.guidance_rescale)
               for text in args.prompt for i in range(args.num_images)]
