@@ -167,6 +167,7 @@ def test_attention_probs_by_hand():
     (study_attention_maps, ["--prompt", "a purple circle in the top left"]),
     (study_unconditional_classifier, ["--attributes", "position"]),
     (study_steps, ["--out", "figure.jpg"]),
+    (study_attention_maps, ["--seeds", "3"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(model, tmp_path, capsys, script, extra):
     argv = ["--model", model, "--quick"] + (extra if "--out" in extra else ["--out", str(tmp_path / "x.png")] + extra)

@@ -49,7 +49,10 @@ def parse(argv):
                    help=f"classifier-free guidance scale (default {sc.GUIDANCE_SCALE}, the demo's)")
     p.add_argument("--resolution", type=sc.positive_int, default=None,
                    help="latent side whose cross-attention layers are averaged (default: the finest)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prompts is not None or args.seeds is not None:
+        p.error("--prompts/--seeds do not apply here: name the captions with --prompt TEXT (seed 0 each)")
+    return args
 
 
 def word_tokens(tokenizer, prompt: str) -> list:

@@ -44,6 +44,9 @@ HEADERS = ["attribute", "classifier scale", "accuracy", "chance", "images"]
 
 def parse(argv):
     p = sc.add_common_args(__doc__.splitlines()[0], "docs/images/study_unconditional_classifier.png")
+    for action in p._actions:                 # --seeds means samples per target class here
+        if action.dest == "seeds":
+            action.help = "samples per target class (default 20; --quick 2)"
     p.add_argument("--attributes", default=",".join(ATTRIBUTES),
                    help="comma-separated attributes to guide: color, shape (default both)")
     p.add_argument("--scales", type=sc.number_list, default=None,
@@ -59,6 +62,8 @@ def parse(argv):
     p.add_argument("--classifier-dir", metavar="DIR", default=None,
                    help="load the classifiers from DIR/<attribute> instead of training them")
     args = p.parse_args(argv)
+    if args.prompts is not None:
+        p.error("--prompts does not apply here (the model gets the empty prompt); --seeds sets samples per class")
     args.attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
     for a in args.attributes:
         if a not in ATTRIBUTES:
