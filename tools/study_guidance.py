@@ -13,8 +13,9 @@ embeddings (N, T, D); classifier labels y (N,).
   scale --classifier-cfg, default 1) plus eps_hat = eps - s sqrt(1 - abar_t) grad_x log p(y | x_t, t)
   for s in --classifier-scales (default 0, 1, 2, 4, 8), y = the prompt's value of the classifier's
   attribute (npdiffusion/guidance/classifier_guidance.py ``guided_sample``).
-* **CLIP** (``--clip DIR``): the hook ``clip_terms`` below, for npdiffusion/guidance/clip_guidance.py
-  (being written separately); until that module exists ``--clip`` stops with a one-line error.
+* **CLIP** (``--clip DIR``, a full CLIPModel folder such as the demo's ``runs/clip/clip``): the same
+  conditional model plus s times the gradient of the CLIP similarity of the prompt and the decoded x0
+  prediction (npdiffusion/guidance/clip_guidance.py, through ``clip_terms``), s in --clip-scales.
 
 Every method samples the same initial latents (image i from numpy.random.default_rng(seed_i)) with
 the model's scheduler (the demo: DPM-Solver++) for --steps steps (default the demo's 20).
@@ -55,8 +56,7 @@ def parse(argv):
                    help="classifier-free scale used together with classifier guidance (default 1: the conditional "
                         "model alone, so the classifier's effect is measured by itself)")
     p.add_argument("--clip", metavar="DIR", default=None,
-                   help="a CLIP model folder (text and vision towers): adds CLIP guidance (needs "
-                        "npdiffusion/guidance/clip_guidance.py)")
+                   help="a full CLIPModel folder (text and vision towers, e.g. demo-out/runs/clip/clip): adds CLIP guidance")
     p.add_argument("--clip-scales", type=sc.number_list, default=None,
                    help=f"CLIP guidance scales (default {','.join(f'{v:g}' for v in CLASSIFIER_SCALES)})")
     args = p.parse_args(argv)
@@ -88,28 +88,30 @@ def classifier_terms(pipe, folder: str, flat_prompts: list):
 
 
 def clip_terms(pipe, folder: str, flat_prompts: list):
-    """Hook for CLIP guidance: grad_fn(x_t, t, out) -> grad_x of the CLIP similarity of each image's
-    prompt and its decoded x0 prediction (docs/guidance.md, "CLIP guidance").
+    """grad_fn(x_t, t, out) -> grad_x of the CLIP similarity of each image's prompt and its decoded x0
+    prediction (npdiffusion/guidance/clip_guidance.py ``clip_gradient_fn``; docs/guidance.md).
 
-    Expects ``npdiffusion.guidance.clip_guidance.clip_gradient_fn(clip_model, vae, text_embeds,
-    alphas_cumprod, scaling_factor)`` returning that function; adapt this call to the module's final
-    signature when it lands (it is the only place the study touches CLIP guidance).
+    ``folder`` is a full CLIPModel (text and vision towers), e.g. the demo's ``runs/clip/clip``; its
+    text tower reads the model's tokenizer's ids, the image processor's statistics come from the folder
+    (CLIP's defaults when it has none), as ``npdiffusion sample --clip-guidance`` does.
     """
-    try:
-        from npdiffusion.guidance import clip_guidance  # noqa: PLC0415
-    except ImportError:
-        raise sc.StudyError("--clip needs npdiffusion/guidance/clip_guidance.py, which this tree does not have "
-                            "yet") from None
-    if not hasattr(clip_guidance, "clip_gradient_fn"):
-        raise sc.StudyError("--clip: npdiffusion.guidance.clip_guidance has no clip_gradient_fn; update "
-                            "tools/study_guidance.py clip_terms to its API")
+    from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
+    from npdiffusion.guidance.clip_guidance import (  # noqa: PLC0415
+        CLIPImageInput, clip_gradient_fn, clip_text_embeds, read_image_processor_config)
     from npdiffusion.models.clip.clip_model import CLIPModel  # noqa: PLC0415
 
-    clip = CLIPModel.from_pretrained(folder).eval()
-    ids = pipe.tokenizer(flat_prompts, max_length=pipe.tokenizer.model_max_length, padding="max_length",
-                         truncation=True)
-    return clip_guidance.clip_gradient_fn(clip, pipe.vae, ids, pipe.scheduler.alphas_cumprod,
-                                          float(pipe.vae.config["scaling_factor"]))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise sc.StudyError(f"--clip {folder!r} has no config.json (give a CLIPModel folder, e.g. demo-out/runs/clip/clip)")
+    clip = CLIPModel.from_pretrained(folder)
+    if getattr(clip.config, "vision_config", None) is None:
+        raise sc.StudyError(f"--clip {folder!r} has no vision tower; CLIP guidance needs a full CLIPModel")
+    tc = clip.config.text_config
+    ids = numpy.asarray(pipe.tokenizer(list(flat_prompts), max_length=tc.max_position_embeddings,
+                                       padding="max_length", truncation=True))
+    image_input = CLIPImageInput(clip.config.vision_config.image_size, **read_image_processor_config(folder))
+    te = clip_text_embeds(clip, asarray(ids))
+    return clip_gradient_fn(clip, te, to_numpy(pipe.scheduler.alphas_cumprod), vae=pipe.vae, image_input=image_input,
+                            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
 def sample_guided(pipe, flat_prompts, seeds_flat, steps: int, cfg: float, scale: float, grad_fn):
