@@ -4,17 +4,18 @@ Shape legend: N the length of the leading axis that is split (batch, or rows of 
 R the number of entries per index of that axis (everything after it), [lo, hi) one block.
 
 NumPy runs each ufunc on one core, while torch spreads its element-wise kernels over all of them,
-and an op that makes several passes over a multi-megabyte array (normalization, activations and
-their backwards, AdamW) runs each pass at memory speed. ``parallel_for(fn, n, row_entries)`` fixes
-both: it cuts ``range(n)`` into contiguous blocks of about ``BLOCK_ENTRIES`` entries and calls
-``fn(lo, hi)`` for each, on a small pool of threads. NumPy releases the GIL inside its loops, so
-the blocks run at the same time, and an op that does all its passes on one block before the next
-finds the block in the cache after the first pass.
+and an op that makes many passes over a multi-megabyte array (activations and their backwards)
+runs each pass at memory speed. ``parallel_for(fn, n, row_entries, block_entries)`` fixes both: it
+cuts ``range(n)`` into one contiguous part per thread and calls ``fn(lo, hi)`` on each part, the
+calling thread taking the first and a small pool the others (NumPy releases the GIL inside its
+loops, so the parts run at the same time); with ``block_entries`` each thread walks its part in
+cache-sized blocks, so an ``fn`` that makes all its passes over one block before the next finds
+the block in cache after the first pass.
 
 ``fn`` must only read its inputs and write its own rows ``[lo, hi)`` of preallocated outputs
-(or return a per-block result: ``parallel_for`` returns them in block order). The result is the
-same as one call ``fn(0, n)`` for every thread count and block size (each block's arithmetic does
-not depend on the others), which the tests check.
+(or return a per-call result: ``parallel_for`` returns them in order). The result is the same as
+one call ``fn(0, n)`` for every thread count and block size (each range's arithmetic does not
+depend on the others), which the tests check.
 
 On the CuPy backend (one GPU stream), for small arrays and with one thread, ``fn(0, n)`` is called
 once in the calling thread. A call from inside a block also runs inline (no nested pools).
@@ -24,19 +25,17 @@ process may run on.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from npdiffusion import backend
 
-__all__ = ["BLOCK_ENTRIES", "get_num_threads", "set_num_threads", "parallel_for"]
+__all__ = ["BLOCK_ENTRIES", "get_num_threads", "set_num_threads", "split", "parallel_for"]
 
-# Entries per block: 64 K float32 entries = 256 KB, so the two or three arrays an op touches per
-# block stay in a core's L2 cache (measured: the same passes over 64 KB..1 MB blocks run 2-3x
-# faster than over multi-megabyte arrays).
-BLOCK_ENTRIES = 1 << 20
+# Entries per cache block for ops that make many passes (activations): 16 K float32 entries =
+# 64 KB, so the few arrays a pass touches stay in a core's L2 cache.
+BLOCK_ENTRIES = 1 << 14
 # Below this many entries the whole array is one block in the calling thread: a thread hand-off
 # costs ~20 us, the time of a pass over ~100 K entries.
 MIN_PARALLEL_ENTRIES = 1 << 17
@@ -86,14 +85,11 @@ def _pool(size: int) -> ThreadPoolExecutor:
         return _state["pool"]
 
 
-def blocks(n: int, row_entries: int, threads: int, block_entries: int | None = None):
-    """The ``[lo, hi)`` ranges ``parallel_for`` uses: about ``block_entries`` entries each (at least
-    one row), at least ``threads`` of them when there are that many rows, sizes differing by <= 1."""
-    if n <= 0:
+def split(n: int, parts: int):
+    """``range(n)`` cut into ``min(parts, n)`` contiguous ``(lo, hi)`` ranges whose sizes differ by <= 1."""
+    count = min(max(int(parts), 1), n)
+    if count <= 0:
         return []
-    block_entries = BLOCK_ENTRIES if block_entries is None else block_entries
-    rows = max(1, block_entries // max(int(row_entries), 1))
-    count = min(n, max(-(-n // rows), threads))
     base, extra = divmod(n, count)
     out, lo = [], 0
     for i in range(count):
@@ -103,36 +99,42 @@ def blocks(n: int, row_entries: int, threads: int, block_entries: int | None = N
     return out
 
 
-def parallel_for(fn, n: int, row_entries: int):
-    """Call ``fn(lo, hi)`` over contiguous blocks covering ``range(n)``; return their results in order.
+def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None):
+    """Call ``fn(lo, hi)`` over contiguous ranges covering ``range(n)``; return the results in order.
 
-    ``row_entries`` is the number of array entries one index of the split axis touches (it sizes the
-    blocks). The calling thread and ``threads - 1`` pool threads take blocks in turn until none is
-    left. See the module docstring for what ``fn`` may do.
+    ``range(n)`` is cut into one part per thread; the calling thread runs the first part and the
+    pool the others. With ``block_entries``, each thread cuts its part further into blocks of about
+    that many entries (at least one row) and calls ``fn`` once per block, so that an ``fn`` making
+    several passes finds its block in cache. ``row_entries`` is the number of array entries one
+    index of the split axis touches. See the module docstring for what ``fn`` may do.
     """
+    row_entries = max(int(row_entries), 1)
     threads = get_num_threads()
-    total = n * max(int(row_entries), 1)
-    if (threads == 1 or n < 2 or total < MIN_PARALLEL_ENTRIES or getattr(_inside, "active", False)
-            or backend.get_backend() != "numpy"):
-        return [fn(0, n)] if n > 0 else []
-    spans = blocks(n, row_entries, threads)
-    results = [None] * len(spans)
-    ticket = itertools.count()                                      # next() is atomic under the GIL
+    if (threads == 1 or n < 2 or n * row_entries < MIN_PARALLEL_ENTRIES
+            or getattr(_inside, "active", False) or backend.get_backend() != "numpy"):
+        parts = [(0, n)] if n > 0 else []
+    else:
+        parts = split(n, threads)
+    rows = None if block_entries is None else max(1, int(block_entries) // row_entries)
 
-    def work():
+    def run(lo, hi):
+        if rows is None or hi - lo <= rows:
+            return [fn(lo, hi)]
+        return [fn(a, b) for a, b in ((a, min(a + rows, hi)) for a in range(lo, hi, rows))]
+
+    if len(parts) <= 1:
+        return run(*parts[0]) if parts else []
+
+    def run_marked(lo, hi):
         _inside.active = True
         try:
-            for i in iter(lambda: next(ticket), None):
-                if i >= len(spans):
-                    return
-                results[i] = fn(*spans[i])
+            return run(lo, hi)
         finally:
             _inside.active = False
 
-    futures = [_pool(threads - 1).submit(work) for _ in range(min(threads, len(spans)) - 1)]
+    futures = [_pool(threads - 1).submit(run_marked, lo, hi) for lo, hi in parts[1:]]
     try:
-        work()
+        first = run_marked(*parts[0])
     finally:
-        for future in futures:
-            future.result()                                         # waits; re-raises a block's error
-    return results
+        rest = [f.result() for f in futures]                         # waits; re-raises a part's error
+    return [r for part in [first] + rest for r in part]

@@ -13,35 +13,42 @@ from npdiffusion.ops.norm import group_norm_backward, group_norm_forward
 
 @pytest.fixture
 def forced(monkeypatch):
-    """Split even tiny arrays, into small blocks, over three threads."""
+    """Split even tiny arrays over three threads."""
     monkeypatch.setattr(parallel, "MIN_PARALLEL_ENTRIES", 0)
-    monkeypatch.setattr(parallel, "BLOCK_ENTRIES", 64)
     previous = parallel.get_num_threads()
     parallel.set_num_threads(3)
     yield
     parallel.set_num_threads(previous)
 
 
-@given(n=st.integers(0, 200), row=st.integers(1, 5000), threads=st.integers(1, 8),
-       block=st.integers(1, 1 << 16))
-def test_blocks_cover_the_range_in_order(n, row, threads, block):
-    spans = parallel.blocks(n, row, threads, block)
+@given(n=st.integers(0, 200), parts=st.integers(1, 8))
+def test_split_covers_the_range_in_order(n, parts):
+    spans = parallel.split(n, parts)
     if n == 0:
         assert spans == []
         return
     assert [lo for lo, _ in spans] == [0] + [hi for _, hi in spans[:-1]]
-    assert (spans[-1][1] if spans else 0) == n
+    assert spans[-1][1] == n
     sizes = [hi - lo for lo, hi in spans]
-    assert all(size >= 1 for size in sizes)
-    if sizes:
-        assert max(sizes) - min(sizes) <= 1
-        assert len(spans) >= min(threads, n)
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert len(spans) == min(parts, n)
 
 
-def test_results_come_back_in_block_order(forced):
-    out = parallel.parallel_for(lambda lo, hi: list(range(lo, hi)), 100, 1)
-    assert [i for block in out for i in block] == list(range(100))
-    assert len(out) == len(parallel.blocks(100, 1, 3)) >= 3
+@given(n=st.integers(0, 300), row=st.integers(1, 50), block=st.one_of(st.none(), st.integers(1, 400)))
+def test_results_come_back_in_order(n, row, block):
+    previous = parallel.get_num_threads()
+    parallel.set_num_threads(3)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(parallel, "MIN_PARALLEL_ENTRIES", 0)
+            out = parallel.parallel_for(lambda lo, hi: list(range(lo, hi)), n, row, block)
+    finally:
+        parallel.set_num_threads(previous)
+    assert [i for part in out for i in part] == list(range(n))
+    if block is not None:
+        assert all(len(part) <= max(1, block // row) for part in out)
+    elif n:
+        assert len(out) == min(3, n)
 
 
 def test_a_block_error_reaches_the_caller(forced):
@@ -102,3 +109,37 @@ def test_group_norm_blocks_equal_one_call(forced, dtype, offset):
     np.testing.assert_array_equal(y_par, y_one)
     for got, want in zip(grads_par, grads_one):
         np.testing.assert_array_equal(got, want)
+
+
+def _activation_cases():
+    from npdiffusion.ops import activations as act
+    from npdiffusion.ops.geglu import geglu_backward, geglu_forward
+
+    return {
+        "silu": (act.silu_forward, act.silu_backward),
+        "gelu": (act.gelu_forward, act.gelu_backward),
+        "gelu_tanh": (lambda x: act.gelu_forward(x, "tanh"), act.gelu_backward),
+        "quick_gelu": (act.quick_gelu_forward, act.quick_gelu_backward),
+        "geglu": (geglu_forward, geglu_backward),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_activation_cases()))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_element_wise_ops_blocks_equal_one_call(forced, monkeypatch, name, dtype):
+    from npdiffusion.ops import activations, geglu
+
+    forward, backward = _activation_cases()[name]
+    for module in (activations, geglu):
+        monkeypatch.setattr(module, "BLOCK_ENTRIES", 10)
+    rng = np.random.default_rng(1)
+    x = (4 * rng.standard_normal((5, 7, 12))).astype(dtype)[:, ::2]   # non-contiguous
+    y_par, cache = forward(x)
+    dy = rng.standard_normal(y_par.shape).astype(dtype)
+    dx_par = backward(dy, cache)
+    parallel.set_num_threads(1)
+    y_one, cache = forward(x)
+    dx_one = backward(dy, cache)
+    assert y_par.dtype == dx_par.dtype == dtype
+    np.testing.assert_array_equal(y_par, y_one)
+    np.testing.assert_array_equal(dx_par, dx_one)
