@@ -230,6 +230,9 @@ def main(argv=None):
     else:
         threads = blas_threads()
     torch.set_num_threads(threads)
+    from npdiffusion import parallel
+
+    parallel.set_num_threads(threads)               # our element-wise threads too
 
     rows = [conv_row(torch, "conv3x3", 16, 64, 64, 32, 3, 1, 1), groupnorm_row(torch), attention_row(torch)]
     if args.extra:

@@ -56,6 +56,9 @@ def blas_threads(default: int = 2) -> int:
     return counts[0] if counts else default
 
 
+from npdiffusion import parallel  # noqa: E402
+
+
 def set_blas_threads(n: int) -> None:
     try:
         from threadpoolctl import threadpool_limits
@@ -220,6 +223,7 @@ def main(argv=None) -> None:
     args.threads = args.threads or blas_threads()
     set_blas_threads(args.threads)
     torch.set_num_threads(args.threads)
+    parallel.set_num_threads(args.threads)          # our element-wise threads too
     if args.profile:
         profile(args, torch)
     elif args.memory:
