@@ -143,3 +143,29 @@ def test_element_wise_ops_blocks_equal_one_call(forced, monkeypatch, name, dtype
     assert y_par.dtype == dx_par.dtype == dtype
     np.testing.assert_array_equal(y_par, y_one)
     np.testing.assert_array_equal(dx_par, dx_one)
+
+
+def test_adamw_blocks_equal_one_call(forced, monkeypatch):
+    from npdiffusion.nn import Linear
+    from npdiffusion.optim import adamw
+
+    monkeypatch.setattr(adamw, "BLOCK_ENTRIES", 7)
+    rng = np.random.default_rng(2)
+    results = []
+    for threads in (3, 1):
+        parallel.set_num_threads(threads)
+        layer = Linear(6, 5)
+        layer.load_state_dict({"weight": rng.standard_normal((5, 6)) if not results else w0,
+                               "bias": rng.standard_normal(5) if not results else b0})
+        if not results:
+            w0, b0 = layer.weight.copy(), layer.bias.copy()
+        opt = adamw.AdamW(layer, lr=0.1)
+        for step in range(3):
+            layer.zero_grad()
+            layer.forward(np.linspace(-1, 1, 12).reshape(2, 6).astype(np.float32) * (step + 1))
+            layer.backward(np.ones((2, 5), np.float32))
+            opt.step()
+        results.append((layer.weight.copy(), layer.bias.copy()))
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(results[0][0], w0)

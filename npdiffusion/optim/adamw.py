@@ -10,12 +10,14 @@ shape as p)::
 
 The same operations in the same order as torch's single-tensor path, so float64 results agree
 to the last bits (torch's CPU kernels fuse some multiply-adds, NumPy does not: about 1 ulp per op).
-Derivation of the bias corrections: docs/optim.md ("AdamW").
+Each parameter is updated in cache-sized blocks of its flattened entries on the CPU's threads
+(npdiffusion/parallel.py): the dozen passes of one block find it in cache. Derivation of the bias corrections: docs/optim.md ("AdamW").
 """
 from __future__ import annotations
 
 from npdiffusion.backend import xp
 from npdiffusion.optim.optimizer import Optimizer, check_float
+from npdiffusion.parallel import BLOCK_ENTRIES, parallel_for
 
 
 def _lerp_(start, end, weight: float, tmp) -> None:
@@ -63,12 +65,12 @@ class AdamW(Optimizer):
         lr, (beta1, beta2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
         step_size = lr / (1.0 - beta1 ** t)
         bias_correction2_sqrt = (1.0 - beta2 ** t) ** 0.5
-        for name, p, g in self._params_and_grads():
-            m = self._slot("exp_avg", name, p)
-            v = self._slot("exp_avg_sq", name, p)
+        decay = 1.0 - lr * wd
+
+        def update(p, g, m, v):
             tmp = xp.empty_like(p)
             if wd != 0.0:
-                p *= 1.0 - lr * wd
+                p *= decay
             _lerp_(m, g, 1.0 - beta1, tmp)
             v *= beta2
             xp.multiply(g, 1.0 - beta2, out=tmp)
@@ -77,6 +79,15 @@ class AdamW(Optimizer):
             xp.sqrt(v, out=tmp)                 # tmp = denom = sqrt(v) / sqrt(bc2) + eps
             tmp /= bias_correction2_sqrt
             tmp += eps
-            update = m * -step_size
-            update /= tmp
-            p += update
+            step = m * -step_size
+            step /= tmp
+            p += step
+
+        for name, p, g in self._params_and_grads():
+            m = self._slot("exp_avg", name, p)
+            v = self._slot("exp_avg_sq", name, p)
+            if not all(a.flags.c_contiguous for a in (p, m, v)):
+                update(p, g, m, v)              # flat views would be copies
+                continue
+            flat = [a.reshape(-1) for a in (p, xp.ascontiguousarray(g), m, v)]
+            parallel_for(lambda lo, hi: update(*(a[lo:hi] for a in flat)), p.size, 1, BLOCK_ENTRIES)
