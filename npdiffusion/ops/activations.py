@@ -110,15 +110,23 @@ def _map(kernel, x, *more):
 
 
 # --------------------------------------------------------------------------------- SiLU
-def _silu(x, out):
-    _sigmoid(x, out)
+# SiLU and QuickGELU are both x * sigmoid(beta x) ("swish"), beta = 1 and 1.702:
+# d/dx = s + beta x s (1 - s) = s (1 + beta x (1 - s)),  s = sigmoid(beta x).
+def _swish(x, out, beta=1.0):
+    if beta == 1.0:
+        _sigmoid(x, out)
+    else:
+        xp.multiply(x, beta, out=out)
+        _sigmoid(out, out)
     out *= x
 
 
-def _silu_grad(x, dy, out):
-    s = _sigmoid(x, out)
+def _swish_grad(x, dy, out, beta=1.0):
+    s = _sigmoid(x, out) if beta == 1.0 else _sigmoid(xp.multiply(x, beta, out=out), out)
     t = xp.subtract(1.0, s)           # 1 - s
     t *= x                            # x (1 - s)
+    if beta != 1.0:
+        t *= beta
     t += 1.0
     s *= t
     s *= dy
@@ -127,12 +135,12 @@ def _silu_grad(x, dy, out):
 def silu_forward(x):
     """y = x * sigmoid(x) (a.k.a. swish). Returns ``(y, cache)``; cache = x."""
     _check(x, "silu")
-    return _map(_silu, x), x
+    return _map(_swish, x), x
 
 
 def silu_backward(dy, cache):
     """dx = dy * s (1 + x (1 - s)), s = sigmoid(x)."""
-    return _map(_silu_grad, cache, dy)
+    return _map(_swish_grad, cache, dy)
 
 
 # --------------------------------------------------------------------------------- GELU
@@ -214,20 +222,11 @@ def gelu_backward(dy, cache):
 
 # --------------------------------------------------------------------------------- QuickGELU
 def _quick_gelu(x, out):
-    xp.multiply(x, _QUICK, out=out)
-    _sigmoid(out, out)
-    out *= x
+    _swish(x, out, _QUICK)
 
 
 def _quick_gelu_grad(x, dy, out):
-    xp.multiply(x, _QUICK, out=out)
-    s = _sigmoid(out, out)
-    t = xp.subtract(1.0, s)           # 1 - s
-    t *= x
-    t *= _QUICK
-    t += 1.0
-    s *= t
-    s *= dy
+    _swish_grad(x, dy, out, _QUICK)
 
 
 def quick_gelu_forward(x):
