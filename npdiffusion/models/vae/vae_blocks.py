@@ -164,96 +164,87 @@ class UNetMidBlock2D(Module):
         return f"in_channels={self.in_channels}, add_attention={self.add_attention}"
 
 
-class DownEncoderBlock2D(Module):
-    """diffusers' ``DownEncoderBlock2D``: x (B, Ci, H, W) -> (B, Co, Ho, Wo).
+class _ResnetsThenResample(Module):
+    """The body DownEncoderBlock2D and UpDecoderBlock2D share: ``resnets`` (num_layers ResnetBlock2D
+    without time projection) and then, optionally, one resampler kept at ``<RESAMPLERS>.0``."""
 
-    ``resnets``: num_layers ResnetBlock2D without time projection; ``downsamplers.0``: a
-    ``Downsample2D`` with ``downsample_padding`` (0 in the VAE encoder) when ``add_downsample``.
-    """
+    RESAMPLERS = ""                                   # "downsamplers" or "upsamplers" (diffusers' names)
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, num_layers: int = 1,
-                 resnet_eps: float = 1e-6, resnet_act_fn: str = "swish", resnet_groups: int = 32,
-                 output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1):
+    def __init__(self, in_channels, out_channels, dropout, num_layers, resnet_eps, resnet_act_fn,
+                 resnet_groups, output_scale_factor, make_resampler):
         super().__init__()
+        name = type(self).__name__
         check_positive_int("in_channels", in_channels)
         check_positive_int("out_channels", out_channels)
-        _check_num_layers("DownEncoderBlock2D", num_layers)
+        _check_num_layers(name, num_layers)
         if resnet_act_fn not in ("swish", "silu"):
-            raise ValueError(f"DownEncoderBlock2D: resnet_act_fn must be 'swish' or 'silu', got {resnet_act_fn!r}")
+            raise ValueError(f"{name}: resnet_act_fn must be 'swish' or 'silu', got {resnet_act_fn!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.resnets = ModuleList([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
                           groups=resnet_groups, eps=resnet_eps, dropout=dropout,
                           output_scale_factor=output_scale_factor)
             for i in range(num_layers)])
-        self.add_downsample = bool(add_downsample)
-        if self.add_downsample:
-            self.downsamplers = ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels,
-                                                         padding=downsample_padding)])
+        self._resample = make_resampler is not None
+        if self._resample:
+            setattr(self, self.RESAMPLERS, ModuleList([make_resampler()]))
 
     def forward(self, x):
-        """x (B, Ci, H, W) -> (B, Co, H', W'); H' = floor(H/2) with the VAE's padding-0 downsampler."""
-        check_input("DownEncoderBlock2D", "x", x, ndim=4, axis=1, size=self.in_channels)
+        check_input(type(self).__name__, "x", x, ndim=4, axis=1, size=self.in_channels)
         h = x
         for resnet in self.resnets:
             h = resnet(h)
-        if self.add_downsample:
-            h = self.downsamplers[0](h)
+        if self._resample:
+            h = getattr(self, self.RESAMPLERS)[0](h)
         return h
 
     def backward(self, grad):
-        """grad (B, Co, H', W') -> dx (B, Ci, H, W)."""
-        g = self.downsamplers[0].backward(grad) if self.add_downsample else grad
+        g = getattr(self, self.RESAMPLERS)[0].backward(grad) if self._resample else grad
         for resnet in reversed(list(self.resnets)):
             g = resnet.backward(g)
         return g
 
     def extra_repr(self):
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, add_downsample={self.add_downsample}"
+        flag = "add_downsample" if self.RESAMPLERS == "downsamplers" else "add_upsample"
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, {flag}={self._resample}"
 
 
-class UpDecoderBlock2D(Module):
+class DownEncoderBlock2D(_ResnetsThenResample):
+    """diffusers' ``DownEncoderBlock2D``: x (B, Ci, H, W) -> (B, Co, Ho, Wo), Ho = floor(H/2) with
+    the VAE's padding-0 downsampler (H without ``add_downsample``).
+
+    ``resnets``: num_layers ResnetBlock2D without time projection; ``downsamplers.0``: a
+    ``Downsample2D`` with ``downsample_padding`` (0 in the VAE encoder) when ``add_downsample``.
+    """
+
+    RESAMPLERS = "downsamplers"
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, num_layers: int = 1,
+                 resnet_eps: float = 1e-6, resnet_act_fn: str = "swish", resnet_groups: int = 32,
+                 output_scale_factor: float = 1.0, add_downsample: bool = True, downsample_padding: int = 1):
+        def make():
+            return Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding)
+
+        super().__init__(in_channels, out_channels, dropout, num_layers, resnet_eps, resnet_act_fn,
+                         resnet_groups, output_scale_factor, make if add_downsample else None)
+        self.add_downsample = bool(add_downsample)
+
+
+class UpDecoderBlock2D(_ResnetsThenResample):
     """diffusers' ``UpDecoderBlock2D`` (time_embedding_norm "default", no temb in the VAE):
     x (B, Ci, H, W) -> (B, Co, 2H, 2W) (or (B, Co, H, W) without ``add_upsample``).
 
     ``resnets``: num_layers ResnetBlock2D; ``upsamplers.0``: an ``Upsample2D`` with a conv.
     """
 
+    RESAMPLERS = "upsamplers"
+
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, num_layers: int = 1,
                  resnet_eps: float = 1e-6, resnet_act_fn: str = "swish", resnet_groups: int = 32,
                  output_scale_factor: float = 1.0, add_upsample: bool = True):
-        super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("out_channels", out_channels)
-        _check_num_layers("UpDecoderBlock2D", num_layers)
-        if resnet_act_fn not in ("swish", "silu"):
-            raise ValueError(f"UpDecoderBlock2D: resnet_act_fn must be 'swish' or 'silu', got {resnet_act_fn!r}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.resnets = ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                          groups=resnet_groups, eps=resnet_eps, dropout=dropout,
-                          output_scale_factor=output_scale_factor)
-            for i in range(num_layers)])
+        def make():
+            return Upsample2D(out_channels, use_conv=True, out_channels=out_channels)
+
+        super().__init__(in_channels, out_channels, dropout, num_layers, resnet_eps, resnet_act_fn,
+                         resnet_groups, output_scale_factor, make if add_upsample else None)
         self.add_upsample = bool(add_upsample)
-        if self.add_upsample:
-            self.upsamplers = ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels)])
-
-    def forward(self, x):
-        """x (B, Ci, H, W) -> (B, Co, 2H, 2W)."""
-        check_input("UpDecoderBlock2D", "x", x, ndim=4, axis=1, size=self.in_channels)
-        h = x
-        for resnet in self.resnets:
-            h = resnet(h)
-        if self.add_upsample:
-            h = self.upsamplers[0](h)
-        return h
-
-    def backward(self, grad):
-        """grad (B, Co, 2H, 2W) -> dx (B, Ci, H, W)."""
-        g = self.upsamplers[0].backward(grad) if self.add_upsample else grad
-        for resnet in reversed(list(self.resnets)):
-            g = resnet.backward(g)
-        return g
-
-    def extra_repr(self):
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, add_upsample={self.add_upsample}"
