@@ -324,6 +324,48 @@ def check_num_inference_steps(cls_name: str, n, num_train_timesteps: int | None 
     return int(n)
 
 
+def check_schedule_options(cls_name: str, prediction_type, prediction_types, timestep_spacing,
+                           steps_offset) -> None:
+    """The constructor checks every scheduler makes: ``prediction_type`` among the class's
+    ``prediction_types``, ``timestep_spacing`` one of :data:`TIMESTEP_SPACINGS`, ``steps_offset`` an int >= 0."""
+    check_choice(cls_name, "prediction_type", prediction_type, prediction_types)
+    check_choice(cls_name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    check_int(cls_name, "steps_offset", steps_offset)
+
+
+def check_reals(cls_name: str, **values) -> None:
+    """``check_real`` on each keyword (name = value), in order: float options such as ``sample_max_value``."""
+    for key, value in values.items():
+        check_real(cls_name, key, value)
+
+
+def check_step_inputs(cls_name: str, model_output, sample) -> None:
+    """``step``'s arrays: both floating-point arrays, ``model_output`` (B, ...) of ``sample``'s shape."""
+    check_sample(cls_name, "model_output", model_output)
+    check_sample(cls_name, "sample", sample)
+    check_same_shape(cls_name, "model_output", model_output, "sample", sample)
+
+
+def check_timesteps_set(cls_name: str, num_inference_steps) -> None:
+    """``step`` before ``set_timesteps`` (``num_inference_steps`` still None) is refused."""
+    if num_inference_steps is None:
+        raise ValueError(f"{cls_name}.step: call set_timesteps(num_inference_steps) first")
+
+
+def merge_noise_alias(cls_name: str, noise, variance_noise):
+    """``noise``, or diffusers' name for it, ``variance_noise`` (B, ...); passing both is refused."""
+    if noise is not None and variance_noise is not None:
+        raise ValueError(f"{cls_name}.step: pass noise or variance_noise, not both")
+    return noise if noise is not None else variance_noise
+
+
+def step_output(return_dict: bool, prev_sample, pred_original_sample=None):
+    """What ``step`` returns: a :class:`SchedulerOutput`, or with ``return_dict=False`` its tuple
+    (``(prev_sample, pred_original_sample)``, or ``(prev_sample,)`` for schedulers that form no x0)."""
+    out = SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+    return out if return_dict else out.to_tuple()
+
+
 # ---------------------------------------------------------------------------------- timestep spacing
 
 def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int,
@@ -408,6 +450,23 @@ def threshold_sample(sample, ratio: float, max_value: float):
     return out.reshape(sample.shape).astype(dtype, copy=False)
 
 
+def clip_or_threshold(config: Mapping, pred_original_sample):
+    """x0_hat (B, ...) limited as the scheduler config asks: dynamic thresholding when ``thresholding``,
+    else clipped to [-clip_sample_range, clip_sample_range] when ``clip_sample``, else unchanged.
+
+    A key the scheduler does not have counts as off (Heun has no thresholding, DPM-Solver no clipping).
+    """
+    from npdiffusion.backend import xp  # noqa: PLC0415
+
+    if config.get("thresholding", False):
+        return threshold_sample(pred_original_sample, config["dynamic_thresholding_ratio"],
+                                config["sample_max_value"])
+    if config.get("clip_sample", False):
+        r = float(config["clip_sample_range"])
+        return xp.clip(pred_original_sample, -r, r)
+    return pred_original_sample
+
+
 # ------------------------------------------------------------------------------ float32 scalar math
 
 def _via_float64(fn, x):
@@ -450,6 +509,27 @@ def make_betas(cls_name: str, num_train_timesteps, beta_start, beta_end, beta_sc
     return schedules.betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
 
 
+def training_schedule(cls_name: str, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                      rescale_betas_zero_snr: bool = False, allowed=("linear", "scaled_linear", "squaredcos_cap_v2"),
+                      terminal_floor: bool = False):
+    """``(betas, alphas, alphas_cumprod)``, each (T,) float32: the training schedule of a constructor.
+
+    betas from :func:`make_betas`, rescaled to zero terminal SNR when ``rescale_betas_zero_snr``
+    (Lin et al. 2023); alphas = 1 - betas; alphas_cumprod = abar_t = prod_{s <= t} alpha_s. With
+    ``terminal_floor`` (the sigma-space schedulers) a zero-SNR abar_{T-1} = 0 is raised to 2^-24, so
+    that sigma = sqrt((1 - abar)/abar) stays finite, as diffusers does.
+    """
+    betas = make_betas(cls_name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                       allowed=allowed)
+    if rescale_betas_zero_snr:
+        betas = schedules.rescale_zero_terminal_snr(betas)
+    alphas = (numpy.float32(1.0) - betas).astype(numpy.float32)
+    alphas_cumprod = schedules.alphas_cumprod(betas)
+    if rescale_betas_zero_snr and terminal_floor:
+        alphas_cumprod[-1] = numpy.float32(2.0 ** -24)
+    return betas, alphas, alphas_cumprod
+
+
 def alpha_bar_coefficients(alphas_cumprod: numpy.ndarray, timesteps, x):
     """sqrt(abar_t) and sqrt(1 - abar_t) at ``timesteps`` (B,), as (B, 1, ..., 1) arrays in ``x``'s dtype.
 
@@ -483,6 +563,22 @@ def alpha_bar_velocity(cls_name: str, alphas_cumprod, sample, noise, timesteps):
     check_same_shape(cls_name, "noise", noise, "sample", sample)
     sa, so = alpha_bar_coefficients(alphas_cumprod, timesteps, sample)
     return sa * noise - so * sample
+
+
+class AlphaBarNoiseMixin:
+    """``add_noise`` of the schedulers that work with abar_t directly (DDPM, DDIM, PNDM); needs ``alphas_cumprod``."""
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, one t per batch item. (B, ...)."""
+        return alpha_bar_add_noise(type(self).__name__, self.alphas_cumprod, original_samples, noise, timesteps)
+
+
+class AlphaBarVelocityMixin(AlphaBarNoiseMixin):
+    """``add_noise`` and ``get_velocity`` (the v-prediction target) of DDPM and DDIM."""
+
+    def get_velocity(self, sample, noise, timesteps):
+        """The v-prediction target sqrt(abar_t) noise - sqrt(1 - abar_t) x_0. (B, ...)."""
+        return alpha_bar_velocity(type(self).__name__, self.alphas_cumprod, sample, noise, timesteps)
 
 
 # ------------------------------------------------------------------------ sigma-space schedulers
@@ -554,6 +650,19 @@ class StepIndexMixin:
         else:
             self._step_index = self._begin_index
 
+    def _reset_step_index(self) -> None:
+        """Forget the step and begin indices (a new schedule: the constructor and ``set_timesteps``)."""
+        self._step_index = None
+        self._begin_index = None
+
+    def _enter_step(self, timestep) -> None:
+        """Start a ``step`` call: find the step index on the first call; refuse a call past the last sigma."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index + 1 >= len(self.sigmas):
+            raise ValueError(f"{type(self).__name__}.step: all {len(self.sigmas) - 1} steps are done; "
+                             "call set_timesteps again")
+
     def _sigma_add_noise(self, original_samples, noise, timesteps):
         """x = x_0 + sigma noise at each item's timestep (B, ...): diffusers' sigma-space ``add_noise``."""
         sigma = self._add_noise_sigmas(original_samples, noise, timesteps)
@@ -593,6 +702,29 @@ class StepIndexMixin:
             self._init_step_index(timestep)
         sigma = self.sigmas[self._step_index]
         return sample / float(numpy.sqrt(sigma * sigma + numpy.float32(1.0)))
+
+
+class SigmaScalingMixin(StepIndexMixin):
+    """The sigma-space schedulers whose model sees x / sqrt(sigma^2 + 1) (Euler, Euler ancestral, Heun).
+
+    They keep ``sigmas`` (host, float32) and ``timesteps``; the initial noise has std
+    ``init_noise_sigma`` and ``add_noise`` is x_0 + sigma noise (the variance-exploding form).
+    """
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """The std of the initial noise: max sigma (linspace/trailing) or sqrt(max sigma^2 + 1) (leading)."""
+        return self._sigma_init_noise_sigma()
+
+    def scale_model_input(self, sample, timestep):
+        """x / sqrt(sigma^2 + 1) at this step's sigma. (B, ...)."""
+        out = self._scale_by_sigma(sample, timestep)
+        self.is_scale_input_called = True
+        return out
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x = x_0 + sigma noise at each item's timestep (sigma-space forward process). (B, ...)."""
+        return self._sigma_add_noise(original_samples, noise, timesteps)
 
 
 def reject_integer_timestep(cls_name: str, timestep) -> None:

@@ -16,36 +16,33 @@ from __future__ import annotations
 
 import numpy
 
-from npdiffusion.backend import xp
-from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
+    AlphaBarVelocityMixin,
     SchedulerMixin,
-    SchedulerOutput,
-    alpha_bar_add_noise,
-    alpha_bar_velocity,
-    check_choice,
-    check_int,
     check_num_inference_steps,
     check_real,
-    check_same_shape,
-    check_sample,
+    check_reals,
+    check_schedule_options,
+    check_step_inputs,
+    check_timesteps_set,
+    clip_or_threshold,
     host_scalar,
-    make_betas,
+    merge_noise_alias,
     register_to_config,
     spaced_timesteps,
     standard_normal_like,
-    threshold_sample,
+    step_output,
+    training_schedule,
 )
+from npdiffusion.schedulers.predictions import vp_epsilon, vp_x0
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 _F32 = numpy.float32
 
 
-class DDIMScheduler(SchedulerMixin):
+class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
     """The DDIM sampler; constructor keywords are diffusers' config keys with diffusers' defaults."""
-
-    order = 1
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -55,17 +52,11 @@ class DDIMScheduler(SchedulerMixin):
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0,
                  timestep_spacing: str = "leading", rescale_betas_zero_snr: bool = False):
         name = type(self).__name__
-        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr:
-            self.betas = schedules.rescale_zero_terminal_snr(self.betas)
-        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
-        check_int(name, "steps_offset", steps_offset)
-        for key, value in (("clip_sample_range", clip_sample_range), ("sample_max_value", sample_max_value),
-                           ("dynamic_thresholding_ratio", dynamic_thresholding_ratio)):
-            check_real(name, key, value)
-        self.alphas = (_F32(1.0) - self.betas).astype(_F32)
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
+        check_schedule_options(name, prediction_type, PREDICTION_TYPES, timestep_spacing, steps_offset)
+        check_reals(name, clip_sample_range=clip_sample_range, sample_max_value=sample_max_value,
+                    dynamic_thresholding_ratio=dynamic_thresholding_ratio)
         self.final_alpha_cumprod = _F32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
@@ -102,15 +93,10 @@ class DDIMScheduler(SchedulerMixin):
         and not given. ``use_clipped_model_output`` recomputes eps_hat from the clipped x0_hat.
         """
         name = type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError(f"{name}.step: call set_timesteps(num_inference_steps) first")
-        check_sample(name, "model_output", model_output)
-        check_sample(name, "sample", sample)
-        check_same_shape(name, "model_output", model_output, "sample", sample)
+        check_timesteps_set(name, self.num_inference_steps)
+        check_step_inputs(name, model_output, sample)
         eta = check_real(name, "eta", eta)
-        if noise is not None and variance_noise is not None:
-            raise ValueError(f"{name}.step: pass noise or variance_noise, not both")
-        noise = noise if noise is not None else variance_noise
+        noise = merge_noise_alias(name, noise, variance_noise)
         cfg = self._config
         t = int(host_scalar(timestep))
         if not 0 <= t < cfg["num_train_timesteps"]:
@@ -122,28 +108,14 @@ class DDIMScheduler(SchedulerMixin):
         beta_prod_t = _F32(1.0) - alpha_prod_t
         sa, sb = float(numpy.sqrt(alpha_prod_t)), float(numpy.sqrt(beta_prod_t))
 
-        prediction_type = cfg["prediction_type"]
-        if prediction_type == "epsilon":
-            pred_original_sample = (sample - sb * model_output) / sa
-            pred_epsilon = model_output
-        elif prediction_type == "sample":
-            pred_original_sample = model_output
-            pred_epsilon = (sample - sa * pred_original_sample) / sb
-        else:
-            pred_original_sample = sa * sample - sb * model_output
-            pred_epsilon = sa * model_output + sb * sample
-
-        if cfg["thresholding"]:
-            pred_original_sample = threshold_sample(pred_original_sample, cfg["dynamic_thresholding_ratio"],
-                                                    cfg["sample_max_value"])
-        elif cfg["clip_sample"]:
-            r = float(cfg["clip_sample_range"])
-            pred_original_sample = xp.clip(pred_original_sample, -r, r)
+        pred_original_sample = vp_x0(cfg["prediction_type"], model_output, sample, sa, sb)
+        pred_epsilon = vp_epsilon(cfg["prediction_type"], model_output, sample, sa, sb)
+        pred_original_sample = clip_or_threshold(cfg, pred_original_sample)
 
         variance = self._get_variance(t, prev_timestep)
         std_dev_t = _F32(eta) * numpy.sqrt(variance)
         if use_clipped_model_output:
-            pred_epsilon = (sample - sa * pred_original_sample) / sb
+            pred_epsilon = vp_epsilon("sample", pred_original_sample, sample, sa, sb)
 
         direction_coeff = numpy.sqrt(_F32(1.0) - alpha_prod_t_prev - std_dev_t * std_dev_t)
         pred_sample_direction = float(direction_coeff) * pred_epsilon
@@ -153,14 +125,4 @@ class DDIMScheduler(SchedulerMixin):
             z = standard_normal_like(name, model_output, noise=noise, rng=rng)
             prev_sample = prev_sample + float(std_dev_t) * z
 
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, one t per batch item. (B, ...)."""
-        return alpha_bar_add_noise(type(self).__name__, self.alphas_cumprod, original_samples, noise, timesteps)
-
-    def get_velocity(self, sample, noise, timesteps):
-        """The v-prediction target sqrt(abar_t) noise - sqrt(1 - abar_t) x_0. (B, ...)."""
-        return alpha_bar_velocity(type(self).__name__, self.alphas_cumprod, sample, noise, timesteps)
+        return step_output(return_dict, prev_sample, pred_original_sample)

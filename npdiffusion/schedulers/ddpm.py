@@ -21,27 +21,26 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.backend import xp
-from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
+    AlphaBarVelocityMixin,
     SchedulerMixin,
-    SchedulerOutput,
-    alpha_bar_add_noise,
-    alpha_bar_velocity,
     check_choice,
-    check_int,
     check_num_inference_steps,
-    check_real,
+    check_reals,
     check_same_shape,
     check_sample,
+    check_schedule_options,
+    clip_or_threshold,
     f32_exp,
     f32_log,
     host_scalar,
-    make_betas,
     register_to_config,
     spaced_timesteps,
     standard_normal_like,
-    threshold_sample,
+    step_output,
+    training_schedule,
 )
+from npdiffusion.schedulers.predictions import vp_x0
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
@@ -55,21 +54,16 @@ def predict_x0(prediction_type: str, model_output, sample, alpha_prod_t, beta_pr
     epsilon: (x - sqrt(1 - abar) eps)/sqrt(abar); sample: the output itself;
     v_prediction: sqrt(abar) x - sqrt(1 - abar) v.
     """
-    if prediction_type == "epsilon":
-        return (sample - float(numpy.sqrt(beta_prod_t)) * model_output) / float(numpy.sqrt(alpha_prod_t))
-    if prediction_type == "sample":
-        return model_output
-    return float(numpy.sqrt(alpha_prod_t)) * sample - float(numpy.sqrt(beta_prod_t)) * model_output
+    return vp_x0(prediction_type, model_output, sample, float(numpy.sqrt(alpha_prod_t)),
+                 float(numpy.sqrt(beta_prod_t)))
 
 
-class DDPMScheduler(SchedulerMixin):
+class DDPMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
     """The DDPM sampler; constructor keywords are diffusers' config keys with diffusers' defaults.
 
     ``thresholding`` (dynamic thresholding of x0_hat) is supported. The ``fixed_large_log`` variance
     type of diffusers is refused: its step takes the square root of log(beta) < 0 and returns NaN.
     """
-
-    order = 1
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -79,22 +73,16 @@ class DDPMScheduler(SchedulerMixin):
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
         name = type(self).__name__
-        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                allowed=("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid"))
-        if rescale_betas_zero_snr:
-            self.betas = schedules.rescale_zero_terminal_snr(self.betas)
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
+            allowed=("linear", "scaled_linear", "squaredcos_cap_v2", "laplace", "sigmoid"))
         if variance_type == "fixed_large_log":
             raise ValueError(f"{name}: variance_type 'fixed_large_log' is not supported: diffusers' step takes "
                              "sqrt(log beta) with log beta < 0, which is NaN; use 'fixed_large'")
         check_choice(name, "variance_type", variance_type, VARIANCE_TYPES)
-        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
-        check_int(name, "steps_offset", steps_offset)
-        for key, value in (("clip_sample_range", clip_sample_range), ("sample_max_value", sample_max_value),
-                           ("dynamic_thresholding_ratio", dynamic_thresholding_ratio)):
-            check_real(name, key, value)
-        self.alphas = (_F32(1.0) - self.betas).astype(_F32)
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
+        check_schedule_options(name, prediction_type, PREDICTION_TYPES, timestep_spacing, steps_offset)
+        check_reals(name, clip_sample_range=clip_sample_range, sample_max_value=sample_max_value,
+                    dynamic_thresholding_ratio=dynamic_thresholding_ratio)
         self.one = _F32(1.0)
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
@@ -198,12 +186,7 @@ class DDPMScheduler(SchedulerMixin):
         current_beta_t = _F32(1.0) - current_alpha_t
 
         pred_original_sample = predict_x0(cfg["prediction_type"], model_output, sample, alpha_prod_t, beta_prod_t)
-        if cfg["thresholding"]:
-            pred_original_sample = threshold_sample(pred_original_sample, cfg["dynamic_thresholding_ratio"],
-                                                    cfg["sample_max_value"])
-        elif cfg["clip_sample"]:
-            r = float(cfg["clip_sample_range"])
-            pred_original_sample = xp.clip(pred_original_sample, -r, r)
+        pred_original_sample = clip_or_threshold(cfg, pred_original_sample)
 
         pred_original_sample_coeff = numpy.sqrt(alpha_prod_t_prev) * current_beta_t / beta_prod_t
         current_sample_coeff = numpy.sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t
@@ -222,14 +205,4 @@ class DDPMScheduler(SchedulerMixin):
             else:
                 pred_prev_sample = pred_prev_sample + float(numpy.sqrt(variance)) * z
 
-        if not return_dict:
-            return (pred_prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=pred_prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, one t per batch item. (B, ...)."""
-        return alpha_bar_add_noise(type(self).__name__, self.alphas_cumprod, original_samples, noise, timesteps)
-
-    def get_velocity(self, sample, noise, timesteps):
-        """The v-prediction target sqrt(abar_t) noise - sqrt(1 - abar_t) x_0. (B, ...)."""
-        return alpha_bar_velocity(type(self).__name__, self.alphas_cumprod, sample, noise, timesteps)
+        return step_output(return_dict, pred_prev_sample, pred_original_sample)

@@ -19,30 +19,27 @@ from __future__ import annotations
 
 import numpy
 
-from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
+    AlphaBarNoiseMixin,
     SchedulerMixin,
-    SchedulerOutput,
-    alpha_bar_add_noise,
-    check_choice,
-    check_int,
     check_num_inference_steps,
-    check_same_shape,
-    check_sample,
+    check_schedule_options,
+    check_step_inputs,
+    check_timesteps_set,
     host_scalar,
-    make_betas,
     register_to_config,
+    step_output,
+    training_schedule,
 )
+from npdiffusion.schedulers.predictions import vp_epsilon
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 _F32 = numpy.float32
 
 
-class PNDMScheduler(SchedulerMixin):
+class PNDMScheduler(AlphaBarNoiseMixin, SchedulerMixin):
     """The PNDM/PLMS sampler; constructor keywords are diffusers' config keys with diffusers' defaults."""
-
-    order = 1
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -50,12 +47,9 @@ class PNDMScheduler(SchedulerMixin):
                  set_alpha_to_one: bool = False, prediction_type: str = "epsilon",
                  timestep_spacing: str = "leading", steps_offset: int = 0):
         name = type(self).__name__
-        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
-        check_int(name, "steps_offset", steps_offset)
-        self.alphas = (_F32(1.0) - self.betas).astype(_F32)
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        check_schedule_options(name, prediction_type, PREDICTION_TYPES, timestep_spacing, steps_offset)
         self.final_alpha_cumprod = _F32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0
         self.pndm_order = 4
@@ -116,19 +110,14 @@ class PNDMScheduler(SchedulerMixin):
         Deterministic: there is no noise argument.
         """
         name = type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError(f"{name}.step: call set_timesteps(num_inference_steps) first")
-        check_sample(name, "model_output", model_output)
-        check_sample(name, "sample", sample)
-        check_same_shape(name, "model_output", model_output, "sample", sample)
+        check_timesteps_set(name, self.num_inference_steps)
+        check_step_inputs(name, model_output, sample)
         timestep = int(host_scalar(timestep))
         if self.counter < len(self.prk_timesteps) and not self._config["skip_prk_steps"]:
             prev = self._step_prk(model_output, timestep, sample)
         else:
             prev = self._step_plms(model_output, timestep, sample)
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return step_output(return_dict, prev)
 
     def _step_prk(self, model_output, timestep, sample):
         T = self._config["num_train_timesteps"]
@@ -188,15 +177,11 @@ class PNDMScheduler(SchedulerMixin):
         alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
         beta_prod_t = _F32(1.0) - alpha_prod_t
         beta_prod_t_prev = _F32(1.0) - alpha_prod_t_prev
-        if self._config["prediction_type"] == "v_prediction":
-            model_output = (float(numpy.sqrt(alpha_prod_t)) * model_output
-                            + float(numpy.sqrt(beta_prod_t)) * sample)
+        # the transfer takes a noise estimate: a v output becomes eps_hat = sqrt(abar) v + sqrt(1 - abar) x_t
+        model_output = vp_epsilon(self._config["prediction_type"], model_output, sample,
+                                  float(numpy.sqrt(alpha_prod_t)), float(numpy.sqrt(beta_prod_t)))
         sample_coeff = numpy.sqrt(alpha_prod_t_prev / alpha_prod_t)
         model_output_denom_coeff = alpha_prod_t * numpy.sqrt(beta_prod_t_prev) + numpy.sqrt(
             alpha_prod_t * beta_prod_t * alpha_prod_t_prev)
         return (float(sample_coeff) * sample
                 - float(alpha_prod_t_prev - alpha_prod_t) * model_output / float(model_output_denom_coeff))
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, one t per batch item. (B, ...)."""
-        return alpha_bar_add_noise(type(self).__name__, self.alphas_cumprod, original_samples, noise, timesteps)
