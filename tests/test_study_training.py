@@ -51,7 +51,8 @@ def test_quick_run_table_figure_equal_compute_and_rerun(model, tmp_path, capsys)
     assert [r[0] for r in rows[1:]] == ["epsilon", "v-minsnr", "cosine"]
     col = {h: i for i, h in enumerate(rows[0])}
     assert [(r[col["prediction"]], r[col["min-SNR γ"]], r[col["schedule"]]) for r in rows[1:]] == [
-        ("epsilon", "off", "scaled_linear"), ("v_prediction", "5", "scaled_linear"), ("epsilon", "5", "squaredcos_cap_v2")]
+        ("epsilon", "off", "scaled_linear"), ("v_prediction", "5", "scaled_linear"),
+        ("epsilon", "5", "squaredcos_cap_v2")]
     # SNR(T) from the schedules' formulas with T = 50 (the quick diffusion), not from the library
     T = 50
     scaled = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), T) ** 2

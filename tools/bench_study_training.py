@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     sample = best_of(lambda: sc.generate(pipe, prompts, [0, 1], sc.GUIDANCE_SCALE, args.sample_steps), 1) / n
     steps = SETTINGS["unet"]["train"]["steps"]
     per_variant = (steps * train + full_images * encode + 1000 * fwd + sc.EVAL_PROMPTS * sc.EVAL_SEEDS * sample)
-    print(f"U-Net training step (batch {tc.batch_size}): {train * 1000:.0f} ms -> {steps} steps {steps * train / 60:.1f} min")
+    print(f"U-Net training step (batch {tc.batch_size}): {train * 1000:.0f} ms -> {steps} steps "
+          f"{steps * train / 60:.1f} min")
     print(f"VAE encoding of the training images: {encode * 1000:.2f} ms/image -> {full_images} images "
           f"{full_images * encode:.0f} s")
     print(f"U-Net forward, batch {m}: {fwd * 1000:.0f} ms -> the bound (T = 1000) {1000 * fwd / 60:.1f} min")

@@ -140,7 +140,8 @@ def chosen_variants(args) -> list:
         return list(QUICK_VARIANTS) if args.quick else default_variants()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not names:
-        raise sc.StudyError(f"--variants: expected comma-separated names from {','.join(VARIANTS)}, got {args.variants!r}")
+        raise sc.StudyError(f"--variants: expected comma-separated names from {','.join(VARIANTS)}, "
+                            f"got {args.variants!r}")
     for n in names:
         if n not in VARIANTS:
             raise sc.StudyError(f"--variants: {n!r} is not one of {', '.join(VARIANTS)}")
@@ -384,7 +385,8 @@ def figure(results: dict):
     """Accuracy bars (colour, shape, position, all three) and bits/dim bars, one group per variant."""
     names = list(results)
     acc = {label: [100.0 * results[n][key] for n in names]
-           for key, label in (("colour", "colour"), ("shape", "shape"), ("position", "position"), ("joint", "all three"))}
+           for key, label in (("colour", "colour"), ("shape", "shape"), ("position", "position"),
+                              ("joint", "all three"))}
     width = max(640, 90 * len(names) + 80)
     return sc.paste_grid([bar_chart(names, acc, "attribute accuracy per variant", "accuracy %", (width, 360)),
                           bar_chart(names, {"bits/dim": [results[n]["bpd"] for n in names]},
