@@ -450,18 +450,21 @@ def threshold_sample(sample, ratio: float, max_value: float):
     return out.reshape(sample.shape).astype(dtype, copy=False)
 
 
-def clip_or_threshold(config: Mapping, pred_original_sample):
-    """x0_hat (B, ...) limited as the scheduler config asks: dynamic thresholding when ``thresholding``,
-    else clipped to [-clip_sample_range, clip_sample_range] when ``clip_sample``, else unchanged.
+def clip_or_threshold(pred_original_sample, config: Mapping, thresholding: bool = False,
+                      clip_sample: bool = False):
+    """x0_hat (B, ...) limited as a scheduler's step does it: dynamic thresholding when ``thresholding``
+    (with the config's ``dynamic_thresholding_ratio`` and ``sample_max_value``), else clipped to
+    [-clip_sample_range, clip_sample_range] when ``clip_sample``, else unchanged.
 
-    A key the scheduler does not have counts as off (Heun has no thresholding, DPM-Solver no clipping).
+    The caller passes the flags its class has (Heun only clips, DPM-Solver only thresholds): a config
+    loaded with ``from_config`` may hold other classes' keys, which must not switch anything on.
     """
     from npdiffusion.backend import xp  # noqa: PLC0415
 
-    if config.get("thresholding", False):
+    if thresholding:
         return threshold_sample(pred_original_sample, config["dynamic_thresholding_ratio"],
                                 config["sample_max_value"])
-    if config.get("clip_sample", False):
+    if clip_sample:
         r = float(config["clip_sample_range"])
         return xp.clip(pred_original_sample, -r, r)
     return pred_original_sample

@@ -110,7 +110,7 @@ class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
 
         pred_original_sample = vp_x0(cfg["prediction_type"], model_output, sample, sa, sb)
         pred_epsilon = vp_epsilon(cfg["prediction_type"], model_output, sample, sa, sb)
-        pred_original_sample = clip_or_threshold(cfg, pred_original_sample)
+        pred_original_sample = clip_or_threshold(pred_original_sample, cfg, cfg["thresholding"], cfg["clip_sample"])
 
         variance = self._get_variance(t, prev_timestep)
         std_dev_t = _F32(eta) * numpy.sqrt(variance)

@@ -186,7 +186,7 @@ class DDPMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         current_beta_t = _F32(1.0) - current_alpha_t
 
         pred_original_sample = predict_x0(cfg["prediction_type"], model_output, sample, alpha_prod_t, beta_prod_t)
-        pred_original_sample = clip_or_threshold(cfg, pred_original_sample)
+        pred_original_sample = clip_or_threshold(pred_original_sample, cfg, cfg["thresholding"], cfg["clip_sample"])
 
         pred_original_sample_coeff = numpy.sqrt(alpha_prod_t_prev) * current_beta_t / beta_prod_t
         current_sample_coeff = numpy.sqrt(current_alpha_t) * beta_prod_t_prev / beta_prod_t
