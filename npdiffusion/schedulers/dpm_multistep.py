@@ -28,25 +28,28 @@ import numpy
 from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
     SchedulerMixin,
-    SchedulerOutput,
     StepIndexMixin,
     broadcast_per_sample,
     check_choice,
-    check_int,
     check_num_inference_steps,
-    check_real,
+    check_reals,
     check_same_shape,
     check_sample,
+    check_schedule_options,
+    check_timesteps_set,
+    clip_or_threshold,
     convert_sigmas,
     f32_exp,
     f32_log,
     host_scalar,
-    make_betas,
+    merge_noise_alias,
     register_to_config,
     sigma_kind,
     standard_normal_like,
-    threshold_sample,
+    step_output,
+    training_schedule,
 )
+from npdiffusion.schedulers.predictions import vp_epsilon, vp_x0
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -93,9 +96,9 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         self._sigma_kind = sigma_kind(name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
         if use_flow_sigmas:
             raise ValueError(f"{name}: use_flow_sigmas=True (flow matching) is not supported, got True")
-        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr:
-            self.betas = schedules.rescale_zero_terminal_snr(self.betas)
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
+            terminal_floor=True)
         if algorithm_type == "deis":  # diffusers maps these aliases silently
             algorithm_type = "dpmsolver++"
             self._update_config(algorithm_type=algorithm_type)
@@ -105,25 +108,17 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         check_choice(name, "algorithm_type", algorithm_type, ALGORITHM_TYPES)
         check_choice(name, "solver_type", solver_type, ("midpoint", "heun"))
         check_choice(name, "solver_order", solver_order, (1, 2, 3))
-        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
+        check_schedule_options(name, prediction_type, PREDICTION_TYPES, timestep_spacing, steps_offset)
         check_choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         if variance_type is not None and not isinstance(variance_type, str):
             raise TypeError(f"{name}: variance_type must be None or a string, got {type(variance_type).__name__}")
         # only "learned"/"learned_range" change anything here; other values (a DDPM config's
         # "fixed_small", say) are accepted and ignored, as diffusers does
-        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
-        check_int(name, "steps_offset", steps_offset)
-        check_real(name, "lambda_min_clipped", lambda_min_clipped)
-        for key, value in (("sample_max_value", sample_max_value),
-                           ("dynamic_thresholding_ratio", dynamic_thresholding_ratio)):
-            check_real(name, key, value)
+        check_reals(name, lambda_min_clipped=lambda_min_clipped, sample_max_value=sample_max_value,
+                    dynamic_thresholding_ratio=dynamic_thresholding_ratio)
         if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
             raise ValueError(f"{name}: final_sigmas_type='zero' is not supported for algorithm_type "
                              f"{algorithm_type!r}; choose final_sigmas_type='sigma_min'")
-        self.alphas = (_ONE - self.betas).astype(_F32)
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = _F32(2.0 ** -24)
         self.alpha_t = numpy.sqrt(self.alphas_cumprod)
         self.sigma_t = numpy.sqrt(_ONE - self.alphas_cumprod)
         self.lambda_t = _lambda(self.alpha_t, self.sigma_t)
@@ -133,8 +128,7 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         self.timesteps = numpy.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=_F32)[::-1].copy()
         self.model_outputs = [None] * solver_order
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     # ------------------------------------------------------------------------------ timesteps
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
@@ -193,8 +187,7 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None] * cfg["solver_order"]
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
         """Like the other sigma schedulers, but an unknown timestep maps to the last step (as diffusers)."""
@@ -215,28 +208,15 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         prediction_type = cfg["prediction_type"]
         alpha_t, sigma_t = sigma_to_alpha_sigma_t(self.sigmas[self._step_index])
         a, s = float(alpha_t), float(sigma_t)
+        if cfg["variance_type"] in ("learned", "learned_range") and prediction_type == "epsilon":
+            model_output = model_output[:, :3]
         if cfg["algorithm_type"] in ("dpmsolver++", "sde-dpmsolver++"):
-            if prediction_type == "epsilon":
-                if cfg["variance_type"] in ("learned", "learned_range"):
-                    model_output = model_output[:, :3]
-                x0_pred = (sample - s * model_output) / a
-            elif prediction_type == "sample":
-                x0_pred = model_output
-            else:
-                x0_pred = a * sample - s * model_output
-            if cfg["thresholding"]:
-                x0_pred = threshold_sample(x0_pred, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
-            return x0_pred
-        if prediction_type == "epsilon":
-            epsilon = model_output[:, :3] if cfg["variance_type"] in ("learned", "learned_range") else model_output
-        elif prediction_type == "sample":
-            epsilon = (sample - a * model_output) / s
-        else:
-            epsilon = a * model_output + s * sample
+            x0_pred = vp_x0(prediction_type, model_output, sample, a, s)
+            return clip_or_threshold(x0_pred, cfg, thresholding=cfg["thresholding"])
+        epsilon = vp_epsilon(prediction_type, model_output, sample, a, s)
         if cfg["thresholding"]:
-            x0_pred = (sample - s * epsilon) / a
-            x0_pred = threshold_sample(x0_pred, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
-            epsilon = (sample - a * x0_pred) / s
+            x0_pred = clip_or_threshold(vp_x0("epsilon", epsilon, sample, a, s), cfg, thresholding=True)
+            epsilon = vp_epsilon("sample", x0_pred, sample, a, s)
         return epsilon
 
     def _levels(self, *offsets):
@@ -351,18 +331,12 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         from ``rng`` (float32) when not given. The ODE variants use no noise.
         """
         name = type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError(f"{name}.step: call set_timesteps(num_inference_steps) first")
+        check_timesteps_set(name, self.num_inference_steps)
         check_sample(name, "model_output", model_output)
         check_sample(name, "sample", sample)
-        if noise is not None and variance_noise is not None:
-            raise ValueError(f"{name}.step: pass noise or variance_noise, not both")
-        noise = noise if noise is not None else variance_noise
+        noise = merge_noise_alias(name, noise, variance_noise)
         cfg = self._config
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._step_index + 1 >= len(self.sigmas):
-            raise ValueError(f"{name}.step: all {len(self.sigmas) - 1} steps are done; call set_timesteps again")
+        self._enter_step(timestep)
         n_ts = len(self.timesteps)
         lower_order_final = (self._step_index == n_ts - 1) and (
             cfg["euler_at_final"] or (cfg["lower_order_final"] and n_ts < 15) or cfg["final_sigmas_type"] == "zero")
@@ -391,9 +365,7 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
             self.lower_order_nums += 1
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
         self._step_index += 1
-        if not return_dict:
-            return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
+        return step_output(return_dict, prev_sample)
 
     def add_noise(self, original_samples, noise, timesteps):
         """x_t = alpha x_0 + sigma_t noise at each item's timestep (VP form). (B, ...)."""

@@ -21,34 +21,32 @@ import numpy
 from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
     SchedulerMixin,
-    SchedulerOutput,
-    StepIndexMixin,
+    SigmaScalingMixin,
     check_choice,
-    check_int,
     check_num_inference_steps,
     check_real,
-    check_same_shape,
-    check_sample,
+    check_schedule_options,
+    check_step_inputs,
     convert_sigmas,
     f32_exp,
     f32_log,
-    make_betas,
     register_to_config,
     reject_integer_timestep,
     sigma_kind,
     spaced_timesteps,
     standard_normal_like,
+    step_output,
+    training_schedule,
 )
+from npdiffusion.schedulers.predictions import ve_x0
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
 
 _F32 = numpy.float32
 
 
-class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
+class EulerDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
     """Euler sampler in sigma space; constructor keywords are diffusers' config keys and defaults."""
-
-    order = 1
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -60,21 +58,15 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
                  final_sigmas_type: str = "zero"):
         name = type(self).__name__
         self._sigma_kind = sigma_kind(name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
-        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr:
-            self.betas = schedules.rescale_zero_terminal_snr(self.betas)
-        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
+            terminal_floor=True)
+        check_schedule_options(name, prediction_type, PREDICTION_TYPES, timestep_spacing, steps_offset)
         check_choice(name, "interpolation_type", interpolation_type, ("linear", "log_linear"))
-        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
         check_choice(name, "timestep_type", timestep_type, ("discrete", "continuous"))
         check_choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        check_int(name, "steps_offset", steps_offset)
         check_real(name, "sigma_min", sigma_min, allow_none=True)
         check_real(name, "sigma_max", sigma_max, allow_none=True)
-        self.alphas = (_F32(1.0) - self.betas).astype(_F32)
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = _F32(2.0 ** -24)
         sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)[::-1]
         self.num_inference_steps = None
         if timestep_type == "continuous" and prediction_type == "v_prediction":
@@ -86,19 +78,7 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         self.use_karras_sigmas = use_karras_sigmas
         self.use_exponential_sigmas = use_exponential_sigmas
         self.use_beta_sigmas = use_beta_sigmas
-        self._step_index = None
-        self._begin_index = None
-
-    @property
-    def init_noise_sigma(self) -> float:
-        """The std of the initial noise: max sigma (linspace/trailing) or sqrt(max sigma^2 + 1) (leading)."""
-        return self._sigma_init_noise_sigma()
-
-    def scale_model_input(self, sample, timestep):
-        """x / sqrt(sigma^2 + 1) at this step's sigma."""
-        out = self._scale_by_sigma(sample, timestep)
-        self.is_scale_input_called = True
-        return out
+        self._reset_step_index()
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None,
                       sigmas=None) -> None:
@@ -156,8 +136,7 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
             self.timesteps = (_F32(0.25) * f32_log(self.sigmas[:-1])).astype(_F32)
         else:
             self.timesteps = numpy.asarray(timesteps).astype(_F32)
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, noise=None, rng=None, return_dict: bool = True):
@@ -167,13 +146,8 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         """
         name = type(self).__name__
         reject_integer_timestep(name, timestep)
-        check_sample(name, "model_output", model_output)
-        check_sample(name, "sample", sample)
-        check_same_shape(name, "model_output", model_output, "sample", sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._step_index + 1 >= len(self.sigmas):
-            raise ValueError(f"{name}.step: all {len(self.sigmas) - 1} steps are done; call set_timesteps again")
+        check_step_inputs(name, model_output, sample)
+        self._enter_step(timestep)
         cfg = self._config
         sample = sample.astype(_F32, copy=False)
         sigma = self.sigmas[self._step_index]
@@ -184,24 +158,11 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
             eps = z * s_noise
             sample = sample + eps * float(numpy.sqrt(sigma_hat * sigma_hat - sigma * sigma))
 
-        prediction_type = cfg["prediction_type"]
-        if prediction_type in ("original_sample", "sample"):
-            pred_original_sample = model_output
-        elif prediction_type == "epsilon":
-            pred_original_sample = sample - float(sigma_hat) * model_output
-        else:
-            s2 = sigma * sigma + _F32(1.0)
-            pred_original_sample = model_output * float(-sigma / numpy.sqrt(s2)) + sample / float(s2)
+        pred_original_sample = ve_x0(cfg["prediction_type"], model_output, sample, sigma, sigma_eps=sigma_hat)
 
         derivative = (sample - pred_original_sample) / float(sigma_hat)
         dt = self.sigmas[self._step_index + 1] - sigma_hat
         prev_sample = sample + derivative * float(dt)
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
         self._step_index += 1
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x = x_0 + sigma noise at each item's timestep (sigma-space forward process). (B, ...)."""
-        return self._sigma_add_noise(original_samples, noise, timesteps)
+        return step_output(return_dict, prev_sample, pred_original_sample)

@@ -23,67 +23,46 @@ import numpy
 from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
     SchedulerMixin,
-    SchedulerOutput,
-    StepIndexMixin,
-    check_choice,
-    check_int,
+    SigmaScalingMixin,
     check_num_inference_steps,
-    check_same_shape,
-    check_sample,
-    make_betas,
+    check_schedule_options,
+    check_step_inputs,
     register_to_config,
     reject_integer_timestep,
     spaced_timesteps,
     standard_normal_like,
+    step_output,
+    training_schedule,
 )
+from npdiffusion.schedulers.predictions import ve_x0
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 _F32 = numpy.float32
 
 
-class EulerAncestralDiscreteScheduler(StepIndexMixin, SchedulerMixin):
+class EulerAncestralDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
     """Euler ancestral sampler; constructor keywords are diffusers' config keys and defaults.
 
     diffusers accepts prediction_type "sample" here but raises NotImplementedError at the first step;
     this class refuses it in the constructor.
     """
 
-    order = 1
-
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                  timestep_spacing: str = "linspace", steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
         name = type(self).__name__
-        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr:
-            self.betas = schedules.rescale_zero_terminal_snr(self.betas)
-        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
-        check_int(name, "steps_offset", steps_offset)
-        self.alphas = (_F32(1.0) - self.betas).astype(_F32)
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = _F32(2.0 ** -24)
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
+            terminal_floor=True)
+        check_schedule_options(name, prediction_type, PREDICTION_TYPES, timestep_spacing, steps_offset)
         sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.sigmas = numpy.concatenate([sigmas[::-1], [0.0]]).astype(_F32)
         self.num_inference_steps = None
         self.timesteps = numpy.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=float)[::-1].copy()
         self.is_scale_input_called = False
-        self._step_index = None
-        self._begin_index = None
-
-    @property
-    def init_noise_sigma(self) -> float:
-        """The std of the initial noise: max sigma (linspace/trailing) or sqrt(max sigma^2 + 1) (leading)."""
-        return self._sigma_init_noise_sigma()
-
-    def scale_model_input(self, sample, timestep):
-        """x / sqrt(sigma^2 + 1) at this step's sigma."""
-        out = self._scale_by_sigma(sample, timestep)
-        self.is_scale_input_called = True
-        return out
+        self._reset_step_index()
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Choose N timesteps by ``timestep_spacing`` and interpolate their sigmas (``device`` is ignored)."""
@@ -96,8 +75,7 @@ class EulerAncestralDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         sigmas = numpy.interp(timesteps, numpy.arange(0, len(train_sigmas)), train_sigmas)
         self.sigmas = numpy.concatenate([sigmas, [0.0]]).astype(_F32)
         self.timesteps = timesteps
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     def step(self, model_output, timestep, sample, noise=None, rng=None, return_dict: bool = True):
         """One ancestral Euler step (module docstring). Returns prev_sample, pred_original_sample.
@@ -106,20 +84,11 @@ class EulerAncestralDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         """
         name = type(self).__name__
         reject_integer_timestep(name, timestep)
-        check_sample(name, "model_output", model_output)
-        check_sample(name, "sample", sample)
-        check_same_shape(name, "model_output", model_output, "sample", sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._step_index + 1 >= len(self.sigmas):
-            raise ValueError(f"{name}.step: all {len(self.sigmas) - 1} steps are done; call set_timesteps again")
+        check_step_inputs(name, model_output, sample)
+        self._enter_step(timestep)
         sigma = self.sigmas[self._step_index]
         sample = sample.astype(_F32, copy=False)
-        if self._config["prediction_type"] == "epsilon":
-            pred_original_sample = sample - float(sigma) * model_output
-        else:
-            s2 = sigma * sigma + _F32(1.0)
-            pred_original_sample = model_output * float(-sigma / numpy.sqrt(s2)) + sample / float(s2)
+        pred_original_sample = ve_x0(self._config["prediction_type"], model_output, sample, sigma)
 
         sigma_from = self.sigmas[self._step_index]
         sigma_to = self.sigmas[self._step_index + 1]
@@ -133,10 +102,4 @@ class EulerAncestralDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         prev_sample = prev_sample + z * float(sigma_up)
         prev_sample = prev_sample.astype(model_output.dtype, copy=False)
         self._step_index += 1
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x = x_0 + sigma noise at each item's timestep (sigma-space forward process). (B, ...)."""
-        return self._sigma_add_noise(original_samples, noise, timesteps)
+        return step_output(return_dict, prev_sample, pred_original_sample)

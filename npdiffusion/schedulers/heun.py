@@ -17,31 +17,30 @@ from __future__ import annotations
 
 import numpy
 
-from npdiffusion.backend import xp
 from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
     SchedulerMixin,
-    SchedulerOutput,
-    StepIndexMixin,
-    check_choice,
-    check_int,
+    SigmaScalingMixin,
     check_num_inference_steps,
     check_real,
-    check_same_shape,
-    check_sample,
+    check_schedule_options,
+    check_step_inputs,
+    clip_or_threshold,
     convert_sigmas,
-    make_betas,
     register_to_config,
     sigma_kind,
     spaced_timesteps,
+    step_output,
+    training_schedule,
 )
+from npdiffusion.schedulers.predictions import ve_x0
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 _F32 = numpy.float32
 
 
-class HeunDiscreteScheduler(StepIndexMixin, SchedulerMixin):
+class HeunDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
     """Heun (2nd order) sampler in sigma space; constructor keywords are diffusers' config keys and defaults."""
 
     order = 2
@@ -54,21 +53,13 @@ class HeunDiscreteScheduler(StepIndexMixin, SchedulerMixin):
                  timestep_spacing: str = "linspace", steps_offset: int = 0):
         name = type(self).__name__
         self._sigma_kind = sigma_kind(name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
-        self.betas = make_betas(name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                allowed=("linear", "scaled_linear", "squaredcos_cap_v2", "exp"))
-        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
-        check_int(name, "steps_offset", steps_offset)
+        self.betas, self.alphas, self.alphas_cumprod = training_schedule(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+            allowed=("linear", "scaled_linear", "squaredcos_cap_v2", "exp"))
+        check_schedule_options(name, prediction_type, PREDICTION_TYPES, timestep_spacing, steps_offset)
         check_real(name, "clip_sample_range", clip_sample_range)
-        self.alphas = (_F32(1.0) - self.betas).astype(_F32)
-        self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
         self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
         self.use_karras_sigmas = use_karras_sigmas
-
-    @property
-    def init_noise_sigma(self) -> float:
-        """The std of the initial noise: max sigma (linspace/trailing) or sqrt(max sigma^2 + 1) (leading)."""
-        return self._sigma_init_noise_sigma()
 
     @property
     def state_in_first_order(self) -> bool:
@@ -109,8 +100,7 @@ class HeunDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         self.prev_derivative = None
         self.dt = None
         self.sample = None
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     def step(self, model_output, timestep, sample, return_dict: bool = True):
         """One call of a Heun step: the predictor or the corrector (module docstring).
@@ -118,13 +108,8 @@ class HeunDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         Returns prev_sample, pred_original_sample. Deterministic.
         """
         name = type(self).__name__
-        check_sample(name, "model_output", model_output)
-        check_sample(name, "sample", sample)
-        check_same_shape(name, "model_output", model_output, "sample", sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._step_index + 1 >= len(self.sigmas):
-            raise ValueError(f"{name}.step: all steps are done; call set_timesteps again")
+        check_step_inputs(name, model_output, sample)
+        self._enter_step(timestep)
         cfg = self._config
         first = self.state_in_first_order
         if first:
@@ -136,17 +121,8 @@ class HeunDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         sigma_hat = sigma  # gamma = 0: no churn in this scheduler
         sigma_input = sigma_hat if first else sigma_next
 
-        prediction_type = cfg["prediction_type"]
-        if prediction_type == "epsilon":
-            pred_original_sample = sample - float(sigma_input) * model_output
-        elif prediction_type == "v_prediction":
-            s2 = sigma_input * sigma_input + _F32(1.0)
-            pred_original_sample = model_output * float(-sigma_input / numpy.sqrt(s2)) + sample / float(s2)
-        else:
-            pred_original_sample = model_output
-        if cfg["clip_sample"]:
-            r = float(cfg["clip_sample_range"])
-            pred_original_sample = xp.clip(pred_original_sample, -r, r)
+        pred_original_sample = ve_x0(cfg["prediction_type"], model_output, sample, sigma_input)
+        pred_original_sample = clip_or_threshold(pred_original_sample, cfg, clip_sample=cfg["clip_sample"])
 
         if first:
             derivative = (sample - pred_original_sample) / float(sigma_hat)
@@ -165,10 +141,4 @@ class HeunDiscreteScheduler(StepIndexMixin, SchedulerMixin):
 
         prev_sample = sample + derivative * float(dt)
         self._step_index += 1
-        if not return_dict:
-            return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """x = x_0 + sigma noise at each item's timestep (sigma-space forward process). (B, ...)."""
-        return self._sigma_add_noise(original_samples, noise, timesteps)
+        return step_output(return_dict, prev_sample, pred_original_sample)
