@@ -96,6 +96,26 @@ def test_quick_run_table_figure_equal_compute_and_rerun(model, tmp_path, capsys)
     assert code == 2 and "\n" not in err and "other settings" in err
 
 
+def test_a_diverged_variant_gets_its_row_and_the_others_go_on(model, tmp_path, monkeypatch):
+    from npdiffusion.training.loop import TrainingError
+
+    real = study_training.train_variant
+
+    def train(config, dataset, log=print):
+        if config.unet.prediction_type == "v_prediction":
+            raise TrainingError("unet: stopped at step 2: 10 consecutive steps had a non-finite loss")
+        return real(config, dataset, log)
+
+    monkeypatch.setattr(study_training, "train_variant", train)
+    res = study_training.run(["--model", model, "--quick", "--out", str(tmp_path / "d.png"),
+                              "--variants", "v,epsilon"])
+    rows = table_rows(tmp_path / "d.md")
+    assert [r[0] for r in rows[1:]] == ["v", "epsilon"]
+    assert rows[1][5:] == ["diverged"] * 9 and "diverged" not in rows[2]
+    assert res["v"]["diverged"] and not res["epsilon"]["diverged"] and math.isfinite(res["epsilon"]["bpd"])
+    assert os.path.isfile(tmp_path / "d.png")
+
+
 @pytest.mark.parametrize("variants,needle", [("epsilon,nope", "'nope' is not one of"),
                                              ("epsilon,epsilon", "appears twice"), (",", "expected comma-separated")])
 def test_bad_variant_is_one_line_and_exit_2(model, tmp_path, capsys, variants, needle):

@@ -262,48 +262,60 @@ def bound(pipe, z0, captions) -> dict:
 # ------------------------------------------------------------------------------------ the study
 def run(argv=None) -> dict:
     """Run the study; returns {variant: {"colour", "shape", "position", "joint", "bpd", "prior_bpd",
-    "x0_mse", "final_loss", "seconds_per_step", "snr_T", ...}}."""
+    "x0_mse", "final_loss", "seconds_per_step", "snr_T", "diverged", ...}}; a variant whose training
+    diverged (the trainer's TrainingError) has "diverged": True and only its settings."""
     args = parse(argv)
     png, md = sc.out_paths(args.out)
     names = chosen_variants(args)
-    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
-        sc.load_pipeline(args.model)                                  # its one-line error
+    base_pipe = sc.load_pipeline(args.model)                          # a missing folder: its one-line error
+    for sub, file in (("vae", "config.json"), ("text_encoder", "config.json"), ("tokenizer", "vocab.json"),
+                      ("unet", "config.json")):
+        if not os.path.isfile(os.path.join(args.model, sub, file)):
+            raise sc.StudyError(f"--model {args.model!r} has no {sub}/{file}: give the demo's model folder")
     steps = args.steps or (QUICK_STEPS if args.quick else None)
     n_held = args.heldout or (2 if args.quick else HELDOUT)
     sample_steps = args.sample_steps or (2 if args.quick else sc.EVAL_STEPS)
     prompts, seeds, flat = sc.prompts_and_seeds(args)
+    from npdiffusion.diffusion.schedules import alphas_cumprod  # noqa: PLC0415
+    from npdiffusion.schedulers.base import make_betas  # noqa: PLC0415
+    from npdiffusion.training.loop import TrainingError  # noqa: PLC0415
     from npdiffusion.training.stages import dataset_from_config  # noqa: PLC0415
 
     results = {}
     with contextlib.ExitStack() as stack:
         work = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="study_training-"))
-        z0 = captions = None
-        dataset = None
+        dataset = z0 = None
         for name in names:
             config = variant_config(name, args.model, os.path.join(work, name), steps, args.quick)
             if dataset is None:
                 dataset = dataset_from_config(config.data)
-            print(f"{name}: training {config.train.steps} steps ({VARIANTS[name][1]})", flush=True)
-            trained = train_variant(config, dataset, log=lambda m: print(m, flush=True))
-            pipe = sc.load_pipeline(os.path.join(work, name, "model"))
-            if z0 is None:
-                z0, captions, dups = heldout_latents(pipe, config.data, n_held)
-            images = sc.generate(pipe, prompts, seeds, args.guidance, sample_steps)
-            r = sc.score_images(images, flat)
-            r.update(bound(pipe, z0, captions))
-            ac = numpy.asarray(pipe.scheduler.alphas_cumprod, dtype=numpy.float64)
+                z0, captions, dups = heldout_latents(base_pipe, config.data, n_held)
             o = config.unet
-            r.update(prediction=o.prediction_type, gamma=o.snr_gamma, schedule=o.beta_schedule,
-                     snr_T=float(ac[-1] / (1.0 - ac[-1])), final_loss=trained["final_loss"],
-                     seconds_per_step=trained["seconds"] / max(1, trained["steps"]), steps=config.train.steps,
-                     batch=config.train.batch_size, lr=config.train.learning_rate)
+            ac = alphas_cumprod(numpy.asarray(make_betas("unet", o.num_train_timesteps, o.beta_start, o.beta_end,
+                                                         o.beta_schedule, None), dtype=numpy.float64))
+            r = dict(prediction=o.prediction_type, gamma=o.snr_gamma, schedule=o.beta_schedule,
+                     snr_T=float(ac[-1] / (1.0 - ac[-1])), steps=config.train.steps,
+                     batch=config.train.batch_size, lr=config.train.learning_rate, diverged=False)
             results[name] = r
+            print(f"{name}: training {config.train.steps} steps ({VARIANTS[name][1]})", flush=True)
+            try:
+                trained = train_variant(config, dataset, log=lambda m: print(m, flush=True))
+            except TrainingError as exc:                              # one variant diverged: the others go on
+                print(f"{name}: {exc}", flush=True)
+                r["diverged"] = True
+                continue
+            pipe = sc.load_pipeline(os.path.join(work, name, "model"))
+            images = sc.generate(pipe, prompts, seeds, args.guidance, sample_steps)
+            r.update(sc.score_images(images, flat))
+            r.update(bound(pipe, z0, captions))
+            r.update(final_loss=trained["final_loss"], seconds_per_step=trained["seconds"] / max(1, trained["steps"]))
             print(f"{name:>15}: joint {sc.pct(r['joint'])}, {r['bpd']:.4f} bits/dim, "
                   f"{r['seconds_per_step']:.3f} s/step", flush=True)
-    rows = [[n, r["prediction"], f"{r['gamma']:g}" if r["gamma"] else "off", r["schedule"], f"{r['snr_T']:.2e}",
-             sc.pct(r["colour"]), sc.pct(r["shape"]), sc.pct(r["position"]), sc.pct(r["joint"]),
-             f"{r['bpd']:.4f}", f"{r['prior_bpd']:.4f}", f"{r['x0_mse']:.4f}", f"{r['final_loss']:.4g}",
-             f"{r['seconds_per_step']:.3f}"] for n, r in results.items()]
+    rows = [[n, r["prediction"], f"{r['gamma']:g}" if r["gamma"] else "off", r["schedule"], f"{r['snr_T']:.2e}"]
+            + (["diverged"] * 9 if r["diverged"] else
+               [sc.pct(r["colour"]), sc.pct(r["shape"]), sc.pct(r["position"]), sc.pct(r["joint"]),
+                f"{r['bpd']:.4f}", f"{r['prior_bpd']:.4f}", f"{r['x0_mse']:.4f}", f"{r['final_loss']:.4g}",
+                f"{r['seconds_per_step']:.3f}"]) for n, r in results.items()]
     first = next(iter(results.values()))
     notes = (f"Each variant: the U-Net stage retrained from the same initial weights for {first['steps']} steps, "
              f"batch {first['batch']}, learning rate {first['lr']:g} (the demo's settings), on the frozen VAE and "
@@ -384,12 +396,14 @@ def bar_chart(labels: list, series: dict, title: str, ylabel: str, size=(640, 36
 def figure(results: dict):
     """Accuracy bars (colour, shape, position, all three) and bits/dim bars, one group per variant."""
     names = list(results)
-    acc = {label: [100.0 * results[n][key] for n in names]
+    nan = float("nan")
+    acc = {label: [nan if results[n]["diverged"] else 100.0 * results[n][key] for n in names]
            for key, label in (("colour", "colour"), ("shape", "shape"), ("position", "position"),
                               ("joint", "all three"))}
     width = max(640, 90 * len(names) + 80)
+    bpd = [nan if results[n]["diverged"] else results[n]["bpd"] for n in names]
     return sc.paste_grid([bar_chart(names, acc, "attribute accuracy per variant", "accuracy %", (width, 360)),
-                          bar_chart(names, {"bits/dim": [results[n]["bpd"] for n in names]},
+                          bar_chart(names, {"bits/dim": bpd},
                                     "variational bound on held-out latents (lower is better)", "bits / dim",
                                     (width, 360))], cols=1)
 
