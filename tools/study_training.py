@@ -317,8 +317,12 @@ def run(argv=None) -> dict:
                 f"{r['bpd']:.4f}", f"{r['prior_bpd']:.4f}", f"{r['x0_mse']:.4f}", f"{r['final_loss']:.4g}",
                 f"{r['seconds_per_step']:.3f}"]) for n, r in results.items()]
     first = next(iter(results.values()))
-    notes = (f"Each variant: the U-Net stage retrained from the same initial weights for {first['steps']} steps, "
-             f"batch {first['batch']}, learning rate {first['lr']:g} (the demo's settings), on the frozen VAE and "
+    from npdiffusion.training.demo import SETTINGS  # noqa: PLC0415
+
+    demo_steps = SETTINGS["unet"]["train"]["steps"]
+    notes = (f"Each variant: the U-Net stage retrained from the same initial weights for {first['steps']} steps "
+             f"(the demo's: {demo_steps}), batch {first['batch']}, learning rate {first['lr']:g} (the demo's "
+             "schedule, warm-up, EMA and data), on the frozen VAE and "
              f"text encoder of {args.model}. Accuracy: {len(prompts)} prompts x {len(seeds)} seeds = {len(flat)} "
              f"images, DPM-Solver++ {sample_steps} steps, classifier-free guidance {args.guidance:g}. Bits/dim: the "
              f"variational bound (all T timesteps, fixed_small variances, Gaussian decoder) per latent dimension on "
