@@ -339,11 +339,14 @@ def check_reals(cls_name: str, **values) -> None:
         check_real(cls_name, key, value)
 
 
-def check_step_inputs(cls_name: str, model_output, sample) -> None:
-    """``step``'s arrays: both floating-point arrays, ``model_output`` (B, ...) of ``sample``'s shape."""
-    check_sample(cls_name, "model_output", model_output)
-    check_sample(cls_name, "sample", sample)
-    check_same_shape(cls_name, "model_output", model_output, "sample", sample)
+def check_array_pair(cls_name: str, name: str, x, ref_name: str, ref) -> None:
+    """Two array arguments (B, ...): both floating-point arrays (``x`` checked first), ``x`` of ``ref``'s shape.
+
+    ``step``'s model_output against sample; ``add_noise``'s noise against original_samples.
+    """
+    check_sample(cls_name, name, x)
+    check_sample(cls_name, ref_name, ref)
+    check_same_shape(cls_name, name, x, ref_name, ref)
 
 
 def check_timesteps_set(cls_name: str, num_inference_steps) -> None:
@@ -533,6 +536,17 @@ def training_schedule(cls_name: str, num_train_timesteps, beta_start, beta_end, 
     return betas, alphas, alphas_cumprod
 
 
+def alpha_bar_pair(alphas_cumprod: numpy.ndarray, t: int, prev_t: int, final_alpha_cumprod):
+    """``(abar_t, abar_t', 1 - abar_t, 1 - abar_t')``, float32 host scalars, for a sampling step t -> t'.
+
+    abar_t' is ``final_alpha_cumprod`` past the end (t' < 0): 1, or abar_0 (DDIM's and PNDM's
+    ``set_alpha_to_one=False``).
+    """
+    alpha_prod_t = alphas_cumprod[t]
+    alpha_prod_t_prev = alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_cumprod
+    return alpha_prod_t, alpha_prod_t_prev, numpy.float32(1.0) - alpha_prod_t, numpy.float32(1.0) - alpha_prod_t_prev
+
+
 def alpha_bar_coefficients(alphas_cumprod: numpy.ndarray, timesteps, x):
     """sqrt(abar_t) and sqrt(1 - abar_t) at ``timesteps`` (B,), as (B, 1, ..., 1) arrays in ``x``'s dtype.
 
@@ -552,18 +566,14 @@ def alpha_bar_coefficients(alphas_cumprod: numpy.ndarray, timesteps, x):
 
 def alpha_bar_add_noise(cls_name: str, alphas_cumprod, original_samples, noise, timesteps):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, per sample (diffusers' ``add_noise``). (B, ...)."""
-    check_sample(cls_name, "original_samples", original_samples)
-    check_sample(cls_name, "noise", noise)
-    check_same_shape(cls_name, "noise", noise, "original_samples", original_samples)
+    check_array_pair(cls_name, "noise", noise, "original_samples", original_samples)
     sa, so = alpha_bar_coefficients(alphas_cumprod, timesteps, original_samples)
     return sa * original_samples + so * noise
 
 
 def alpha_bar_velocity(cls_name: str, alphas_cumprod, sample, noise, timesteps):
     """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022; diffusers' ``get_velocity``). (B, ...)."""
-    check_sample(cls_name, "sample", sample)
-    check_sample(cls_name, "noise", noise)
-    check_same_shape(cls_name, "noise", noise, "sample", sample)
+    check_array_pair(cls_name, "noise", noise, "sample", sample)
     sa, so = alpha_bar_coefficients(alphas_cumprod, timesteps, sample)
     return sa * noise - so * sample
 
@@ -678,9 +688,7 @@ class StepIndexMixin:
         is set, which then applies to the whole batch, as in diffusers.
         """
         name = type(self).__name__
-        check_sample(name, "original_samples", original_samples)
-        check_sample(name, "noise", noise)
-        check_same_shape(name, "noise", noise, "original_samples", original_samples)
+        check_array_pair(name, "noise", noise, "original_samples", original_samples)
         ts = numpy.atleast_1d(to_numpy(timesteps) if hasattr(timesteps, "shape") else numpy.asarray(timesteps))
         ts = ts.reshape(-1)
         if self._begin_index is None:

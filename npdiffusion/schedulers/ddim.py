@@ -19,11 +19,12 @@ import numpy
 from npdiffusion.schedulers.base import (
     AlphaBarVelocityMixin,
     SchedulerMixin,
+    alpha_bar_pair,
+    check_array_pair,
     check_num_inference_steps,
     check_real,
     check_reals,
     check_schedule_options,
-    check_step_inputs,
     check_timesteps_set,
     clip_or_threshold,
     host_scalar,
@@ -74,15 +75,10 @@ class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         self.timesteps = spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n,
                                           cfg["steps_offset"])
 
-    def _alpha_prod_prev(self, prev_timestep: int):
-        return self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-
     def _get_variance(self, timestep: int, prev_timestep: int):
         """(1 - abar_t')/(1 - abar_t) (1 - abar_t/abar_t'): DDPM's posterior variance for the stride t -> t'."""
-        alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_t_prev = self._alpha_prod_prev(prev_timestep)
-        beta_prod_t = _F32(1.0) - alpha_prod_t
-        beta_prod_t_prev = _F32(1.0) - alpha_prod_t_prev
+        alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = alpha_bar_pair(
+            self.alphas_cumprod, timestep, prev_timestep, self.final_alpha_cumprod)
         return (beta_prod_t_prev / beta_prod_t) * (_F32(1.0) - alpha_prod_t / alpha_prod_t_prev)
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
@@ -94,7 +90,7 @@ class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         """
         name = type(self).__name__
         check_timesteps_set(name, self.num_inference_steps)
-        check_step_inputs(name, model_output, sample)
+        check_array_pair(name, "model_output", model_output, "sample", sample)
         eta = check_real(name, "eta", eta)
         noise = merge_noise_alias(name, noise, variance_noise)
         cfg = self._config
@@ -103,9 +99,8 @@ class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
             raise ValueError(f"{name}.step: timestep must lie in [0, {cfg['num_train_timesteps'] - 1}], got {t}")
         prev_timestep = t - cfg["num_train_timesteps"] // self.num_inference_steps
 
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self._alpha_prod_prev(prev_timestep)
-        beta_prod_t = _F32(1.0) - alpha_prod_t
+        alpha_prod_t, alpha_prod_t_prev, beta_prod_t, _ = alpha_bar_pair(
+            self.alphas_cumprod, t, prev_timestep, self.final_alpha_cumprod)
         sa, sb = float(numpy.sqrt(alpha_prod_t)), float(numpy.sqrt(beta_prod_t))
 
         pred_original_sample = vp_x0(cfg["prediction_type"], model_output, sample, sa, sb)

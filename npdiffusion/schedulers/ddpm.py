@@ -24,6 +24,7 @@ from npdiffusion.backend import xp
 from npdiffusion.schedulers.base import (
     AlphaBarVelocityMixin,
     SchedulerMixin,
+    alpha_bar_pair,
     check_choice,
     check_num_inference_steps,
     check_reals,
@@ -138,10 +139,10 @@ class DDPMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
     def _get_variance(self, t: int, predicted_variance=None, variance_type: str | None = None):
         """The step's variance (a float32 host scalar, or an array for the learned types)."""
         prev_t = self.previous_timestep(t)
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = alpha_bar_pair(
+            self.alphas_cumprod, t, prev_t, self.one)
         current_beta_t = _F32(1.0) - alpha_prod_t / alpha_prod_t_prev
-        variance = (_F32(1.0) - alpha_prod_t_prev) / (_F32(1.0) - alpha_prod_t) * current_beta_t
+        variance = beta_prod_t_prev / beta_prod_t * current_beta_t
         variance = max(variance, _F32(1e-20))
         variance_type = variance_type or self._config["variance_type"]
         if variance_type == "fixed_small":
@@ -178,10 +179,8 @@ class DDPMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
             predicted_variance = None
         check_same_shape(name, "model_output", model_output, "sample", sample)
 
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-        beta_prod_t = _F32(1.0) - alpha_prod_t
-        beta_prod_t_prev = _F32(1.0) - alpha_prod_t_prev
+        alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = alpha_bar_pair(
+            self.alphas_cumprod, t, prev_t, self.one)
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = _F32(1.0) - current_alpha_t
 

@@ -22,11 +22,11 @@ from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
     SchedulerMixin,
     SigmaScalingMixin,
+    check_array_pair,
     check_choice,
     check_num_inference_steps,
     check_real,
     check_schedule_options,
-    check_step_inputs,
     convert_sigmas,
     f32_exp,
     f32_log,
@@ -146,7 +146,7 @@ class EulerDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         """
         name = type(self).__name__
         reject_integer_timestep(name, timestep)
-        check_step_inputs(name, model_output, sample)
+        check_array_pair(name, "model_output", model_output, "sample", sample)
         self._enter_step(timestep)
         cfg = self._config
         sample = sample.astype(_F32, copy=False)

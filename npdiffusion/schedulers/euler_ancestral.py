@@ -24,9 +24,9 @@ from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
     SchedulerMixin,
     SigmaScalingMixin,
+    check_array_pair,
     check_num_inference_steps,
     check_schedule_options,
-    check_step_inputs,
     register_to_config,
     reject_integer_timestep,
     spaced_timesteps,
@@ -84,7 +84,7 @@ class EulerAncestralDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         """
         name = type(self).__name__
         reject_integer_timestep(name, timestep)
-        check_step_inputs(name, model_output, sample)
+        check_array_pair(name, "model_output", model_output, "sample", sample)
         self._enter_step(timestep)
         sigma = self.sigmas[self._step_index]
         sample = sample.astype(_F32, copy=False)

@@ -21,10 +21,10 @@ from npdiffusion.diffusion import schedules
 from npdiffusion.schedulers.base import (
     SchedulerMixin,
     SigmaScalingMixin,
+    check_array_pair,
     check_num_inference_steps,
     check_real,
     check_schedule_options,
-    check_step_inputs,
     clip_or_threshold,
     convert_sigmas,
     register_to_config,
@@ -108,7 +108,7 @@ class HeunDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         Returns prev_sample, pred_original_sample. Deterministic.
         """
         name = type(self).__name__
-        check_step_inputs(name, model_output, sample)
+        check_array_pair(name, "model_output", model_output, "sample", sample)
         self._enter_step(timestep)
         cfg = self._config
         first = self.state_in_first_order

@@ -22,9 +22,10 @@ import numpy
 from npdiffusion.schedulers.base import (
     AlphaBarNoiseMixin,
     SchedulerMixin,
+    alpha_bar_pair,
+    check_array_pair,
     check_num_inference_steps,
     check_schedule_options,
-    check_step_inputs,
     check_timesteps_set,
     host_scalar,
     register_to_config,
@@ -111,7 +112,7 @@ class PNDMScheduler(AlphaBarNoiseMixin, SchedulerMixin):
         """
         name = type(self).__name__
         check_timesteps_set(name, self.num_inference_steps)
-        check_step_inputs(name, model_output, sample)
+        check_array_pair(name, "model_output", model_output, "sample", sample)
         timestep = int(host_scalar(timestep))
         if self.counter < len(self.prk_timesteps) and not self._config["skip_prk_steps"]:
             prev = self._step_prk(model_output, timestep, sample)
@@ -173,10 +174,8 @@ class PNDMScheduler(AlphaBarNoiseMixin, SchedulerMixin):
 
     def _get_prev_sample(self, sample, timestep: int, prev_timestep: int, model_output):
         """The PNDM transfer x_t -> x_t' for the effective noise estimate (module docstring, Liu et al. eq. 11)."""
-        alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        beta_prod_t = _F32(1.0) - alpha_prod_t
-        beta_prod_t_prev = _F32(1.0) - alpha_prod_t_prev
+        alpha_prod_t, alpha_prod_t_prev, beta_prod_t, beta_prod_t_prev = alpha_bar_pair(
+            self.alphas_cumprod, timestep, prev_timestep, self.final_alpha_cumprod)
         # the transfer takes a noise estimate: a v output becomes eps_hat = sqrt(abar) v + sqrt(1 - abar) x_t
         model_output = vp_epsilon(self._config["prediction_type"], model_output, sample,
                                   float(numpy.sqrt(alpha_prod_t)), float(numpy.sqrt(beta_prod_t)))
