@@ -349,6 +349,13 @@ def check_array_pair(cls_name: str, name: str, x, ref_name: str, ref) -> None:
     check_same_shape(cls_name, name, x, ref_name, ref)
 
 
+def check_exactly_one(cls_name: str, **options) -> None:
+    """``set_timesteps`` takes one way of giving the schedule: exactly one keyword here is not None."""
+    given = [k for k, v in options.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"{cls_name}.set_timesteps: pass exactly one of {', '.join(options)}; got {given}")
+
+
 def check_timesteps_set(cls_name: str, num_inference_steps) -> None:
     """``step`` before ``set_timesteps`` (``num_inference_steps`` still None) is refused."""
     if num_inference_steps is None:
@@ -736,6 +743,12 @@ class SigmaScalingMixin(StepIndexMixin):
     def add_noise(self, original_samples, noise, timesteps):
         """x = x_0 + sigma noise at each item's timestep (sigma-space forward process). (B, ...)."""
         return self._sigma_add_noise(original_samples, noise, timesteps)
+
+    def _refuse_respaced_custom_timesteps(self, timesteps) -> None:
+        """Custom ``timesteps`` fix the sigmas, so a ``use_*_sigmas`` respacing cannot apply to them."""
+        if timesteps is not None and self._sigma_kind is not None:
+            raise ValueError(f"{type(self).__name__}.set_timesteps: custom timesteps cannot be combined with "
+                             f"use_{self._sigma_kind}_sigmas")
 
 
 def reject_integer_timestep(cls_name: str, timestep) -> None:

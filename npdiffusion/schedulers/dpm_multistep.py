@@ -31,6 +31,7 @@ from npdiffusion.schedulers.base import (
     StepIndexMixin,
     broadcast_per_sample,
     check_choice,
+    check_exactly_one,
     check_num_inference_steps,
     check_reals,
     check_same_shape,
@@ -138,8 +139,7 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         """
         name = type(self).__name__
         cfg = self._config
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError(f"{name}.set_timesteps: pass exactly one of num_inference_steps and timesteps")
+        check_exactly_one(name, num_inference_steps=num_inference_steps, timesteps=timesteps)
         if timesteps is not None and (self._sigma_kind is not None or cfg["use_lu_lambdas"]):
             raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be combined with the "
                              "karras/exponential/beta/lu sigma options")

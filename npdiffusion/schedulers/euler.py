@@ -24,6 +24,7 @@ from npdiffusion.schedulers.base import (
     SigmaScalingMixin,
     check_array_pair,
     check_choice,
+    check_exactly_one,
     check_num_inference_steps,
     check_real,
     check_schedule_options,
@@ -89,14 +90,8 @@ class EulerDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         """
         name = type(self).__name__
         cfg = self._config
-        given = [k for k, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
-                                ("sigmas", sigmas)) if v is not None]
-        if len(given) != 1:
-            raise ValueError(f"{name}.set_timesteps: pass exactly one of num_inference_steps, timesteps, sigmas; "
-                             f"got {given}")
-        if timesteps is not None and self._sigma_kind is not None:
-            raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be combined with "
-                             f"use_{self._sigma_kind}_sigmas")
+        check_exactly_one(name, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas)
+        self._refuse_respaced_custom_timesteps(timesteps)
         continuous_v = cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction"
         if timesteps is not None and continuous_v:
             raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be used with timestep_type='continuous' "

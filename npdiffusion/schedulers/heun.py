@@ -22,6 +22,7 @@ from npdiffusion.schedulers.base import (
     SchedulerMixin,
     SigmaScalingMixin,
     check_array_pair,
+    check_exactly_one,
     check_num_inference_steps,
     check_real,
     check_schedule_options,
@@ -75,11 +76,8 @@ class HeunDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         """Choose N timesteps (or custom ``timesteps``), their sigmas, and the doubled lists; reset the state."""
         name = type(self).__name__
         cfg = self._config
-        if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError(f"{name}.set_timesteps: pass exactly one of num_inference_steps and timesteps")
-        if timesteps is not None and self._sigma_kind is not None:
-            raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be combined with "
-                             f"use_{self._sigma_kind}_sigmas")
+        check_exactly_one(name, num_inference_steps=num_inference_steps, timesteps=timesteps)
+        self._refuse_respaced_custom_timesteps(timesteps)
         n = check_num_inference_steps(name, num_inference_steps or len(timesteps))
         self.num_inference_steps = n
         T = num_train_timesteps or cfg["num_train_timesteps"]
