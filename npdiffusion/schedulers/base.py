@@ -26,7 +26,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -35,6 +34,7 @@ import numpy
 
 from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.diffusion import schedules
+from npdiffusion.io.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,8 @@ class SchedulerMixin:
         """Write the config to ``save_directory/scheduler_config.json`` (created if needed); returns the path.
 
         Sorted keys, two-space indent, ``_use_default_values`` left out (as diffusers writes it).
-        The file is written to a temporary name and renamed, so a crash never leaves half a file.
+        Written with ``io.atomic.atomic_write_text`` (temporary name, fsync, rename), so a crash never
+        leaves half a file.
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
@@ -212,19 +213,8 @@ class SchedulerMixin:
         os.makedirs(save_directory, exist_ok=True)
         data = {k: _json_ready(v) for k, v in self._config.items() if k != "_use_default_values"}
         data["_class_name"] = type(self).__name__
-        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         path = os.path.join(save_directory, self.config_name)
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".scheduler_config.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
 
     save_pretrained = save_config
