@@ -116,6 +116,23 @@ def test_a_diverged_variant_gets_its_row_and_the_others_go_on(model, tmp_path, m
     assert os.path.isfile(tmp_path / "d.png")
 
 
+def test_heldout_images_are_fresh_draws_that_differ_from_every_training_image(model):
+    from npdiffusion.data.shapes import ShapesDataset
+    from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
+    from npdiffusion.training.config import DataConfig
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    data = DataConfig(dataset="shapes", num_images=3000, resolution=32, seed=0)
+    z0, captions, skipped = study_training.heldout_latents(pipe, data, 12)
+    assert z0.shape == (12, pipe.vae.config["latent_channels"], 8, 8) and np.isfinite(z0).all()
+    # the same choice made here: seed 1's draws in order, keeping those unlike any of seed 0's 3000
+    train = {im.tobytes() for im in ShapesDataset(3000, seed=0).images}
+    fresh = ShapesDataset(12 + skipped, seed=1)
+    novel = [i for i, im in enumerate(fresh.images) if im.tobytes() not in train]
+    assert skipped > 0 and len(novel) == 12 and novel[-1] == 12 + skipped - 1
+    assert captions == [fresh.captions[i] for i in novel]
+
+
 @pytest.mark.parametrize("variants,needle", [("epsilon,nope", "'nope' is not one of"),
                                              ("epsilon,epsilon", "appears twice"), (",", "expected comma-separated")])
 def test_bad_variant_is_one_line_and_exit_2(model, tmp_path, capsys, variants, needle):

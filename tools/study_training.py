@@ -36,8 +36,9 @@ the variant's schedule and prediction type):
 * attribute accuracy, as every study (tools/study_common.py): the demo's evaluation prompts and
   seeds, classifier-free guidance --guidance, --sample-steps steps, read by the attribute checker;
 * the variational bound -log p(z0 | c) <= L_T + sum_{t>=1} L_{t-1} + L_0 in bits per latent dimension
-  on M = --heldout held-out images (shapes drawn from another data seed than training's, encoded
-  to z0 = the VAE posterior mean times the scaling factor, conditioned on their captions):
+  on M = --heldout held-out images (shapes drawn from another data seed than training's, skipping
+  those pixel-identical to a training image: about 4 in 10 are, the shapes have no anti-aliasing),
+  encoded to z0 = the VAE posterior mean times the scaling factor, conditioned on their captions):
   ``npdiffusion.diffusion.vlb.bits_per_dim`` with every one of the T timesteps, fixed_small variances,
   no clipping (latents are not in [-1, 1]) and the continuous Gaussian decoder for L_0 (latents are
   not 8-bit data, so this is a bound on a density: lower is better, and it may be negative). The
@@ -211,11 +212,13 @@ def train_variant(config, dataset, log=print) -> dict:
 
 # ------------------------------------------------------------------------------------ held-out bound
 def heldout_latents(pipe, data_config, n: int) -> tuple:
-    """(z0 (n, C, h, w) float32 = VAE posterior mean x scaling factor, captions (n), duplicates of training).
+    """(z0 (n, C, h, w) float32 = VAE posterior mean x scaling factor, captions (n), draws skipped).
 
-    The images are shapes drawn from the training data's seed + HELDOUT_SEED_OFFSET; ``duplicates``
-    counts those that are pixel-identical to a training image (expected 0: the shapes' centres and
-    radii are continuous draws).
+    The images are the first n shapes drawn from the training data's seed + HELDOUT_SEED_OFFSET that
+    are not pixel-identical to any training image. The shapes are drawn without anti-aliasing, so many
+    fresh draws repeat a training image exactly (about 4 in 10 against the demo's 10,000): those are
+    skipped, and their number is returned. (Image i of a seed depends only on (seed, i), so a longer
+    draw extends the same sequence.)
     """
     from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
     from npdiffusion.data import load_dataset  # noqa: PLC0415
@@ -223,17 +226,26 @@ def heldout_latents(pipe, data_config, n: int) -> tuple:
     from npdiffusion.nn.module import no_cache  # noqa: PLC0415
 
     d = data_config
-    train = load_dataset(d.dataset, path=d.path, num_images=d.num_images, resolution=d.resolution, seed=d.seed,
-                         caption_column=d.caption_column)
-    held = load_dataset(d.dataset, path=d.path, num_images=n, resolution=d.resolution,
-                        seed=d.seed + HELDOUT_SEED_OFFSET, caption_column=d.caption_column)
-    images = held.get_images(numpy.arange(n))
+    if d.dataset != "shapes":
+        raise sc.StudyError(f"the held-out set is drawn from the shapes with another seed; the data is {d.dataset!r}")
+    train = load_dataset("shapes", num_images=d.num_images, resolution=d.resolution, seed=d.seed)
     seen = {im.tobytes() for im in train.get_images(numpy.arange(len(train)))}
-    duplicates = sum(im.tobytes() in seen for im in images)
+    count = 4 * n + 16
+    while True:
+        held = load_dataset("shapes", num_images=count, resolution=d.resolution, seed=d.seed + HELDOUT_SEED_OFFSET)
+        all_images = held.get_images(numpy.arange(count))
+        novel = [i for i in range(count) if all_images[i].tobytes() not in seen]
+        if len(novel) >= n:
+            break
+        if count > 64 * n + 1024:
+            raise sc.StudyError(f"--heldout {n}: fewer than {n} of {count} fresh shapes differ from every "
+                                "training image")
+        count *= 2
+    keep = novel[:n]
     with no_cache():
-        post = pipe.vae.encode(asarray(to_model_input(images), dtype=numpy.float32))
+        post = pipe.vae.encode(asarray(to_model_input(all_images[keep]), dtype=numpy.float32))
     z0 = to_numpy(post.mean).astype(numpy.float32) * numpy.float32(pipe.vae.config["scaling_factor"])
-    return z0, list(held.captions[:n]), duplicates
+    return z0, [held.captions[i] for i in keep], keep[-1] + 1 - n
 
 
 def bound(pipe, z0, captions) -> dict:
@@ -289,7 +301,7 @@ def run(argv=None) -> dict:
             config = variant_config(name, args.model, os.path.join(work, name), steps, args.quick)
             if dataset is None:
                 dataset = dataset_from_config(config.data)
-                z0, captions, dups = heldout_latents(base_pipe, config.data, n_held)
+                z0, captions, skipped = heldout_latents(base_pipe, config.data, n_held)
             o = config.unet
             ac = alphas_cumprod(numpy.asarray(make_betas("unet", o.num_train_timesteps, o.beta_start, o.beta_end,
                                                          o.beta_schedule, None), dtype=numpy.float64))
@@ -326,8 +338,9 @@ def run(argv=None) -> dict:
              f"text encoder of {args.model}. Accuracy: {len(prompts)} prompts x {len(seeds)} seeds = {len(flat)} "
              f"images, DPM-Solver++ {sample_steps} steps, classifier-free guidance {args.guidance:g}. Bits/dim: the "
              f"variational bound (all T timesteps, fixed_small variances, Gaussian decoder) per latent dimension on "
-             f"{len(captions)} held-out images (data seed + {HELDOUT_SEED_OFFSET}; {dups} identical to a training "
-             "image), conditioned on their captions; lower is better, it may be negative (a density). "
+             f"{len(captions)} held-out images (the first draws of data seed + {HELDOUT_SEED_OFFSET} that differ from "
+             f"every training image; {skipped} draws were pixel-identical to one and skipped), conditioned on their "
+             "captions; lower is better, it may be negative (a density). "
              "SNR(T) = abar_T / (1 - abar_T). x0 MSE: the x0 prediction's mean squared error on the held-out "
              "latents, median over t. Final loss: mean of the last 5% of training steps, in each variant's own target "
              "units (not comparable across objectives).")
