@@ -50,7 +50,7 @@ SETTINGS = {
              "clip": {"patch_size": 8, "text_heads": 4, "vision_heads": 4, "text_intermediate_size": 128,
                       "vision_intermediate_size": 128}},
     "tokenizer": {"tokenizer": {"vocab_size": 1000, "model_max_length": 16}},
-    "vae": {"train": {"steps": 800, "batch_size": 8, "learning_rate": 2e-3,
+    "vae": {"train": {"steps": 1200, "batch_size": 8, "learning_rate": 2e-3,
                       "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20},
             "vae": {"block_out_channels": [16, 32, 32], "latent_channels": 8, "norm_num_groups": 8,
                     "mid_block_add_attention": False, "reconstruction": "l2"}},
