@@ -67,6 +67,18 @@ def test_clip_stage_learns_and_exports_a_text_encoder_transformers_loads(frozen)
     np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_clip_stage_writes_an_image_processor_config_matching_its_training_images(frozen):
+    transformers = pytest.importorskip("transformers")
+
+    root, _ = frozen
+    processor = transformers.CLIPImageProcessor.from_pretrained(str(root / "clip" / "clip"))
+    side = processor.crop_size["height"]
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    got = processor(images=pixels, return_tensors="np")["pixel_values"][0]            # (3, S, S)
+    want = pixels.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0                   # the loader's [-1, 1]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_unet_stage_learns_resumes_bit_exactly_and_writes_a_pipeline(frozen, tmp_path):
     root, _ = frozen
     summary = unet_stage.train(unet_config(root, tmp_path / "ref", 6, snr_gamma=5.0), progress=False,

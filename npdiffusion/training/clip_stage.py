@@ -15,7 +15,9 @@ with the hand-written backward into both towers and ``logit_scale``; after each 
 ``logit_scale`` is clamped to [0, ln 100] as OpenAI's and open_clip's training do. Images enter as
 the loader gives them, in [-1, 1] (a model trained from scratch needs no ImageNet statistics).
 
-Outputs in ``output_dir``: ``clip/`` (a transformers ``CLIPModel`` folder), ``text_encoder/`` (its
+Outputs in ``output_dir``: ``clip/`` (a transformers ``CLIPModel`` folder, with a
+``preprocessor_config.json`` that says so: mean = std = 0.5 after rescaling by 1/255, so that
+transformers' ``CLIPImageProcessor`` and CLIP guidance feed it what it was trained on), ``text_encoder/`` (its
 text tower as a ``CLIPTextModel`` folder: what the U-Net stage and the pipeline use) and
 ``tokenizer/`` (a copy of the tokenizer it was trained with). Checkpoints hold ``clip/``.
 Docs: docs/training.md ("The CLIP stage").
@@ -129,6 +131,7 @@ class CLIPStage(Stage):
 
     def save_models(self, folder):
         self.clip.save_pretrained(os.path.join(folder, "clip"))
+        write_image_processor_config(os.path.join(folder, "clip"), self.clip.config.vision_config.image_size)
 
     def load_models(self, folder):
         from npdiffusion.models.clip.pretrained import read_folder  # noqa: PLC0415
@@ -143,6 +146,20 @@ class CLIPStage(Stage):
         target = os.path.join(folder, "tokenizer")
         if os.path.abspath(target) != os.path.abspath(self.tokenizer_folder):
             self.tokenizer.save_pretrained(target)
+
+
+def write_image_processor_config(folder, image_size: int) -> None:
+    """A transformers ``preprocessor_config.json`` for images in [-1, 1]: x / 255, then (x - 0.5) / 0.5."""
+    import json  # noqa: PLC0415
+
+    from npdiffusion.io.atomic import atomic_write_text  # noqa: PLC0415
+
+    side = int(image_size)
+    config = {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
+              "size": {"shortest_edge": side}, "resample": 3, "do_center_crop": True,
+              "crop_size": {"height": side, "width": side}, "do_rescale": True, "rescale_factor": 1 / 255,
+              "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    atomic_write_text(os.path.join(folder, "preprocessor_config.json"), json.dumps(config, indent=2) + "\n")
 
 
 def build_stage(config: CLIPStageConfig, dataset) -> CLIPStage:
