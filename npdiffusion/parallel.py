@@ -36,9 +36,11 @@ __all__ = ["BLOCK_ENTRIES", "get_num_threads", "set_num_threads", "split", "para
 # Entries per cache block for ops that make many passes (activations): 16 K float32 entries =
 # 64 KB, so the few arrays a pass touches stay in a core's L2 cache.
 BLOCK_ENTRIES = 1 << 14
-# Below this many entries the whole array is one block in the calling thread: a thread hand-off
-# costs ~20 us, the time of a pass over ~100 K entries.
-MIN_PARALLEL_ENTRIES = 1 << 17
+# Below this many entries the whole array is one call in the calling thread. A hand-off to the
+# pool and back costs tens of microseconds plus GIL contention, the time of several passes over
+# ~100 K entries: at the demo's sizes (64 K-1 M entries) two threads made a U-Net training step
+# slower, 276-287 ms against 199-243 ms with one (docs/benchmarks.md, "Training").
+MIN_PARALLEL_ENTRIES = 1 << 19
 
 _state = {"threads": None, "pool": None, "pool_size": 0}
 _inside = threading.local()
