@@ -136,3 +136,18 @@ def test_unet_stage_refuses_a_missing_frozen_model(frozen, tmp_path, key):
     setattr(cfg.unet, key, str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=f"unet.{key} .*nowhere.* run `npdiffusion train"):
         run_model_stage(cfg, unet_stage.build_stage, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("opts", [{"prediction_type": "sample", "snr_gamma": 5.0},
+                                  {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}])
+def test_unet_stage_x0_prediction_and_zero_terminal_snr(frozen, tmp_path, opts):
+    import json
+
+    root, _ = frozen
+    summary = unet_stage.train(unet_config(root, tmp_path / "run", 3, **opts), progress=False, log=lambda *a: None)
+    assert summary.startswith("unet: 3 steps")
+    rows = read_history_csv(str(tmp_path / "run" / "losses.csv"))
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    sched = json.loads((tmp_path / "run" / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == opts["prediction_type"]
+    assert sched["rescale_betas_zero_snr"] is opts.get("rescale_betas_zero_snr", False)

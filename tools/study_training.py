@@ -25,10 +25,9 @@ rate, data order, initial weights (``manual_seed(train.seed)`` before the U-Net 
 same stream of timesteps, noise and caption dropout (the trainer's generator draws them in the same
 order whatever the target), so the variants differ only in what the loss asks of the network.
 
-x0 prediction and zero terminal SNR are defined here too ("x0", "x0-minsnr", "zero-snr") but the
-U-Net stage does not offer them today (``unet.prediction_type`` allows epsilon and v_prediction; there
-is no ``rescale_betas_zero_snr`` key), so they are not in the default list and asking for one is a
-one-line error. ``supported`` reads the stage's own config schema, so they join once the stage has them.
+x0 prediction ("x0", "x0-minsnr") and zero terminal SNR ("zero-snr", with v prediction) need the
+U-Net stage's ``prediction_type = "sample"`` and ``rescale_betas_zero_snr``; ``supported`` reads the
+stage's own config schema, and a variant the stage cannot train is a one-line error.
 
 After training, per variant (the exported EMA weights, the stage's ``model/`` folder: DPM-Solver++ on
 the variant's schedule and prediction type):

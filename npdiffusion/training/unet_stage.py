@@ -57,7 +57,8 @@ class UNetOptions:
     layers_per_block: int = option(1, "ResNet (+ transformer) layers per level (the up path has one more)", min=1)
     attention_head_dim: int = option(8, "channels per attention head", min=1)
     norm_num_groups: int = option(8, "GroupNorm groups (must divide every channel count)", min=1)
-    prediction_type: str = option("epsilon", "what the U-Net predicts", choices=("epsilon", "v_prediction"))
+    prediction_type: str = option("epsilon", "what the U-Net predicts: the noise, v, or the clean latents "
+                                  "('sample')", choices=("epsilon", "v_prediction", "sample"))
     snr_gamma: float = option(0.0, "Min-SNR-gamma loss weighting (5.0 is the paper's); 0 disables it", min=0.0)
     caption_dropout: float = option(0.1, "probability of training on the empty caption (classifier-free "
                                     "guidance needs it)", min=0.0)
@@ -66,6 +67,8 @@ class UNetOptions:
                                 choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     beta_start: float = option(0.00085, "first beta (linear / scaled_linear)", min=0.0)
     beta_end: float = option(0.012, "last beta (linear / scaled_linear)", min=0.0)
+    rescale_betas_zero_snr: bool = option(False, "rescale the schedule to zero terminal SNR (Lin et al. 2024); "
+                                          "use with v_prediction: at SNR 0 the noise cannot be predicted")
 
 
 @dataclass
@@ -87,7 +90,8 @@ def make_scheduler(opts: UNetOptions):
 
     return DPMSolverMultistepScheduler(num_train_timesteps=opts.num_train_timesteps, beta_start=opts.beta_start,
                                        beta_end=opts.beta_end, beta_schedule=opts.beta_schedule,
-                                       prediction_type=opts.prediction_type)
+                                       prediction_type=opts.prediction_type,
+                                       rescale_betas_zero_snr=opts.rescale_betas_zero_snr)
 
 
 def _check_folder(key: str, path: str, what: str, stage: str):
@@ -107,6 +111,7 @@ class UNetStage(Stage):
         from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
         from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
         from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
+        from npdiffusion.diffusion.schedules import rescale_zero_terminal_snr  # noqa: PLC0415
         from npdiffusion.schedulers.base import make_betas  # noqa: PLC0415
 
         opts = config.unet
@@ -144,6 +149,8 @@ class UNetStage(Stage):
         self.module = self.unet
         self.opts = opts
         betas = make_betas("unet", opts.num_train_timesteps, opts.beta_start, opts.beta_end, opts.beta_schedule, None)
+        if opts.rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
         self.alphas_cumprod = alphas_cumprod(numpy.asarray(betas, dtype=numpy.float64))
         self.scaling_factor = float(self.vae.config["scaling_factor"])
         self.log = log
