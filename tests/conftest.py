@@ -60,3 +60,13 @@ def backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def quick_demo_model(tmp_path_factory):
+    """The model folder of ``npdiffusion demo --quick`` (toy sizes, seconds), built once per test process."""
+    from npdiffusion.training.demo import run_demo
+
+    out = tmp_path_factory.mktemp("quickdemo")
+    run_demo(str(out), quick=True, progress=False, log=lambda *a: None)
+    return str(out / "model")

@@ -21,12 +21,8 @@ import study_unconditional_classifier  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from npdiffusion.training.demo import run_demo
-
-    out = tmp_path_factory.mktemp("studydemo")
-    run_demo(str(out), quick=True, progress=False, log=lambda *a: None)
-    return str(out / "model")
+def model(quick_demo_model):
+    return quick_demo_model
 
 
 def table_rows(md_path):
