@@ -30,7 +30,7 @@ def test_mse_gradcheck(backend, shape, reduction):
     rng = np.random.default_rng(len(shape))
     pred, target = noncontiguous(rng.standard_normal(shape)), noncontiguous(rng.standard_normal(shape))
     report = gradcheck_op(lambda p, t: mse_loss(p, t, reduction), mse_loss_backward, [pred, target],
-                          grad_inputs=[0], full_max=24)
+                          grad_inputs=[0], full_max=24, eps=EPS, floor=FLOOR)
     assert report.passed, report
 
 
