@@ -151,3 +151,5 @@ def test_unet_stage_x0_prediction_and_zero_terminal_snr(frozen, tmp_path, opts):
     sched = json.loads((tmp_path / "run" / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == opts["prediction_type"]
     assert sched["rescale_betas_zero_snr"] is opts.get("rescale_betas_zero_snr", False)
+    abar = unet_stage.training_alphas_cumprod(unet_config(root, tmp_path / "x", 1, **opts).unet)
+    assert bool(abar[-1] == 0.0) == bool(opts.get("rescale_betas_zero_snr"))   # zero terminal SNR, or not

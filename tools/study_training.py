@@ -287,10 +287,9 @@ def run(argv=None) -> dict:
     n_held = args.heldout or (2 if args.quick else HELDOUT)
     sample_steps = args.sample_steps or (2 if args.quick else sc.EVAL_STEPS)
     prompts, seeds, flat = sc.prompts_and_seeds(args)
-    from npdiffusion.diffusion.schedules import alphas_cumprod  # noqa: PLC0415
-    from npdiffusion.schedulers.base import make_betas  # noqa: PLC0415
     from npdiffusion.training.loop import TrainingError  # noqa: PLC0415
     from npdiffusion.training.stages import dataset_from_config  # noqa: PLC0415
+    from npdiffusion.training.unet_stage import training_alphas_cumprod  # noqa: PLC0415
 
     results = {}
     with contextlib.ExitStack() as stack:
@@ -302,8 +301,7 @@ def run(argv=None) -> dict:
                 dataset = dataset_from_config(config.data)
                 z0, captions, skipped = heldout_latents(base_pipe, config.data, n_held)
             o = config.unet
-            ac = alphas_cumprod(numpy.asarray(make_betas("unet", o.num_train_timesteps, o.beta_start, o.beta_end,
-                                                         o.beta_schedule, None), dtype=numpy.float64))
+            ac = training_alphas_cumprod(o)                 # the schedule the stage trains on
             r = dict(prediction=o.prediction_type, gamma=o.snr_gamma, schedule=o.beta_schedule,
                      snr_T=float(ac[-1] / (1.0 - ac[-1])), steps=config.train.steps,
                      batch=config.train.batch_size, lr=config.train.learning_rate, diverged=False)

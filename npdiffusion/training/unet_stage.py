@@ -84,6 +84,17 @@ class UNetStageConfig:
 CONFIG = UNetStageConfig
 
 
+def training_alphas_cumprod(opts: UNetOptions) -> numpy.ndarray:
+    """abar_t (T,) float64 of the schedule the stage trains on (rescaled to zero terminal SNR when asked)."""
+    from npdiffusion.diffusion.schedules import alphas_cumprod, rescale_zero_terminal_snr  # noqa: PLC0415
+    from npdiffusion.schedulers.base import make_betas  # noqa: PLC0415
+
+    betas = make_betas("unet", opts.num_train_timesteps, opts.beta_start, opts.beta_end, opts.beta_schedule, None)
+    if opts.rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return alphas_cumprod(numpy.asarray(betas, dtype=numpy.float64))
+
+
 def make_scheduler(opts: UNetOptions):
     """The sampler written into the pipeline folder: DPM-Solver++ 2M on the training schedule."""
     from npdiffusion.schedulers.dpm_multistep import DPMSolverMultistepScheduler  # noqa: PLC0415
@@ -106,13 +117,10 @@ class UNetStage(Stage):
     name = NAME
 
     def __init__(self, config: UNetStageConfig, dataset, log=print):
-        from npdiffusion.diffusion.schedules import alphas_cumprod  # noqa: PLC0415
         from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
         from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
         from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
         from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
-        from npdiffusion.diffusion.schedules import rescale_zero_terminal_snr  # noqa: PLC0415
-        from npdiffusion.schedulers.base import make_betas  # noqa: PLC0415
 
         opts = config.unet
         _check_folder("vae", opts.vae, "VAE", "vae")
@@ -148,10 +156,7 @@ class UNetStage(Stage):
         self.unet.to(config.train.dtype).train()
         self.module = self.unet
         self.opts = opts
-        betas = make_betas("unet", opts.num_train_timesteps, opts.beta_start, opts.beta_end, opts.beta_schedule, None)
-        if opts.rescale_betas_zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.alphas_cumprod = alphas_cumprod(numpy.asarray(betas, dtype=numpy.float64))
+        self.alphas_cumprod = training_alphas_cumprod(opts)
         self.scaling_factor = float(self.vae.config["scaling_factor"])
         self.log = log
         self._encode_dataset(dataset)
