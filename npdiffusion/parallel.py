@@ -6,11 +6,11 @@ R the number of entries per index of that axis (everything after it), [lo, hi) o
 NumPy runs each ufunc on one core, while torch spreads its element-wise kernels over all of them,
 and an op that makes many passes over a multi-megabyte array (activations and their backwards)
 runs each pass at memory speed. ``parallel_for(fn, n, row_entries, block_entries)`` fixes both: it
-cuts ``range(n)`` into one contiguous part per thread and calls ``fn(lo, hi)`` on each part, the
-calling thread taking the first and a small pool the others (NumPy releases the GIL inside its
-loops, so the parts run at the same time); with ``block_entries`` each thread walks its part in
-cache-sized blocks, so an ``fn`` that makes all its passes over one block before the next finds
-the block in cache after the first pass.
+cuts ``range(n)`` into contiguous blocks and calls ``fn(lo, hi)`` on each, the calling thread
+and a small pool claiming blocks until none is left (NumPy releases the GIL inside its loops, so
+the blocks run at the same time); with ``block_entries`` the blocks are cache-sized, so an ``fn``
+that makes all its passes over one block before the next finds the block in cache after the
+first pass.
 
 ``fn`` must only read its inputs and write its own rows ``[lo, hi)`` of preallocated outputs
 (or return a per-call result: ``parallel_for`` returns them in order). The result is the same as
@@ -22,25 +22,48 @@ once in the calling thread. A call from inside a block also runs inline (no nest
 
 Threads: ``set_num_threads(k)``; default ``NPDIFFUSION_NUM_THREADS``, else the number of CPUs this
 process may run on.
+
+Broadcasts over long rows: ``x * a[:, None]`` with x (R, S) runs at 0.45-0.55 ns/entry on NumPy
+2.x when S is below the ufunc buffer size (8192 entries), against 0.15 for the same multiply by
+a scalar: the iterator then gathers several rows into one inner loop and copies the broadcast
+operand into its buffer, so the multiply becomes a same-shape one plus a copy. With a buffer no
+larger than a row, each row is one inner loop with a stride-0 operand, NumPy's scalar kernel.
+``parallel_for(..., row_length=S)`` runs ``fn`` with such a buffer for rows of at least
+``LONG_ROW`` entries (shorter rows pay more per inner loop than the copy costs). The buffer size
+is a thread-local NumPy setting, restored when ``fn`` returns; it changes speed, never results.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy
+
 from npdiffusion import backend
 
-__all__ = ["BLOCK_ENTRIES", "get_num_threads", "set_num_threads", "split", "parallel_for"]
+__all__ = ["BLOCK_ENTRIES", "LONG_ROW", "get_num_threads", "set_num_threads", "parallel_for"]
 
-# Entries per cache block for ops that make many passes (activations): 16 K float32 entries =
-# 64 KB, so the few arrays a pass touches stay in a core's L2 cache.
-BLOCK_ENTRIES = 1 << 14
+# Entries per cache block for ops that make many passes (activations): 128 K float32 entries =
+# 512 KB, so the few arrays a pass touches stay in a core's 2 MB L2 cache. Smaller blocks lose
+# more to NumPy's ~1.5 us per ufunc call and to GIL hand-offs between the threads than they gain
+# in cache: GEGLU on a (2048, 512) h, forward + backward, 13.7 ms with 16 K blocks, 7.7 ms with
+# 128 K (one thread; docs/benchmarks.md, "Element-wise block size").
+BLOCK_ENTRIES = 1 << 17
 # Below this many entries the whole array is one call in the calling thread. A hand-off to the
 # pool and back costs tens of microseconds plus GIL contention, the time of several passes over
 # ~100 K entries: at the demo's sizes (64 K-1 M entries) two threads made a U-Net training step
 # slower, 276-287 ms against 199-243 ms with one (docs/benchmarks.md, "Training").
 MIN_PARALLEL_ENTRIES = 1 << 19
+# Rows at least this long are broadcast over with a ufunc buffer of one row (module docstring):
+# measured 0.15-0.20 ns/entry at 1024 against 0.43-0.50 with NumPy's 8192-entry buffer; at 256
+# the two are even (docs/benchmarks.md, "Group norm").
+LONG_ROW = 1024
+_NUMPY_BUFSIZE = 8192
+# Without block_entries, each thread's share is cut into this many blocks to claim, so that the
+# threads finish together even when one starts late.
+CLAIMS_PER_THREAD = 4
 
 _state = {"threads": None, "pool": None, "pool_size": 0}
 _inside = threading.local()
@@ -87,56 +110,79 @@ def _pool(size: int) -> ThreadPoolExecutor:
         return _state["pool"]
 
 
-def split(n: int, parts: int):
-    """``range(n)`` cut into ``min(parts, n)`` contiguous ``(lo, hi)`` ranges whose sizes differ by <= 1."""
-    count = min(max(int(parts), 1), n)
-    if count <= 0:
-        return []
-    base, extra = divmod(n, count)
-    out, lo = [], 0
-    for i in range(count):
-        hi = lo + base + (i < extra)
-        out.append((lo, hi))
-        lo = hi
-    return out
+def _with_row_buffer(fn, row_length):
+    """``fn`` wrapped to run with a NumPy ufunc buffer of at most ``row_length`` entries."""
+    if row_length is None or row_length < LONG_ROW or row_length >= _NUMPY_BUFSIZE:
+        return fn
+
+    def wrapped(lo, hi):
+        with numpy.errstate():                       # restores the thread's buffer size on exit
+            numpy.setbufsize(int(row_length) // 16 * 16)   # NumPy wants a multiple of 16
+            return fn(lo, hi)
+    return wrapped
 
 
-def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None):
+def _ranges(n: int, rows: int):
+    """``range(n)`` cut into ranges of ``rows`` indices (the last may be shorter)."""
+    return [(lo, min(lo + rows, n)) for lo in range(0, n, rows)]
+
+
+def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
+                 row_length: int | None = None):
     """Call ``fn(lo, hi)`` over contiguous ranges covering ``range(n)``; return the results in order.
 
-    ``range(n)`` is cut into one part per thread; the calling thread runs the first part and the
-    pool the others. With ``block_entries``, each thread cuts its part further into blocks of about
-    that many entries (at least one row) and calls ``fn`` once per block, so that an ``fn`` making
-    several passes finds its block in cache. ``row_entries`` is the number of array entries one
-    index of the split axis touches. See the module docstring for what ``fn`` may do.
+    ``range(n)`` is cut into blocks: of about ``block_entries`` entries (at least one row) when
+    given, so that an ``fn`` making several passes finds its block in cache; otherwise about
+    ``CLAIMS_PER_THREAD`` blocks per thread. The calling thread and the pool's threads claim the
+    blocks one at a time until none is left (dynamic scheduling), so a pool thread that wakes late
+    only does less: on this VM an idle thread takes 100-300 us to wake, as long as a pass over
+    a megabyte. ``row_entries`` is the number of array entries one index of the split axis
+    touches. ``row_length``: the length of the contiguous rows that ``fn`` broadcasts per-row
+    values over, if any (module docstring, "Broadcasts over long rows"). See the module docstring
+    for what ``fn`` may do.
     """
     row_entries = max(int(row_entries), 1)
+    if backend.get_backend() == "numpy":
+        fn = _with_row_buffer(fn, row_length)
     threads = get_num_threads()
-    if (threads == 1 or n < 2 or n * row_entries < MIN_PARALLEL_ENTRIES
-            or getattr(_inside, "active", False) or backend.get_backend() != "numpy"):
-        parts = [(0, n)] if n > 0 else []
+    inline = (threads == 1 or n < 2 or n * row_entries < MIN_PARALLEL_ENTRIES
+              or getattr(_inside, "active", False) or backend.get_backend() != "numpy")
+    if block_entries is not None:
+        rows = max(1, int(block_entries) // row_entries)
     else:
-        parts = split(n, threads)
-    rows = None if block_entries is None else max(1, int(block_entries) // row_entries)
+        rows = n if inline else max(1, -(-n // (threads * CLAIMS_PER_THREAD)))
+    blocks = _ranges(n, max(rows, 1))
+    if inline or len(blocks) <= 1:
+        return [fn(lo, hi) for lo, hi in blocks]
 
-    def run(lo, hi):
-        if rows is None or hi - lo <= rows:
-            return [fn(lo, hi)]
-        return [fn(a, b) for a, b in ((a, min(a + rows, hi)) for a in range(lo, hi, rows))]
+    results = [None] * len(blocks)
+    errors = []
+    claims = itertools.count()                       # next() is atomic under the GIL
+    settled = itertools.count(1)
+    all_settled = threading.Event()
 
-    if len(parts) <= 1:
-        return run(*parts[0]) if parts else []
-
-    def run_marked(lo, hi):
+    def work():
         _inside.active = True
         try:
-            return run(lo, hi)
+            while True:
+                i = next(claims)
+                if i >= len(blocks):
+                    return
+                if not errors:                       # after an error the rest are only counted
+                    try:
+                        results[i] = fn(*blocks[i])
+                    except BaseException as exc:     # re-raised in the calling thread
+                        errors.append(exc)
+                if next(settled) == len(blocks):
+                    all_settled.set()
         finally:
             _inside.active = False
 
-    futures = [_pool(threads - 1).submit(run_marked, lo, hi) for lo, hi in parts[1:]]
-    try:
-        first = run_marked(*parts[0])
-    finally:
-        rest = [f.result() for f in futures]                         # waits; re-raises a part's error
-    return [r for part in [first] + rest for r in part]
+    pool = _pool(threads - 1)
+    for _ in range(min(threads - 1, len(blocks) - 1)):
+        pool.submit(work)
+    work()
+    all_settled.wait()                               # blocks claimed by the pool finish
+    if errors:
+        raise errors[0]
+    return results

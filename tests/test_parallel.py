@@ -21,19 +21,6 @@ def forced(monkeypatch):
     parallel.set_num_threads(previous)
 
 
-@given(n=st.integers(0, 200), parts=st.integers(1, 8))
-def test_split_covers_the_range_in_order(n, parts):
-    spans = parallel.split(n, parts)
-    if n == 0:
-        assert spans == []
-        return
-    assert [lo for lo, _ in spans] == [0] + [hi for _, hi in spans[:-1]]
-    assert spans[-1][1] == n
-    sizes = [hi - lo for lo, hi in spans]
-    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
-    assert len(spans) == min(parts, n)
-
-
 @given(n=st.integers(0, 300), row=st.integers(1, 50), block=st.one_of(st.none(), st.integers(1, 400)))
 def test_results_come_back_in_order(n, row, block):
     previous = parallel.get_num_threads()
@@ -45,10 +32,41 @@ def test_results_come_back_in_order(n, row, block):
     finally:
         parallel.set_num_threads(previous)
     assert [i for part in out for i in part] == list(range(n))
+    assert all(part for part in out)
     if block is not None:
         assert all(len(part) <= max(1, block // row) for part in out)
     elif n:
-        assert len(out) == min(3, n)
+        rows = -(-n // (3 * parallel.CLAIMS_PER_THREAD))    # about CLAIMS_PER_THREAD per thread
+        assert [len(part) for part in out[:-1]] == [rows] * (len(out) - 1)
+
+
+class _AbsentPool:
+    """A pool whose threads never start: the calling thread must claim every block itself."""
+
+    def __init__(self):
+        self.submitted = 0
+
+    def submit(self, fn, *args):
+        self.submitted += 1
+
+
+def test_the_caller_claims_what_the_pool_does_not_start(forced, monkeypatch):
+    pool = _AbsentPool()
+    monkeypatch.setattr(parallel, "_pool", lambda size: pool)
+    out = parallel.parallel_for(lambda lo, hi: (lo, hi, threading.current_thread().name), 30, 1, 4)
+    assert pool.submitted == 2
+    assert [(lo, hi) for lo, hi, _ in out] == [(lo, min(lo + 4, 30)) for lo in range(0, 30, 4)]
+    assert {name for _, _, name in out} == {threading.current_thread().name}
+
+
+@pytest.mark.parametrize("length, buffer", [(parallel.LONG_ROW, parallel.LONG_ROW), (3000, 2992),
+                                            (parallel.LONG_ROW - 1, np.getbufsize()),
+                                            (None, np.getbufsize()), (1 << 20, np.getbufsize())])
+def test_long_rows_get_a_row_sized_ufunc_buffer(forced, length, buffer):
+    before = np.getbufsize()
+    seen = parallel.parallel_for(lambda lo, hi: np.getbufsize(), 6, 1, row_length=length)
+    assert set(seen) == {buffer}
+    assert np.getbufsize() == before
 
 
 def test_a_block_error_reaches_the_caller(forced):
@@ -96,9 +114,14 @@ def test_environment_variable(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0.0, 1e4])  # 1e4: |mu| >> sigma, the two-pass path in some blocks
-def test_group_norm_blocks_equal_one_call(forced, dtype, offset):
+@pytest.mark.parametrize("side", [3, 40])    # 40 x 40 = 1600 >= LONG_ROW: a row-sized ufunc buffer
+def test_group_norm_blocks_equal_one_call(forced, monkeypatch, dtype, offset, side):
+    from npdiffusion.ops import norm
+
+    monkeypatch.setattr(norm, "_GROUP_NORM_BLOCK", 2 * 12 * side * side)       # two samples a block
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((7, 12, 5, 3)) + offset * (rng.random((7, 1, 1, 1)) > 0.5)).astype(dtype)
+    x = (rng.standard_normal((7, 12, side, side))
+         + offset * (rng.random((7, 1, 1, 1)) > 0.5)).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     w, b = rng.standard_normal(12).astype(dtype), rng.standard_normal(12).astype(dtype)
     y_par, cache = group_norm_forward(x, 4, w, b)

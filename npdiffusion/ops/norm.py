@@ -15,6 +15,9 @@ Both ops share one notation (derivation: docs/ops/normalization.md):
 
 Numerics and speed:
 
+* Group norm works per cache block of samples: each block's statistics pass reads it from
+  memory and the passes after it find it in cache (torch's fused kernel reads x once; NumPy
+  makes one pass per ufunc, so this is how we get close).
 * Statistics in one pass over x: the row sums and the sums of squares (a batched dot product),
   so no centered temporary is made. One-pass variance (E[x^2] - mu^2) cancels badly when
   |mu| >> sigma, so every set whose mu^2 exceeds ``_ONE_PASS_MAX_RATIO * var`` is redone with
@@ -99,22 +102,33 @@ def _moments(rows, eps):
 
 
 # --------------------------------------------------------------------------------- group norm
-def _spread(per_group, cg):
+# Samples per cache block: about this many entries (1 MB of float32, half a core's L2 cache), so
+# that after the statistics pass reads a block from memory the passes that follow find it in cache.
+_GROUP_NORM_BLOCK = 1 << 18
+
+
+def _per_channel(per_group, cg):
     """(n, G) per-group values -> (n, G*cg) per-channel values (each repeated cg times)."""
-    n, g = per_group.shape
-    return xp.broadcast_to(per_group[:, :, None], (n, g, cg)).reshape(n, g * cg)
+    return xp.repeat(per_group, cg, axis=1)
 
 
 def _affine(mean, rstd, cg, gamma, beta):
-    """Per-(batch, channel) a, sh with y = x * a + sh: a = r * gamma, sh = beta - mu * a; (n, C)."""
-    a = _spread(rstd, cg)
+    """Per-(sample, channel) a, sh with y = x * a + sh: a = r * gamma, sh = beta - mu * a; (n, C)."""
+    a = _per_channel(rstd, cg)
     if gamma is not None:
-        a = a * gamma
-    sh = _spread(mean, cg) * a
+        a *= gamma
+    sh = _per_channel(mean, cg)
+    sh *= a
     xp.negative(sh, out=sh)
     if beta is not None:
         sh += beta
     return a, sh
+
+
+def _scale_shift(x, a, sh, out):
+    """out = x * a + sh for x, out (n, C, S) and per-(sample, channel) a, sh (n, C)."""
+    xp.multiply(x, a[:, :, None], out=out)
+    out += sh[:, :, None]
 
 
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
@@ -123,8 +137,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     weight (gamma) and bias (beta) are per channel (C,), each optional. Equals
     torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype;
     cache = (x as (B, C, S) in the compute dtype (x - mu where |mu| >> sigma), mu (B, G), r (B, G),
-    weight, flags). The statistics are reductions over the whole array; the element-wise
-    y = x * a + sh runs in parts of the batch on the CPU's threads
+    weight, flags). Everything runs per block of samples (the statistics, then y = x * a + sh,
+    while the block is in cache), the blocks spread over the CPU's threads
     (npdiffusion/parallel.py). Derivation: docs/ops/normalization.md.
     """
     op = "group_norm"
@@ -145,20 +159,24 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     xc = x.astype(cdt, copy=False).reshape(b, c, s)                    # (B, C, S), copy if strided
     gamma = None if weight is None else weight.astype(cdt, copy=False)
     beta = None if bias is None else bias.astype(cdt, copy=False)
-    mean, rstd, centered = _moments(xc.reshape(b * g, cg * s), eps)    # (B*G,)
-    mean, rstd = mean.reshape(b, g), rstd.reshape(b, g)
-    if centered:
-        # |mu| >> sigma somewhere: x * a - mu * a would cancel, so keep x - mu instead of x (one
-        # more pass, only then); y, the backward's sums and its x * k + k0 all use it with mu = 0.
-        xc = xc - _spread(mean, cg)[:, :, None]
-    a, sh = _affine(xp.zeros_like(mean) if centered else mean, rstd, cg, gamma, beta)   # (B, C)
+    mean, rstd = xp.empty((b, g), dtype=cdt), xp.empty((b, g), dtype=cdt)
     y = xp.empty((b, c, s), dtype=cdt)
 
     def block(lo, hi):                                                 # samples [lo, hi)
-        xp.multiply(xc[lo:hi], a[lo:hi, :, None], out=y[lo:hi])
-        y[lo:hi] += sh[lo:hi, :, None]
+        m, r, cancels = _moments(xc[lo:hi].reshape((hi - lo) * g, cg * s), eps)
+        mean[lo:hi], rstd[lo:hi] = m.reshape(hi - lo, g), r.reshape(hi - lo, g)
+        if not cancels:
+            _scale_shift(xc[lo:hi], *_affine(mean[lo:hi], rstd[lo:hi], cg, gamma, beta), y[lo:hi])
+        return cancels
 
-    parallel_for(block, b, c * s)
+    centered = any(parallel_for(block, b, c * s, _GROUP_NORM_BLOCK, row_length=s))
+    if centered:
+        # |mu| >> sigma somewhere: x * a - mu * a would cancel, so keep x - mu instead of x (one
+        # more pass, only then); y, the backward's sums and its x * k + k0 all use it with mu = 0.
+        xc = xc - _per_channel(mean, cg)[:, :, None]
+        a, sh = _affine(xp.zeros_like(mean), rstd, cg, gamma, beta)   # (B, C)
+        parallel_for(lambda lo, hi: _scale_shift(xc[lo:hi], a[lo:hi], sh[lo:hi], y[lo:hi]),
+                     b, c * s, row_length=s)
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
     cache = (xc, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
     return y, cache
@@ -169,42 +187,45 @@ def group_norm_backward(dy, cache):
 
     With g = dy * gamma and means over each group:
     dx = r (g - mean(g) - xhat mean(g xhat)), dgamma = sum_{B,S} dy xhat, dbeta = sum_{B,S} dy.
-    Expanded per (batch, channel): dx = dy * (r gamma) + x * k + k0 (docs/ops/normalization.md).
-    The sums are reductions over the whole array; dx runs in parts of the batch on the CPU's
-    threads.
+    Expanded per (sample, channel): dx = dy * (r gamma) + x * k + k0 (docs/ops/normalization.md).
+    Everything but the final sums over the batch runs per block of samples (the sums over S,
+    then dx, while the block is in cache), the blocks spread over the CPU's threads.
     """
     xc, mean, rstd, centered, weight, has_bias, in_dtype, in_shape = cache
     b, c, s = xc.shape
     g = mean.shape[1]
     cg = c // g
-    m = max(cg * s, 1)
+    inv_m = 1.0 / max(cg * s, 1)
     cdt = xc.dtype
     if centered:                                                       # xc holds x - mu
         mean = xp.zeros_like(mean)
     dyc = dy.astype(cdt, copy=False).reshape(b, c, s)                  # (B, C, S)
     gamma = None if weight is None else weight.astype(cdt, copy=False)
-    mean_c, rstd_c = _spread(mean, cg), _spread(rstd, cg)              # (B, C)
-    db = _row_sum(dyc.reshape(b * c, s)).reshape(b, c)                 # sum_S dy        (B, C)
-    ds = _row_dot(dyc.reshape(b * c, s), xc.reshape(b * c, s)).reshape(b, c)  # sum_S dy x
-    dxhat = (ds - mean_c * db) * rstd_c                                # sum_S dy xhat   (B, C)
-    # Group means of g = dy * gamma and of g * xhat: (B, G), then spread back to channels.
-    gdb = db if gamma is None else db * gamma
-    gdx = dxhat if gamma is None else dxhat * gamma
-    mean_g = _spread(gdb.reshape(b, g, cg).sum(axis=2) * (1.0 / m), cg)        # mean(g)
-    mean_gx = _spread(gdx.reshape(b, g, cg).sum(axis=2) * (1.0 / m), cg)      # mean(g xhat)
-    # dx = r*gamma*dy - r*mean(g) - r^2 (x - mu) mean(g xhat) = dy*a + x*k + k0.
-    a = rstd_c if gamma is None else rstd_c * gamma
-    k = -(rstd_c * rstd_c) * mean_gx
-    k0 = -rstd_c * mean_g - k * mean_c
+    db = xp.empty((b, c), dtype=cdt)                                   # sum_S dy        (B, C)
+    dxhat = xp.empty((b, c), dtype=cdt)                                # sum_S dy xhat   (B, C)
     dx = xp.empty((b, c, s), dtype=cdt)
 
     def block(lo, hi):                                                 # samples [lo, hi)
+        n = hi - lo
+        dyb, xb = dyc[lo:hi], xc[lo:hi]
+        mean_c, rstd_c = _per_channel(mean[lo:hi], cg), _per_channel(rstd[lo:hi], cg)   # (n, C)
+        db[lo:hi] = _row_sum(dyb.reshape(n * c, s)).reshape(n, c)
+        ds = _row_dot(dyb.reshape(n * c, s), xb.reshape(n * c, s)).reshape(n, c)   # sum_S dy x
+        dxhat[lo:hi] = (ds - mean_c * db[lo:hi]) * rstd_c
+        # Group means of g = dy * gamma and of g * xhat: (n, G), then spread back to channels.
+        gdb = db[lo:hi] if gamma is None else db[lo:hi] * gamma
+        gdx = dxhat[lo:hi] if gamma is None else dxhat[lo:hi] * gamma
+        mean_g = _per_channel(gdb.reshape(n, g, cg).sum(axis=2) * inv_m, cg)      # mean(g)
+        mean_gx = _per_channel(gdx.reshape(n, g, cg).sum(axis=2) * inv_m, cg)    # mean(g xhat)
+        # dx = r*gamma*dy - r*mean(g) - r^2 (x - mu) mean(g xhat) = dy*a + x*k + k0.
+        a = rstd_c if gamma is None else rstd_c * gamma
+        k = -(rstd_c * rstd_c) * mean_gx
+        k0 = -rstd_c * mean_g - k * mean_c
         out = dx[lo:hi]
-        xp.multiply(dyc[lo:hi], a[lo:hi, :, None], out=out)
-        out += k0[lo:hi, :, None]
-        out += xc[lo:hi] * k[lo:hi, :, None]
+        _scale_shift(dyb, a, k0, out)
+        out += xb * k[:, :, None]
 
-    parallel_for(block, b, c * s)
+    parallel_for(block, b, c * s, _GROUP_NORM_BLOCK, row_length=s)
     dweight = None if weight is None else dxhat.sum(axis=0).astype(weight.dtype, copy=False)
     dbias = db.sum(axis=0).astype(in_dtype if weight is None else weight.dtype, copy=False) if has_bias else None
     dx = dx.reshape(in_shape).astype(in_dtype, copy=False)
