@@ -63,7 +63,7 @@ LONG_ROW = 1024
 _NUMPY_BUFSIZE = 8192
 # Without block_entries, each thread's share is cut into this many blocks to claim, so that the
 # threads finish together even when one starts late.
-CLAIMS_PER_THREAD = 4
+CLAIMS_PER_THREAD = 2
 
 _state = {"threads": None, "pool": None, "pool_size": 0}
 _inside = threading.local()

@@ -15,7 +15,8 @@ The im2col matrix is laid out channel-major, ``cols (C, kh, kw, B, R, Wo)`` view
   fewer input positions than channels, where copying the flipped kernel would dominate).
 
 ``cols`` is filled by kh*kw slice copies (one per kernel offset; padding is never materialized:
-each copy takes the in-bounds rectangle and zeroes the rest). It lives in a per-thread workspace
+each copy takes the in-bounds rectangle and zeroes the rest; the copies run over ranges of the
+channels on the CPU's threads). It lives in a per-thread workspace
 that is reused from call to call, so the forward caches only ``x`` and backward rebuilds
 ``cols(x)``. Everything runs in chunks of images / output rows of about ``CHUNK_BYTES`` each,
 small enough to stay in cache between the copy and the GEMM. For stride-1 "same"-width
@@ -29,6 +30,7 @@ from __future__ import annotations
 import threading
 
 from npdiffusion.backend import get_backend, xp
+from npdiffusion.parallel import parallel_for
 
 #: Target size (bytes) of one im2col chunk. The slice copies that fill a chunk and the GEMM that
 #: reads it then work on data still in cache, instead of streaming a 40 MB matrix through memory
@@ -115,6 +117,14 @@ def _valid_range(lo: int, hi: int, offset: int, stride: int, size: int) -> tuple
 
 # ----------------------------------------------------------------------------- im2col / col2im
 def _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
+    """``_im2col_channels`` over ranges of the channels on the CPU's threads (each copies its own
+    channels' rows of ``out``; NumPy's copies release the GIL, so they overlap)."""
+    parallel_for(lambda lo, hi: _im2col_channels(src[lo:hi], kh, kw, sh, sw, ph, pw, r0, r1, Wo,
+                                                 out[lo:hi]),
+                 src.shape[0], out[0].size)
+
+
+def _im2col_channels(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
     """Fill ``out (Ch, kh, kw, B, R, Wo)`` with ``src (Ch, B, H, W)`` (any strides):
 
     out[c, i, j, b, r - r0, w] = src[c, b, r*sh + i - ph, w*sw + j - pw], zero outside src.
@@ -162,7 +172,15 @@ def _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
 
 def _col2im_add(dcols, kh, kw, sh, sw, ph, pw, r0, r1, Wo, dst):
     """The adjoint of ``_im2col``: ``dst (Ch, B, H, W)`` (a view) += each offset's slice of
-    ``dcols (Ch, kh, kw, B, R, Wo)``; contributions that fell on the zero padding are dropped."""
+    ``dcols (Ch, kh, kw, B, R, Wo)``; contributions that fell on the zero padding are dropped.
+    Runs over ranges of the channels on the CPU's threads, like ``_im2col``."""
+    parallel_for(lambda lo, hi: _col2im_add_channels(dcols[lo:hi], kh, kw, sh, sw, ph, pw, r0, r1,
+                                                     Wo, dst[lo:hi]),
+                 dst.shape[0], dcols[0].size)
+
+
+def _col2im_add_channels(dcols, kh, kw, sh, sw, ph, pw, r0, r1, Wo, dst):
+    """``_col2im_add`` for one range of channels."""
     H, W = dst.shape[2], dst.shape[3]
     for i in range(kh):
         lo, hi = _valid_range(r0, r1, i - ph, sh, H)
