@@ -223,10 +223,12 @@ def _is_pointwise(kh, kw, stride, padding):
     return kh == 1 and kw == 1 and stride == (1, 1) and padding == (0, 0)
 
 
-def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None):
+def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None, on_cols=None):
     """``out_view (O, B, Ho, Wo)`` = wmat (O, K) @ cols(src) (+ bias), one cache-sized chunk at a time.
 
     ``src`` is (Ch, B, H, W) with any strides, ``wmat`` a contiguous (O, Ch*kh*kw) matrix.
+    ``on_cols(cols, b0, b1, r0, r1)``, if given, also gets each chunk's im2col matrix (K, n) for the
+    images [b0, b1) and output rows [r0, r1).
     """
     ch, batch = src.shape[0], src.shape[1]
     (sh, sw), (ph, pw), (Ho, Wo) = stride, padding, out_hw
@@ -237,6 +239,8 @@ def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None):
         nb, R = b1 - b0, r1 - r0
         cols = _workspace("cols", (K, nb * R * Wo), dtype)
         _im2col(src[:, b0:b1], kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(ch, kh, kw, nb, R, Wo))
+        if on_cols is not None:
+            on_cols(cols, b0, b1, r0, r1)
         yt = _workspace("gemm", (O, nb * R * Wo), dtype)
         xp.matmul(wmat, cols, out=yt)
         yt = yt.reshape(O, nb, R, Wo)
@@ -279,8 +283,9 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
 def conv2d_backward(dy, cache):
     """Returns ``(dx, dweight, dbias)`` for dy (B, O, Ho, Wo); dbias is None without a bias.
 
-    dW = dy_t cols(x)^T; db = sum of dy over B, Ho, Wo; dx = full convolution of dy with the
-    flipped, transposed kernel (stride 1, B*H*W >= C) or col2im(W_col^T dy_t) (otherwise).
+    db = sum of dy over B, Ho, Wo. Stride 1 with B*H*W >= C: dx = full convolution of dy with the
+    flipped, transposed kernel, and dW from that convolution's im2col matrix cols(dy) and x (no
+    cols(x) needed). Otherwise dW = dy_t cols(x)^T and dx = col2im(W_col^T dy_t).
     Derivation: docs/ops/convolution.md.
     """
     x, weight, has_bias, stride, padding = cache
@@ -305,9 +310,32 @@ def conv2d_backward(dy, cache):
     dy_t[...] = dy.transpose(1, 0, 2, 3)
     dbias = dy_t.reshape(O, -1).sum(axis=1) if has_bias else None
 
+    itemsize = xp.dtype(cdt).itemsize
+    if stride == (1, 1) and B * H * W >= C:
+        # dx[b, c, h, w] = sum_{o,i,j} W[o, c, i, j] dy[b, o, h + ph - i, w + pw - j]: a stride-1
+        # convolution of dy, padded by k-1-p, with W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j].
+        # Its im2col matrix cols(dy) (O*kh*kw, B*H*W) also gives dW without cols(x):
+        # dW[o, c, i, j] = sum_{b,q} cols(dy)[(o, kh-1-i, kw-1-j), (b, q)] x[b, c, q]
+        # (docs/ops/convolution.md), one GEMM per chunk with x_t (C, B*H*W).
+        dx = xp.empty((B, C, H, W), dtype=dtype)
+        x_t = xp.empty((C, B, H, W), dtype=cdt)
+        x_t[...] = x.transpose(1, 0, 2, 3)
+        acc = xp.zeros((O * kh * kw, C), dtype=cdt)
+
+        def weight_grad(cols, b0, b1, r0, r1):                                # G += cols x_c^T
+            part = _workspace("gemm_dw", acc.shape, cdt)
+            xp.matmul(cols, x_t[:, b0:b1, r0:r1].reshape(C, -1).T, out=part)
+            xp.add(acc, part, out=acc)
+
+        wflip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=cdt)
+        _conv_gemm(dy_t, wflip.reshape(C, O * kh * kw), kh, kw, (1, 1), (kh - 1 - ph, kw - 1 - pw),
+                   (H, W), dx.transpose(1, 0, 2, 3), on_cols=weight_grad)
+        dweight = xp.ascontiguousarray(
+            acc.reshape(O, kh, kw, C)[:, ::-1, ::-1].transpose(0, 3, 1, 2))   # (O, C, kh, kw)
+        return _cast(dx, dtype), _cast(dweight, dtype), _cast(dbias, dtype)
+
     # dW (O, K) = sum over chunks of dy_t[:, images, rows] (O, n) @ cols(x)^T (n, K)
     src = x.transpose(1, 0, 2, 3)                                              # (C, B, H, W)
-    itemsize = xp.dtype(cdt).itemsize
     # With many output positions the transposed product dW^T = cols dy_t^T (K, O) is the faster
     # GEMM (measured), and its final (K, O) -> (O, K) copy is negligible; with few positions and
     # many channels that copy would cost as much as the GEMM, so dW is computed directly.
@@ -326,24 +354,16 @@ def conv2d_backward(dy, cache):
         acc += part
     dweight = (xp.ascontiguousarray(acc.T) if transposed else acc).reshape(O, C, kh, kw)
 
-    if stride == (1, 1) and B * H * W >= C:
-        dx = xp.empty((B, C, H, W), dtype=dtype)
-        # dx[b, c, h, w] = sum_{o,i,j} W[o, c, i, j] dy[b, o, h + ph - i, w + pw - j]: a stride-1
-        # convolution of dy, padded by k-1-p, with W_flip[c, o, i, j] = W[o, c, kh-1-i, kw-1-j].
-        wflip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=cdt)
-        _conv_gemm(dy_t, wflip.reshape(C, O * kh * kw), kh, kw, (1, 1), (kh - 1 - ph, kw - 1 - pw),
-                   (H, W), dx.transpose(1, 0, 2, 3))
-    else:
-        # dx = col2im(W_col^T dy_t): each chunk's dcols (K, n) is scattered back by slice adds.
-        # Used for stride > 1, and for stride 1 when there are fewer input positions B*H*W than
-        # channels C: then the flipped kernel's copy (C*O*kh*kw) would outweigh the col2im work.
-        dx = xp.zeros((B, C, H, W), dtype=cdt)                                 # accumulated in cdt
-        dx_t = dx.transpose(1, 0, 2, 3)                                        # (C, B, H, W) view
-        wcolT = xp.ascontiguousarray(weight.reshape(O, K).T, dtype=cdt)        # (K, O)
-        for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
-            nb, R = b1 - b0, r1 - r0
-            dcols = _workspace("cols", (K, nb * R * Wo), cdt)
-            xp.matmul(wcolT, dy_t[:, b0:b1, r0:r1].reshape(O, -1), out=dcols)
-            _col2im_add(dcols.reshape(C, kh, kw, nb, R, Wo), kh, kw, sh, sw, ph, pw, r0, r1, Wo,
-                        dx_t[:, b0:b1])
+    # dx = col2im(W_col^T dy_t): each chunk's dcols (K, n) is scattered back by slice adds.
+    # Used for stride > 1, and for stride 1 when there are fewer input positions B*H*W than
+    # channels C: then the flipped kernel's copy (C*O*kh*kw) would outweigh the col2im work.
+    dx = xp.zeros((B, C, H, W), dtype=cdt)                                 # accumulated in cdt
+    dx_t = dx.transpose(1, 0, 2, 3)                                        # (C, B, H, W) view
+    wcolT = xp.ascontiguousarray(weight.reshape(O, K).T, dtype=cdt)        # (K, O)
+    for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
+        nb, R = b1 - b0, r1 - r0
+        dcols = _workspace("cols", (K, nb * R * Wo), cdt)
+        xp.matmul(wcolT, dy_t[:, b0:b1, r0:r1].reshape(O, -1), out=dcols)
+        _col2im_add(dcols.reshape(C, kh, kw, nb, R, Wo), kh, kw, sh, sw, ph, pw, r0, r1, Wo,
+                    dx_t[:, b0:b1])
     return _cast(dx, dtype), _cast(dweight, dtype), _cast(dbias, dtype)
