@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npdiffusion.backend import asarray, to_numpy
-from npdiffusion.ops.attention import attention_backward, attention_forward
+from npdiffusion.ops.attention import _small_scores, attention_backward, attention_forward
 from npdiffusion.testing import gradcheck_op, noncontiguous, relative_error
 
 
@@ -109,6 +109,34 @@ def test_attention_matches_torch_sdpa(backend, case, dtype, rtol, chunk):
     for name, o, t in zip(["out", "dq", "dk", "dv"], ours, theirs):
         assert o.dtype == np.dtype(dtype), name
         assert relative_error(o, t) <= rtol, (name, relative_error(o, t))
+
+
+@pytest.mark.parametrize("case", ["self", "cross"])
+def test_small_scores_skip_the_row_max(backend, case):
+    """The unmasked torch-parity cases above take the softmax without the row maximum."""
+    b, h, tq, tk, d, dv = CASES[case]["shape"]
+    q, k, _ = _qkv(np.random.default_rng(len(case)), b, h, tq, tk, d, dv)
+    assert _small_scores(asarray(q * d ** -0.5), asarray(k).swapaxes(-1, -2))
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_large_scores_subtract_the_row_max_and_match_torch(backend, monkeypatch, chunk):
+    """|q||k| up to 87 (scores up to 47) above the bound: the row maximum is subtracted, as torch
+    does. In float64 with the bound lowered from 600 to 50 (float32's own bound, 64, takes the same
+    branch, but at such scores the softmax saturates and float32 gradients are rounding noise)."""
+    from npdiffusion.ops import attention
+
+    monkeypatch.setitem(attention._EXP_SAFE, 8, 50.0)
+    b, h, tq, tk, d, dv = 2, 2, 5, 7, 4, 4
+    rng = np.random.default_rng(11)
+    q, k, v = _qkv(rng, b, h, tq, tk, d, dv)
+    q, k = 4 * q, 4 * k
+    assert not _small_scores(asarray(q * d ** -0.5), asarray(k).swapaxes(-1, -2))
+    dout = rng.standard_normal((b, h, tq, dv))
+    out, cache = attention_forward(*(asarray(a) for a in (q, k, v)), chunk_size=chunk)
+    ours = [out, *attention_backward(asarray(dout), cache)]
+    for name, o, t in zip(["out", "dq", "dk", "dv"], ours, _sdpa(q, k, v, dout)):
+        assert relative_error(o, t) <= 1e-10, name
 
 
 def test_fully_masked_rows_are_zero_like_torch(backend):
