@@ -126,10 +126,13 @@ def test_resnet_block_errors(backend):
 @given(c=st.integers(1, 3), h=st.integers(2, 6), w=st.integers(2, 6), mode=st.sampled_from(["p1", "p0", "pool"]))
 def test_downsample_gradcheck(backend, c, h, w, mode):
     rng = np.random.default_rng(c * 100 + h * 10 + w)
-    m = Downsample2D(c, use_conv=mode != "pool", out_channels=None if mode == "pool" else 2,
-                     padding=0 if mode == "p0" else 1).to("float64")
+    m = _randomize_ours(Downsample2D(c, use_conv=mode != "pool", out_channels=None if mode == "pool" else 2,
+                                     padding=0 if mode == "p0" else 1).to("float64"), rng)
     x = noncontiguous(rng.standard_normal((2, c, h, w)))
-    report = gradcheck(m, x, full_max=60)
+    # The weights are drawn from rng (the module's own init differs from call to call, which made
+    # Hypothesis report flaky results). Full Jacobian: single entries of ~1e-4 show ~2e-6 round-off
+    # at step 1e-6; step 1e-5 and floor 1e-3 as in test_ops_conv.py.
+    report = gradcheck(m, x, full_max=60, eps=1e-5, floor=1e-3)
     assert report.passed, report
 
 
@@ -137,9 +140,9 @@ def test_downsample_gradcheck(backend, c, h, w, mode):
        size=st.sampled_from([None, (5, 7), (3, 2)]))
 def test_upsample_gradcheck(backend, c, h, w, conv, size):
     rng = np.random.default_rng(c * 100 + h * 10 + w)
-    m = Upsample2D(c, use_conv=conv, out_channels=2 if conv else None).to("float64")
+    m = _randomize_ours(Upsample2D(c, use_conv=conv, out_channels=2 if conv else None).to("float64"), rng)
     x = noncontiguous(rng.standard_normal((2, c, h, w)))
-    report = gradcheck(m, x, full_max=40, output_size=size)
+    report = gradcheck(m, x, full_max=40, output_size=size, eps=1e-5, floor=1e-3)  # as the downsampler
     assert report.passed, report
 
 
@@ -264,7 +267,10 @@ def test_transformer_2d_gradcheck(backend, linear, layers, h, w):
                                            cross_attention_dim=3, use_linear_projection=linear).to("float64"), rng)
     x = noncontiguous(rng.standard_normal((2, 8, h, w)))
     ctx = noncontiguous(rng.standard_normal((2, 2, 3)))
-    report = gradcheck(m, x, ctx, eps=1e-5, floor=1e-4)          # see the BasicTransformerBlock check
+    # Two stacked blocks curve more than one: at eps 1e-5 the central difference's own truncation
+    # error reaches 1e-6 on the GEGLU projection (it falls as eps^2: 1e-4 at eps 1e-4, 4e-8 at
+    # 3e-6), so a smaller step; round-off stays far below (see the BasicTransformerBlock check).
+    report = gradcheck(m, x, ctx, eps=3e-6, floor=1e-4)
     assert report.passed, report
 
 
