@@ -3,6 +3,7 @@
     python tools/bench_unet.py                    # the issue's benchmark, ratio ours / torch
     python tools/bench_unet.py --repeats 9 --threads 2
     python tools/bench_unet.py --profile          # cProfile of our step (top functions by time)
+    python tools/bench_unet.py --by-op            # our step's time per op, one thread against two
     python tools/bench_unet.py --memory           # peak memory: plain / checkpointing / chunked
     python tools/bench_unet.py --threads 1 --cpu-time   # on a busy machine: CPU time, one thread each
 
@@ -168,6 +169,77 @@ def profile(args, torch) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
 
 
+# The ops whose time --by-op reports: (module, function) pairs, wrapped wherever they are imported.
+BY_OP = [("npdiffusion.ops.conv", "conv2d_forward"), ("npdiffusion.ops.conv", "conv2d_backward"),
+         ("npdiffusion.ops.linear", "linear_forward"), ("npdiffusion.ops.linear", "linear_backward"),
+         ("npdiffusion.ops.attention", "attention_forward"), ("npdiffusion.ops.attention", "attention_backward"),
+         ("npdiffusion.ops.geglu", "geglu_forward"), ("npdiffusion.ops.geglu", "geglu_backward"),
+         ("npdiffusion.ops.norm", "group_norm_forward"), ("npdiffusion.ops.norm", "group_norm_backward"),
+         ("npdiffusion.ops.norm", "layer_norm_forward"), ("npdiffusion.ops.norm", "layer_norm_backward"),
+         ("npdiffusion.ops.activations", "silu_forward"), ("npdiffusion.ops.activations", "silu_backward"),
+         ("npdiffusion.optim.adamw", "AdamW.step")]
+
+
+def _wrap_ops(totals):
+    """Replace each BY_OP function, in every loaded npdiffusion module that holds it, by a timer
+    adding its wall time to ``totals[name]`` (nested calls are not double counted: none nest)."""
+    import importlib
+
+    for module_name, name in BY_OP:
+        owner = importlib.import_module(module_name)
+        cls, _, attr = name.rpartition(".")
+        holder = getattr(owner, cls) if cls else owner
+        original = getattr(holder, attr)
+
+        def timed(*a, _f=original, _name=name, **k):
+            t0 = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - t0
+
+        setattr(holder, attr, timed)
+        if not cls:
+            for mod in list(sys.modules.values()):
+                if getattr(mod, "__name__", "").startswith("npdiffusion") and getattr(mod, attr, None) is original:
+                    setattr(mod, attr, timed)
+
+
+def by_op(args, torch) -> None:
+    """Our step's time per op at one thread and at args.threads, alternating, in one process."""
+    import npdiffusion.models.unet  # noqa: F401 - load every module that imports an op first
+
+    ours, _, data = build(torch, args.batch, args.size, args.tokens)
+    step = our_step_fn(ours, data)
+    totals, per = {}, {}
+    _wrap_ops(totals)
+    counts = (1, args.threads)
+    for n in counts:
+        set_blas_threads(n)
+        parallel.set_num_threads(n)
+        for _ in range(args.warmup):
+            step()
+    for _ in range(args.repeats):
+        for n in counts:
+            set_blas_threads(n)
+            parallel.set_num_threads(n)
+            totals.clear()
+            t0 = time.perf_counter()
+            step()
+            totals["step"] = time.perf_counter() - t0
+            for k, v in totals.items():
+                per.setdefault((n, k), []).append(v)
+    print(f"npdiffusion U-Net step by op, ms per step (median of {args.repeats}), "
+          f"1 thread vs {args.threads}, wall clock:")
+    names = sorted({k for _, k in per if k != "step"}, key=lambda k: -statistics.median(per[(1, k)]))
+    for k in names + ["step"]:
+        a, b = statistics.median(per[(1, k)]) * 1e3, statistics.median(per[(args.threads, k)]) * 1e3
+        print(f"  {k:<22} {a:8.1f} {b:8.1f}   x{a / max(b, 1e-9):.2f}")
+    rest = [statistics.median(per[(n, "step")]) - sum(statistics.median(per[(n, k)]) for k in names)
+            for n in counts]
+    print(f"  {'everything else':<22} {rest[0] * 1e3:8.1f} {rest[1] * 1e3:8.1f}")
+
+
 def memory(args, torch) -> None:
     """Peak traced NumPy memory of forward + backward for each memory option (float32)."""
     size = args.memory_size
@@ -213,6 +285,8 @@ def main(argv=None) -> None:
                    help="time with process CPU time instead of wall clock (meaningful with --threads 1 on a "
                         "busy machine: other processes' load does not count)")
     p.add_argument("--profile", action="store_true", help="cProfile our step instead of the comparison")
+    p.add_argument("--by-op", action="store_true",
+                   help="our step's time per op at one thread and at --threads, instead of the comparison")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--memory", action="store_true", help="peak memory of plain / checkpointing / chunked")
     p.add_argument("--memory-size", type=int, default=32)
@@ -226,6 +300,8 @@ def main(argv=None) -> None:
     parallel.set_num_threads(args.threads)          # our element-wise threads too
     if args.profile:
         profile(args, torch)
+    elif args.by_op:
+        by_op(args, torch)
     elif args.memory:
         memory(args, torch)
     else:
