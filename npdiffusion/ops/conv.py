@@ -102,6 +102,7 @@ def _chunks(batch: int, rows: int, bytes_per_row: int):
     per = max(1, target // max(bytes_per_row, 1))
     if per >= rows:
         nb = per // rows
+        nb = -(-batch // -(-batch // nb))          # as many chunks, of equal size: 16 + 16, not 28 + 4
         return [(b0, min(batch, b0 + nb), 0, rows) for b0 in range(0, batch, nb)]
     return [(b, b + 1, r0, min(rows, r0 + per)) for b in range(batch) for r0 in range(0, rows, per)]
 
