@@ -58,7 +58,7 @@ BLOCK_ENTRIES = 1 << 17
 MIN_PARALLEL_ENTRIES = 1 << 19
 # Rows at least this long are broadcast over with a ufunc buffer of one row (module docstring):
 # measured 0.15-0.20 ns/entry at 1024 against 0.43-0.50 with NumPy's 8192-entry buffer; at 256
-# the two are even (docs/benchmarks.md, "Group norm").
+# the two are even (docs/benchmarks.md, "2026-11-27: GIL hand-offs, NumPy's ufunc buffer").
 LONG_ROW = 1024
 _NUMPY_BUFSIZE = 8192
 # Without block_entries, each thread's share is cut into this many blocks to claim, so that the
@@ -135,8 +135,8 @@ def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
     given, so that an ``fn`` making several passes finds its block in cache; otherwise about
     ``CLAIMS_PER_THREAD`` blocks per thread. The calling thread and the pool's threads claim the
     blocks one at a time until none is left (dynamic scheduling), so a pool thread that wakes late
-    only does less: on this VM an idle thread takes 100-300 us to wake, as long as a pass over
-    a megabyte. ``row_entries`` is the number of array entries one index of the split axis
+    only does less: on the 2-core development VM an idle thread takes 100-600 us to wake, longer
+    than a pass over a megabyte. ``row_entries`` is the number of array entries one index of the split axis
     touches. ``row_length``: the length of the contiguous rows that ``fn`` broadcasts per-row
     values over, if any (module docstring, "Broadcasts over long rows"). See the module docstring
     for what ``fn`` may do.
