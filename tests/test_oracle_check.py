@@ -152,3 +152,22 @@ def test_rtol_scale_loosens_every_tolerance(golden):
     assert check_golden(d, cand, rtol_scale=10.0).passed
     with pytest.raises(ValueError, match="rtol_scale must be a positive number"):
         check_golden(d, cand, rtol_scale=0)
+
+
+def test_noise_key_with_an_exactly_zero_golden_uses_its_absolute_bound(tmp_path):
+    """A rounding-noise key (attention key bias gradient) whose golden value is exactly zero:
+    a noise-sized candidate passes through the absolute bound, a real-sized one fails."""
+    d = tmp_path / "golden"
+    manifest = export_golden("op:cross_attention", d, config={"kwargs": {"bias": True}})
+    entry = {e["key"]: e for e in manifest["keys"]}["param_grad/to_k.bias"]
+    assert entry.get("noise") is True
+    tensors = dict(load_file(d / "golden.safetensors"))
+    tensors["param_grad/to_k.bias"] = np.zeros_like(tensors["param_grad/to_k.bias"])
+    save_file(tensors, d / "golden.safetensors")                      # the golden came out 0.0
+    atol = entry["atol"]["float64"]
+    for scale, passes in ((0.5, True), (1e6, False)):
+        cand = dict(tensors)
+        cand["param_grad/to_k.bias"] = np.full_like(tensors["param_grad/to_k.bias"], scale * atol)
+        report = check_golden(d, _write(tmp_path, cand))
+        row = next(r for r in report.results if r.key == "param_grad/to_k.bias")
+        assert (row.status == "ok") is passes, (scale, row)

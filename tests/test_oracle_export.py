@@ -98,6 +98,7 @@ def test_tolerances_flag_rounding_noise(tmp_path):
     noise = entry["param_grad/to_k.bias"]
     assert noise.get("noise") is True
     assert noise["rtol"]["float32"] == pytest.approx(1000 * noise["float32_error"])   # NOISE_SAFETY
+    assert noise["atol"]["float32"] > 0 and "atol" not in entry["param_grad/to_v.bias"]
     assert not entry["param_grad/to_v.bias"].get("noise")
     ordinary = entry["act/to_q/output"]
     assert ordinary["rtol"] == {"float32": 1e-4, "float64": 1e-9} and 0 < ordinary["float32_error"] < 1e-5

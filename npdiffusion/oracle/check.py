@@ -5,6 +5,7 @@ For every key of the manifest, in its order (inputs, weights, forward, outputs, 
     max_abs = max |candidate - golden|                      (on the host, in float64)
     rel     = max_abs / max |golden|                        (0 when both are all zeros)
     pass   <=> rel <= rtol(key, candidate dtype) * rtol_scale
+               or max_abs <= atol(key, candidate dtype) * rtol_scale   (rounding-noise keys only)
 
 and the index of the worst entry. A shape that differs only by a reshape (the same number of
 entries; e.g. a group norm fed (B, C, H*W) instead of (B, C, H, W)) is compared in C order and
@@ -48,6 +49,7 @@ class KeyResult:
     max_abs: float | None = None
     rel: float | None = None
     rtol: float | None = None
+    atol: float = 0.0                 # rounding-noise keys: an absolute bound (their golden may be 0)
     worst_index: tuple | None = None
     note: str = ""
 
@@ -211,6 +213,7 @@ def _fill(r: KeyResult, entry: dict, golden, cand, rtol_scale: float) -> KeyResu
     c = cand.astype(numpy.float64)
     kind = "float64" if cand.dtype == numpy.float64 else "float32"
     r.rtol = mf.tolerance(entry, kind) * rtol_scale
+    r.atol = mf.abs_tolerance(entry, kind) * rtol_scale
     if g.size == 0:
         r.max_abs = r.rel = 0.0
         return r
@@ -228,7 +231,7 @@ def _fill(r: KeyResult, entry: dict, golden, cand, rtol_scale: float) -> KeyResu
     r.worst_index = tuple(int(i) for i in numpy.unravel_index(flat, g.shape)) if g.ndim else ()
     scale = float(numpy.max(numpy.abs(numpy.where(finite, g, 0.0))))
     r.rel = 0.0 if r.max_abs == 0.0 else (r.max_abs / scale if scale > 0 else float("inf"))
-    if not r.rel <= r.rtol:
+    if not (r.rel <= r.rtol or r.max_abs <= r.atol):
         r.status = "FAIL"
     return r
 

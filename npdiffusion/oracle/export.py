@@ -191,6 +191,14 @@ def _tolerances(err: float) -> dict:
     return out
 
 
+def _noise_atol(a32, a64) -> dict:
+    """Absolute tolerances of a rounding-noise key: NOISE_SAFETY times its measured float32 noise
+    max|x32 - x64| (scaled to float64 by the ratio of the epsilons); the relative tolerance alone
+    has no bound when the golden value is exactly zero."""
+    noise = float(numpy.max(numpy.abs(numpy.asarray(a32, numpy.float64) - numpy.asarray(a64, numpy.float64))))
+    return {kind: float(mf.NOISE_SAFETY * noise * mf.EPS[kind] / mf.EPS["float32"]) for kind in ("float32", "float64")}
+
+
 def _dtype_name(a) -> str:
     return numpy.dtype(a.dtype).name
 
@@ -252,6 +260,7 @@ def export_golden(model_or_spec, out_dir, dtype="float64", seed: int = 0, *, con
         }
         if err > NOISE_LEVEL:
             entry["noise"] = True
+            entry["atol"] = _noise_atol(f32.tensors[key], f64.tensors[key])
         keys.append(entry)
     manifest = {
         "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,

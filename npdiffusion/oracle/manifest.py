@@ -89,6 +89,14 @@ def tolerance(entry: dict, dtype: str) -> float:
     return float(entry.get("rtol", {}).get(kind, BASE_RTOL[kind]))
 
 
+def abs_tolerance(entry: dict, dtype: str) -> float:
+    """The absolute tolerance of a rounding-noise key (0 for every other key): NOISE_SAFETY times
+    the float32 noise measured at export, so that a golden value that came out exactly zero
+    (rounding can give that too) still has a bound."""
+    kind = "float64" if dtype == "float64" else "float32"
+    return float(entry.get("atol", {}).get(kind, 0.0))
+
+
 def dumps(obj) -> str:
     """Deterministic JSON text: sorted keys, two-space indent, a final newline."""
     return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
