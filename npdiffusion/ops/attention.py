@@ -27,6 +27,7 @@ from __future__ import annotations
 import numbers
 
 from npdiffusion.backend import xp
+from npdiffusion.ops.reductions import row_dot
 
 
 def _compute_dtype(dtype):
@@ -154,6 +155,12 @@ def _scores(qs, kT, mask, causal, r0, r1, shift=True):
     return s, m, _row_sum(s)
 
 
+def _row_dots(a, b):
+    """sum(a * b) over the last axis, keepdims: (B, H, T, D) -> (B, H, T, 1), without the product's
+    temporary or NumPy's per-row reduction (378 -> 96 us for 256 heads of 64 x 8)."""
+    return row_dot(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])).reshape(a.shape[:-1] + (1,))
+
+
 def _reciprocal(l):
     """1 / l, with 0 for the empty rows (l = 0)."""
     empty = l == 0
@@ -230,7 +237,7 @@ def attention_backward(dout, cache):
         _, qs, k, v, e, r, out, scale, dtype = cache
         cdt = qs.dtype
         do = dout.astype(cdt, copy=False)
-        dsum = xp.sum(do * out, axis=-1, keepdims=True)    # (B, H, Tq, 1) = rowsum(dP * P)
+        dsum = _row_dots(do, out)                           # (B, H, Tq, 1) = rowsum(dP * P)
         dsum *= r
         dor = do * r                                        # dO * r: P^T dO = E^T (dO * r)
         dv = xp.matmul(e.swapaxes(-1, -2), dor)             # (B, H, Tk, Dv)
@@ -244,7 +251,7 @@ def attention_backward(dout, cache):
         _, qs, k, v, out, lse, mask, causal, chunk_size, scale, dtype = cache
         cdt = qs.dtype
         do = dout.astype(cdt, copy=False)
-        dsum = xp.sum(do * out, axis=-1, keepdims=True)    # (B, H, Tq, 1)
+        dsum = _row_dots(do, out)                           # (B, H, Tq, 1)
         kT, vT = (xp.ascontiguousarray(a.swapaxes(-1, -2)) for a in (k, v))
         Tq = qs.shape[2]
         dq = xp.empty(qs.shape, dtype=cdt)

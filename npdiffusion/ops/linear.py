@@ -6,6 +6,7 @@ Derivation: docs/ops/linear.md.
 from __future__ import annotations
 
 from npdiffusion.backend import xp
+from npdiffusion.ops.reductions import column_sum
 
 
 def linear_forward(x, weight, bias=None):
@@ -23,5 +24,5 @@ def linear_backward(dy, cache):
     dy2 = dy.reshape(-1, dy.shape[-1])                      # (N, O)
     dx = xp.matmul(dy2, weight).reshape(x.shape)            # (..., I)
     dweight = xp.matmul(dy2.T, x.reshape(-1, x.shape[-1]))  # (O, I)
-    dbias = dy2.sum(axis=0) if has_bias else None
+    dbias = column_sum(dy2) if has_bias else None
     return dx, dweight, dbias

@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.backend import xp
+from npdiffusion.ops.reductions import column_sum, row_dot, row_sum
 from npdiffusion.parallel import parallel_for
 
 # Largest mu^2 / var for which the one-pass variance is trusted (a loss of at most ~4 bits
@@ -62,52 +63,13 @@ def _prod(sides):
     return out
 
 
-# Rows up to this long are summed by a GEMV with a ones vector: NumPy's ``sum`` pays ~30 ns per
-# row (rows of 4-64 entries: 100-150 us for (4096, 16) against 10 for the GEMV), and with rows
-# this short every partial sum of the GEMV adds at most 16 entries, the same rounding class as
-# NumPy's pairwise summation (8 partial sums of up to 16 entries).
-_SHORT_ROW = 256
-# Rows up to this long (and longer than _SHORT_ROW) are summed by ``einsum``: NumPy's SIMD loop
-# with a few dozen running sums, 0.16 against 0.26 ns per float32 entry for the pairwise ``sum``
-# (no BLAS call, so two threads can run it at once). Its running sums are sequential, so its
-# error grows with the row: max relative error 2e-7 at 2048 entries, 4e-7 at 16 K (pairwise:
-# 1e-7), 1.2e-6 at 64 K; longer rows stay pairwise.
-_MEDIUM_ROW = 1 << 14
-
-
-def _row_sum(a):
-    """Sum over the last axis of a 2-D array (R, M) -> (R,): a GEMV with ones for short rows, an
-    einsum for medium ones, NumPy's pairwise summation for long ones (see the constants above).
-    Which rounding is chosen barely matters for ordinary outputs (float32 relative error below
-    5e-7 in the sum); gradients that are zero in exact arithmetic (a conv bias feeding a group
-    norm) come out as rounding noise of a different size, which the golden checks' noise keys
-    allow for (docs/oracle.md)."""
-    m = a.shape[-1]
-    if m <= _SHORT_ROW:
-        return xp.matmul(a, xp.ones(m, dtype=a.dtype))
-    if m <= _MEDIUM_ROW:
-        return xp.einsum("ij->i", a)
-    return a.sum(axis=-1)
-
-
-def _row_dot(a, b):
-    """sum(a * b) over the last axis of two 2-D arrays (R, M) -> (R,), without a temporary:
-    NumPy's einsum up to ``_MEDIUM_ROW`` entries (no BLAS call per row: 27 against 81 us for
-    (4096, 16); and two threads calling OpenBLAS at once slow each other down: group norm at
-    (16, 64, 32, 32) 1.86-1.96x torch at two threads against 2.02-2.11x with a BLAS dot per row),
-    one BLAS dot per row beyond (its 64 running sums keep long rows accurate)."""
-    if a.shape[-1] <= _MEDIUM_ROW:
-        return xp.einsum("ij,ij->i", a, b)
-    return xp.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
-
-
 def _moments(rows, eps):
     """(mean, rstd, cancels) of each row of ``rows`` (R, M): one pass, two passes for the rows
     where it cancels; ``cancels`` says whether any row did (|mu| >> sigma somewhere)."""
     m = max(rows.shape[-1], 1)
-    mean = _row_sum(rows)
+    mean = row_sum(rows)
     mean *= 1.0 / m
-    var = _row_dot(rows, rows)
+    var = row_dot(rows, rows)
     var *= 1.0 / m
     var -= mean * mean
     bad = mean * mean > _ONE_PASS_MAX_RATIO * var
@@ -115,8 +77,8 @@ def _moments(rows, eps):
     if cancels:
         # Corrected two-pass formula: the correction also repairs the rounding of mu itself.
         centered = rows[bad] - mean[bad][:, None]                     # (R_bad, M)
-        corr = _row_sum(centered) * (1.0 / m)
-        var[bad] = _row_dot(centered, centered) * (1.0 / m) - corr * corr
+        corr = row_sum(centered) * (1.0 / m)
+        var[bad] = row_dot(centered, centered) * (1.0 / m) - corr * corr
         mean[bad] += corr
     xp.maximum(var, 0.0, out=var)
     var += eps
@@ -236,8 +198,8 @@ def group_norm_backward(dy, cache):
         n = hi - lo
         dyb, xb = dyc[lo:hi], xc[lo:hi]
         mean_c, rstd_c = _per_channel(mean[lo:hi], cg), _per_channel(rstd[lo:hi], cg)   # (n, C)
-        db[lo:hi] = _row_sum(dyb.reshape(n * c, s)).reshape(n, c)
-        ds = _row_dot(dyb.reshape(n * c, s), xb.reshape(n * c, s)).reshape(n, c)   # sum_S dy x
+        db[lo:hi] = row_sum(dyb.reshape(n * c, s)).reshape(n, c)
+        ds = row_dot(dyb.reshape(n * c, s), xb.reshape(n * c, s)).reshape(n, c)   # sum_S dy x
         dxhat[lo:hi] = (ds - mean_c * db[lo:hi]) * rstd_c
         # Group means of g = dy * gamma and of g * xhat: (n, G), then spread back to channels.
         gdb = db[lo:hi] if gamma is None else db[lo:hi] * gamma
@@ -321,10 +283,10 @@ def layer_norm_backward(dy, cache):
     dweight = None
     if weight is not None:
         dweight = xp.einsum("nm,nm->m", dyr, xhat).reshape(shape).astype(pdt, copy=False)  # sum_N dy xhat
-    dbias = dyr.sum(axis=0).reshape(shape).astype(pdt, copy=False) if has_bias else None  # sum_N dy
+    dbias = column_sum(dyr).reshape(shape).astype(pdt, copy=False) if has_bias else None  # sum_N dy
     gr = dyr * weight.astype(cdt, copy=False).reshape(-1) if weight is not None else dyr.copy()
-    mean_g = _row_sum(gr) * (1.0 / max(m, 1))                          # (N,)
-    mean_gx = _row_dot(gr, xhat) * (1.0 / max(m, 1))                   # (N,)
+    mean_g = row_sum(gr) * (1.0 / max(m, 1))                          # (N,)
+    mean_gx = row_dot(gr, xhat) * (1.0 / max(m, 1))                   # (N,)
     gr -= mean_g[:, None]
     mean_gx = mean_gx[:, None]
     gr -= xhat * mean_gx
