@@ -9,17 +9,19 @@ The im2col matrix is laid out channel-major, ``cols (C, kh, kw, B, R, Wo)`` view
 ``(K, B*R*Wo)``, so that every GEMM is a plain 2-D matmul with no transposed copies:
 
 * forward        y_t  (O, B*L) = W_col (O, K) @ cols(x) (K, B*L)           (then y = y_t^T + b)
-* weight grad    dW^T (K, O)   = cols(x) (K, B*L) @ dy_t^T (B*L, O)
 * input grad     dx_t (C, B*H*W) = W_flip (C, O*kh*kw) @ cols(dy)          (stride 1: a "full"
   convolution of dy with the flipped kernel), or ``col2im(W_col^T @ dy_t)`` (stride > 1, or
   fewer input positions than channels, where copying the flipped kernel would dominate).
+* weight grad    with the full convolution: G (O*kh*kw, C) = cols(dy) @ x_t^T (B*H*W, C), dW its
+  rows un-flipped, so the backward builds no cols(x); otherwise
+  dW^T (K, O) = cols(x) (K, B*L) @ dy_t^T (B*L, O).
 
 ``cols`` is filled by kh*kw slice copies (one per kernel offset; padding is never materialized:
 each copy takes the in-bounds rectangle and zeroes the rest; the copies run over ranges of the
-channels on the CPU's threads). It lives in a per-thread workspace
-that is reused from call to call, so the forward caches only ``x`` and backward rebuilds
-``cols(x)``. Everything runs in chunks of images / output rows of about ``CHUNK_BYTES`` each,
-small enough to stay in cache between the copy and the GEMM. For stride-1 "same"-width
+channels on the CPU's threads). It lives in a per-thread workspace that is reused from call to
+call, so the forward caches only ``x`` and the backward builds what it needs (``cols(dy)`` for
+stride 1, ``cols(x)`` otherwise). Everything runs in chunks of images / output rows of about
+``CHUNK_BYTES`` each, small enough to stay in cache between the copy and the GEMM. For stride-1 "same"-width
 convolutions each slice copy moves whole (channel, image) planes as one flat run (see
 ``_im2col``). A 1x1, stride-1, unpadded convolution is a batched matmul with no im2col at all.
 
