@@ -48,8 +48,8 @@ __all__ = ["BLOCK_ENTRIES", "LONG_ROW", "get_num_threads", "set_num_threads", "p
 # Entries per cache block for ops that make many passes (activations): 128 K float32 entries =
 # 512 KB, so the few arrays a pass touches stay in a core's 2 MB L2 cache. Smaller blocks lose
 # more to NumPy's ~1.5 us per ufunc call and to GIL hand-offs between the threads than they gain
-# in cache: GEGLU on a (2048, 512) h, forward + backward, 13.7 ms with 16 K blocks, 7.7 ms with
-# 128 K (one thread; docs/benchmarks.md, "Element-wise block size").
+# in cache: GEGLU on a (2048, 512) h, forward + backward, 15.1 ms with 16 K blocks, 3.9 ms with
+# 128 K at one thread (docs/benchmarks.md, "Element-wise block size"; tools/ab_ops.py).
 BLOCK_ENTRIES = 1 << 17
 # Below this many entries the whole array is one call in the calling thread. A hand-off to the
 # pool and back costs tens of microseconds plus GIL contention, the time of several passes over

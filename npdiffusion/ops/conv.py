@@ -17,11 +17,14 @@ The im2col matrix is laid out channel-major, ``cols (C, kh, kw, B, R, Wo)`` view
   dW^T (K, O) = cols(x) (K, B*L) @ dy_t^T (B*L, O).
 
 ``cols`` is filled by kh*kw slice copies (one per kernel offset; padding is never materialized:
-each copy takes the in-bounds rectangle and zeroes the rest; the copies run over ranges of the
-channels on the CPU's threads). It lives in a per-thread workspace that is reused from call to
-call, so the forward caches only ``x`` and the backward builds what it needs (``cols(dy)`` for
-stride 1, ``cols(x)`` otherwise). Everything runs in chunks of images / output rows of about
-``CHUNK_BYTES`` each, small enough to stay in cache between the copy and the GEMM. For stride-1 "same"-width
+each copy takes the in-bounds rectangle and zeroes the rest). It lives in a per-thread workspace
+that is reused from call to call, so the forward caches only ``x`` and the backward builds what it
+needs (``cols(dy)`` for stride 1, ``cols(x)`` otherwise). Everything runs in chunks of images /
+output rows of about ``CHUNK_BYTES`` each, small enough to stay in cache between the copy and the
+GEMM. The copies stay on one thread: splitting them over channel ranges on two threads made the
+U-Net's convolutions 5-10 % slower (``python tools/ab_ops.py 1bcc040 --only conv``; 1bcc040 is the
+last version with threaded copies), because OpenBLAS's idle thread still spins on the second core
+after each GEMM. For stride-1 "same"-width
 convolutions each slice copy moves whole (channel, image) planes as one flat run (see
 ``_im2col``). A 1x1, stride-1, unpadded convolution is a batched matmul with no im2col at all.
 
@@ -33,7 +36,6 @@ import threading
 
 from npdiffusion.backend import get_backend, xp
 from npdiffusion.ops.reductions import row_sum
-from npdiffusion.parallel import parallel_for
 
 #: Target size (bytes) of one im2col chunk. The slice copies that fill a chunk and the GEMM that
 #: reads it then work on data still in cache, instead of streaming a 40 MB matrix through memory
@@ -121,14 +123,6 @@ def _valid_range(lo: int, hi: int, offset: int, stride: int, size: int) -> tuple
 
 # ----------------------------------------------------------------------------- im2col / col2im
 def _im2col(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
-    """``_im2col_channels`` over ranges of the channels on the CPU's threads (each copies its own
-    channels' rows of ``out``; NumPy's copies release the GIL, so they overlap)."""
-    parallel_for(lambda lo, hi: _im2col_channels(src[lo:hi], kh, kw, sh, sw, ph, pw, r0, r1, Wo,
-                                                 out[lo:hi]),
-                 src.shape[0], out[0].size)
-
-
-def _im2col_channels(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
     """Fill ``out (Ch, kh, kw, B, R, Wo)`` with ``src (Ch, B, H, W)`` (any strides):
 
     out[c, i, j, b, r - r0, w] = src[c, b, r*sh + i - ph, w*sw + j - pw], zero outside src.
@@ -176,15 +170,7 @@ def _im2col_channels(src, kh, kw, sh, sw, ph, pw, r0, r1, Wo, out):
 
 def _col2im_add(dcols, kh, kw, sh, sw, ph, pw, r0, r1, Wo, dst):
     """The adjoint of ``_im2col``: ``dst (Ch, B, H, W)`` (a view) += each offset's slice of
-    ``dcols (Ch, kh, kw, B, R, Wo)``; contributions that fell on the zero padding are dropped.
-    Runs over ranges of the channels on the CPU's threads, like ``_im2col``."""
-    parallel_for(lambda lo, hi: _col2im_add_channels(dcols[lo:hi], kh, kw, sh, sw, ph, pw, r0, r1,
-                                                     Wo, dst[lo:hi]),
-                 dst.shape[0], dcols[0].size)
-
-
-def _col2im_add_channels(dcols, kh, kw, sh, sw, ph, pw, r0, r1, Wo, dst):
-    """``_col2im_add`` for one range of channels."""
+    ``dcols (Ch, kh, kw, B, R, Wo)``; contributions that fell on the zero padding are dropped."""
     H, W = dst.shape[2], dst.shape[3]
     for i in range(kh):
         lo, hi = _valid_range(r0, r1, i - ph, sh, H)
