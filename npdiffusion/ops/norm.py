@@ -92,7 +92,8 @@ def _moments(rows, eps):
 # the statistics pass reads a block from memory the passes that follow find much of it in cache.
 # Larger blocks also mean fewer GIL hand-offs between the threads, which cost more than the cache
 # misses on this 2-core VM: forward + backward of (16, 64, 32, 32) at two threads, 1.93-2.23x
-# torch with 512 K-entry blocks (one per thread), 2.22-2.58x with 256 K, 2.7-4.1x with 128 K or 64 K.
+# torch with 512 K-entry blocks (one per thread), 2.22-2.58x with 256 K, 2.7-4.1x with 128 K or 64 K
+# (one-off comparisons of copies of this file in one process, alternating with torch).
 _GROUP_NORM_BLOCK = 1 << 19
 
 

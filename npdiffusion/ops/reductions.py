@@ -44,7 +44,8 @@ def row_dot(a, b):
     """sum(a * b) over the last axis of two 2-D arrays (R, M) -> (R,), without a temporary:
     NumPy's einsum up to ``MEDIUM_ROW`` entries (no BLAS call per row: 27 against 81 us for
     (4096, 16); and two threads calling OpenBLAS at once slow each other down: group norm at
-    (16, 64, 32, 32) 1.86-1.96x torch at two threads against 2.02-2.11x with a BLAS dot per row),
+    (16, 64, 32, 32) 1.86-1.96x torch at two threads against 2.02-2.11x with a BLAS dot per row,
+    a one-off comparison in one process),
     one BLAS dot per row beyond (its 64 running sums keep long rows accurate)."""
     if a.shape[-1] <= MEDIUM_ROW:
         return xp.einsum("ij,ij->i", a, b)
