@@ -182,21 +182,25 @@ def _f32_error(a, b) -> float:
     return diff / scale if scale > 0 else float("inf")
 
 
+def _per_dtype(float32_error: float) -> dict:
+    """A float32 rounding error and what it becomes in float64 (times the ratio of the epsilons)."""
+    return {kind: float32_error * mf.EPS[kind] / mf.EPS["float32"] for kind in ("float32", "float64")}
+
+
 def _tolerances(err: float) -> dict:
-    out = {}
     safety = mf.NOISE_SAFETY if err > NOISE_LEVEL else mf.SAFETY
-    for kind in ("float32", "float64"):
-        t = max(mf.BASE_RTOL[kind], safety * err * mf.EPS[kind] / mf.EPS["float32"])
+    out = {}
+    for kind, scaled in _per_dtype(safety * err).items():
+        t = max(mf.BASE_RTOL[kind], scaled)
         out[kind] = float(min(t, MAX_RTOL)) if numpy.isfinite(t) else MAX_RTOL
     return out
 
 
 def _noise_atol(a32, a64) -> dict:
     """Absolute tolerances of a rounding-noise key: NOISE_SAFETY times its measured float32 noise
-    max|x32 - x64| (scaled to float64 by the ratio of the epsilons); the relative tolerance alone
-    has no bound when the golden value is exactly zero."""
+    max|x32 - x64|; the relative tolerance alone has no bound when the golden value is exactly 0."""
     noise = float(numpy.max(numpy.abs(numpy.asarray(a32, numpy.float64) - numpy.asarray(a64, numpy.float64))))
-    return {kind: float(mf.NOISE_SAFETY * noise * mf.EPS[kind] / mf.EPS["float32"]) for kind in ("float32", "float64")}
+    return {kind: float(v) for kind, v in _per_dtype(mf.NOISE_SAFETY * noise).items()}
 
 
 def _dtype_name(a) -> str:
