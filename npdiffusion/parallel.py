@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
@@ -65,7 +65,7 @@ _NUMPY_BUFSIZE = 8192
 # threads finish together even when one starts late.
 CLAIMS_PER_THREAD = 2
 
-_state = {"threads": None, "pool": None, "pool_size": 0}
+_state = {"threads": None, "pool": None}
 _inside = threading.local()
 _lock = threading.Lock()
 
@@ -100,13 +100,37 @@ def set_num_threads(k: int) -> None:
     _state["threads"] = k
 
 
-def _pool(size: int) -> ThreadPoolExecutor:
+class _Workers:
+    """``size`` daemon threads that run the callables submitted, one after another (None stops one).
+
+    Lighter than ``concurrent.futures.ThreadPoolExecutor``: a worker's whole loop between two
+    jobs is one ``SimpleQueue.get`` (C code, GIL released while it waits), so a worker that has
+    just finished holds the GIL for a few bytecodes only, not for a future's bookkeeping while
+    the calling thread waits for the GIL to return from its own NumPy loop.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.jobs = queue.SimpleQueue()
+        for i in range(size):
+            threading.Thread(target=self._run, name=f"npdiffusion-{i}", daemon=True).start()
+
+    def submit(self, job):
+        self.jobs.put(job)
+
+    def _run(self):
+        get = self.jobs.get
+        while (job := get()) is not None:
+            job()
+
+
+def _pool(size: int) -> _Workers:
     with _lock:
-        if _state["pool"] is None or _state["pool_size"] != size:
-            if _state["pool"] is not None:
-                _state["pool"].shutdown(wait=False)
-            _state["pool"] = ThreadPoolExecutor(size, thread_name_prefix="npdiffusion")
-            _state["pool_size"] = size
+        if _state["pool"] is None or _state["pool"].size != size:
+            if _state["pool"] is not None:                 # idle workers of the old size stop
+                for _ in range(_state["pool"].size):
+                    _state["pool"].submit(None)
+            _state["pool"] = _Workers(size)
         return _state["pool"]
 
 
@@ -159,7 +183,8 @@ def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
     errors = []
     claims = itertools.count()                       # next() is atomic under the GIL
     settled = itertools.count(1)
-    all_settled = threading.Event()
+    done = threading.Lock()                          # released when the last block settles
+    done.acquire()
 
     def work():
         _inside.active = True
@@ -174,7 +199,7 @@ def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
                     except BaseException as exc:     # re-raised in the calling thread
                         errors.append(exc)
                 if next(settled) == len(blocks):
-                    all_settled.set()
+                    done.release()
         finally:
             _inside.active = False
 
@@ -182,7 +207,7 @@ def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
     for _ in range(min(threads - 1, len(blocks) - 1)):
         pool.submit(work)
     work()
-    all_settled.wait()                               # blocks claimed by the pool finish
+    done.acquire()                                   # blocks claimed by the pool finish
     if errors:
         raise errors[0]
     return results

@@ -4,12 +4,15 @@
     python tools/ab_ops.py 125e374 --only groupnorm --threads 1
     python tools/ab_ops.py HEAD --only geglu --block-entries 16384,131072
     python tools/ab_ops.py 125e374 --new 35609ec --only conv   # two revisions
+    python tools/ab_ops.py HEAD --parallel --only groupnorm      # npdiffusion/parallel.py instead
 
 On a shared VM absolute times drift by tens of percent between runs, so a change is judged by
 running old and new alternately (old, new, old, new, ...) on the same inputs; the table gives the
 median of each and new / old. The old module is the file ``npdiffusion/ops/<name>.py`` as
 ``git show REV:...`` prints it, loaded under another name; it imports the rest of npdiffusion
 from the working tree (backend, parallel), so the comparison isolates the op file itself.
+With ``--parallel`` it is the other way round: both sides run the working tree's op file, the old
+side with ``parallel_for`` from ``npdiffusion/parallel.py`` at REV (threads split the same way).
 
 Cases (float32, forward + backward, shapes of the benchmarks in docs/benchmarks.md):
   groupnorm     ops/norm.py       32 groups on (16, 64, 32, 32) (bench_ops) and (32, 128, 8, 8) (U-Net)
@@ -36,10 +39,16 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 
-def load_old(module: str, rev: str):
-    """``npdiffusion/ops/<module>.py`` at ``rev``, imported as a separate module."""
-    text = subprocess.run(["git", "show", f"{rev}:npdiffusion/ops/{module}.py"], cwd=ROOT,
-                          check=True, capture_output=True, text=True).stdout
+def load_old(module: str, rev: str | None, path: str = "npdiffusion/ops/{}.py"):
+    """``npdiffusion/ops/<module>.py`` (or ``path``) at ``rev`` (None: the working tree's), imported
+    as a separate module."""
+    path = path.format(module)
+    if rev is None:
+        with open(os.path.join(ROOT, path)) as f:
+            text = f.read()
+    else:
+        text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT,
+                              check=True, capture_output=True, text=True).stdout
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(text)
     spec = importlib.util.spec_from_file_location(f"old_{module}", f.name)
@@ -101,6 +110,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="BLAS and element-wise threads (default: BLAS's)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--block-entries", default=None, help="comma-separated BLOCK_ENTRIES for the geglu case")
+    p.add_argument("--parallel", action="store_true",
+                   help="compare npdiffusion/parallel.py at REV instead of the op files")
     args = p.parse_args(argv)
     import importlib
 
@@ -109,15 +120,28 @@ def main(argv=None) -> None:
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads, user_api="blas")
         parallel.set_num_threads(args.threads)
+    runners = {}                                     # side -> parallel.py module (--parallel)
+    if args.parallel:
+        for side, rev in (("old", args.rev), ("new", args.new)):
+            if rev is not None:
+                runners[side] = load_old("parallel", rev, "npdiffusion/{}.py")
+                if args.threads:
+                    runners[side].set_num_threads(args.threads)
     blocks = [int(v) for v in args.block_entries.split(",")] if args.block_entries else None
     makers = {"groupnorm": groupnorm_cases, "conv": conv_cases, "attention": attention_cases,
               "geglu": lambda: geglu_cases(blocks)}
-    print(f"{args.rev} (old) against {args.new or 'the working tree'} (new), {args.repeats} alternating pairs, "
+    what = "parallel.py" if args.parallel else "op files"
+    print(f"{what}: {args.rev} (old) against {args.new or 'the working tree'} (new), {args.repeats} alternating pairs, "
           f"{args.threads or 'BLAS default'} threads; ms, median")
     for name in args.only.split(","):
         for label, module, run in makers[name]():
-            old = load_old(module, args.rev)
-            new = load_old(module, args.new) if args.new else importlib.import_module(f"npdiffusion.ops.{module}")
+            if args.parallel:
+                old, new = load_old(module, None), load_old(module, None)
+                for side, m in (("old", old), ("new", new)):
+                    m.parallel_for = runners.get(side, parallel).parallel_for
+            else:
+                old = load_old(module, args.rev)
+                new = load_old(module, args.new) if args.new else importlib.import_module(f"npdiffusion.ops.{module}")
             run(old)
             run(new)
             times = ([], [])
