@@ -95,6 +95,18 @@ def _moments(rows, eps):
 # torch with 512 K-entry blocks (one per thread), 2.22-2.58x with 256 K, 2.7-4.1x with 128 K or 64 K
 # (one-off comparisons of copies of this file in one process, alternating with torch).
 _GROUP_NORM_BLOCK = 1 << 19
+# Within a block, the backward's four element-wise passes run per sub-block of samples of about
+# this many entries (512 KB of float32 per array), so that the temporary x * k + k0 and the pass
+# adding it stay in the L2 cache. Each sub-block costs four more ufunc calls, each a possible GIL
+# hand-off between the threads: sub-blocks of 64 K entries, and sub-blocks in the forward (two
+# passes), were no faster at two threads (docs/benchmarks.md, "2026-11-27, morning").
+_CACHE_ENTRIES = 1 << 17
+
+
+def _sub_blocks(n, entries_per_sample):
+    """[lo, hi) ranges of about ``_CACHE_ENTRIES`` entries (whole samples) covering ``range(n)``."""
+    step = max(1, _CACHE_ENTRIES // max(entries_per_sample, 1))
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
 def _per_channel(per_group, cg):
@@ -192,32 +204,45 @@ def group_norm_backward(dy, cache):
     dyc = dy.astype(cdt, copy=False).reshape(b, c, s)                  # (B, C, S)
     gamma = None if weight is None else weight.astype(cdt, copy=False)
     db = xp.empty((b, c), dtype=cdt)                                   # sum_S dy        (B, C)
-    dxhat = xp.empty((b, c), dtype=cdt)                                # sum_S dy xhat   (B, C)
+    ds = xp.empty((b, c), dtype=cdt)                                   # sum_S dy x      (B, C)
     dx = xp.empty((b, c, s), dtype=cdt)
+    rstd_c = _per_channel(rstd, cg)                                    # (B, C)
+    a = rstd_c if gamma is None else rstd_c * gamma                    # dx = dy * a + ...
 
     def block(lo, hi):                                                 # samples [lo, hi)
         n = hi - lo
         dyb, xb = dyc[lo:hi], xc[lo:hi]
-        mean_c, rstd_c = _per_channel(mean[lo:hi], cg), _per_channel(rstd[lo:hi], cg)   # (n, C)
         db[lo:hi] = row_sum(dyb.reshape(n * c, s)).reshape(n, c)
-        ds = row_dot(dyb.reshape(n * c, s), xb.reshape(n * c, s)).reshape(n, c)   # sum_S dy x
-        dxhat[lo:hi] = (ds - mean_c * db[lo:hi]) * rstd_c
-        # Group means of g = dy * gamma and of g * xhat: (n, G), then spread back to channels.
+        ds[lo:hi] = row_dot(dyb.reshape(n * c, s), xb.reshape(n * c, s)).reshape(n, c)
+        # Group sums of g = dy * gamma and of g * x, then the group means of g and g * xhat:
+        # mean(g xhat) = r (sum g x - mu sum g) / M.                   (n, G)
         gdb = db[lo:hi] if gamma is None else db[lo:hi] * gamma
-        gdx = dxhat[lo:hi] if gamma is None else dxhat[lo:hi] * gamma
-        mean_g = _per_channel(gdb.reshape(n, g, cg).sum(axis=2) * inv_m, cg)      # mean(g)
-        mean_gx = _per_channel(gdx.reshape(n, g, cg).sum(axis=2) * inv_m, cg)    # mean(g xhat)
-        # dx = r*gamma*dy - r*mean(g) - r^2 (x - mu) mean(g xhat) = dy*a + x*k + k0.
-        a = rstd_c if gamma is None else rstd_c * gamma
-        k = -(rstd_c * rstd_c) * mean_gx
-        k0 = -rstd_c * mean_g - k * mean_c
-        out = dx[lo:hi]
-        _scale_shift(dyb, a, k0, out)
-        out += xb * k[:, :, None]
+        gds = ds[lo:hi] if gamma is None else ds[lo:hi] * gamma
+        sum_g, sum_gx = gdb.reshape(n, g, cg).sum(axis=2), gds.reshape(n, g, cg).sum(axis=2)
+        mu, r = mean[lo:hi], rstd[lo:hi]
+        # dx = r*gamma*dy - r*mean(g) - r^2 (x - mu) mean(g xhat) = dy*a + x*k + k0, where k and
+        # k0 are per group: x * k + k0 runs on the (n, G, Cg*S) view of x.
+        k = (sum_g * mu - sum_gx) * (r * r * r * inv_m)
+        k0 = -(r * sum_g) * inv_m - k * mu
+        k, k0 = k[:, :, None], k0[:, :, None]
+        subs = _sub_blocks(n, c * s)
+        tmp = xp.empty((subs[0][1], g, cg * s), dtype=cdt)             # x * k + k0 of one sub-block
+        for i, j in subs:
+            t = tmp[:j - i]
+            xp.multiply(xb[i:j].reshape(j - i, g, cg * s), k[i:j], out=t)
+            t += k0[i:j]
+            out = dx[lo + i:lo + j]
+            xp.multiply(dyb[i:j], a[lo + i:lo + j, :, None], out=out)
+            out += t.reshape(j - i, c, s)
 
     parallel_for(block, b, c * s, _GROUP_NORM_BLOCK, row_length=s)
-    dweight = None if weight is None else dxhat.sum(axis=0).astype(weight.dtype, copy=False)
-    dbias = db.sum(axis=0).astype(in_dtype if weight is None else weight.dtype, copy=False) if has_bias else None
+    # dgamma = sum_{B,S} dy xhat = sum_B r (sum_S dy x - mu sum_S dy); dbeta = sum_{B,S} dy.
+    dweight = dbias = None
+    if weight is not None:
+        dxhat = (ds - _per_channel(mean, cg) * db) * rstd_c
+        dweight = dxhat.sum(axis=0).astype(weight.dtype, copy=False)
+    if has_bias:
+        dbias = db.sum(axis=0).astype(in_dtype if weight is None else weight.dtype, copy=False)
     dx = dx.reshape(in_shape).astype(in_dtype, copy=False)
     return dx, dweight, dbias
 
