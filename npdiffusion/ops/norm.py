@@ -26,7 +26,7 @@ Numerics and speed:
 * float16 inputs are computed in float32 and the results cast back (torch does the same on CPU).
 * Group norm never materializes xhat: y = x * a + b with per-(batch, channel) coefficients
   a = r * gamma, b = beta - mu * a, and the backward is written the same way,
-  dx = dy * a + x * k + k0, with per-(batch, channel) k, k0 (two passes fewer than via xhat).
+  dx = dy * a + x * k + k0, with per-(batch, group) k, k0 (two passes fewer than via xhat).
 * Layer norm caches xhat itself (gamma varies along the normalized axes, so per-row coefficients
   do not help there).
 """
@@ -189,9 +189,10 @@ def group_norm_backward(dy, cache):
 
     With g = dy * gamma and means over each group:
     dx = r (g - mean(g) - xhat mean(g xhat)), dgamma = sum_{B,S} dy xhat, dbeta = sum_{B,S} dy.
-    Expanded per (sample, channel): dx = dy * (r gamma) + x * k + k0 (docs/ops/normalization.md).
-    Everything but the final sums over the batch runs per block of samples (the sums over S,
-    then dx, while the block is in cache), the blocks spread over the CPU's threads.
+    Expanded: dx = dy * (r gamma) + x * k + k0 with k, k0 per (sample, group)
+    (docs/ops/normalization.md). Everything but the final sums over the batch runs per block of
+    samples (the sums over S, then dx per sub-block while it is in cache), the blocks spread over
+    the CPU's threads.
     """
     xc, mean, rstd, centered, weight, has_bias, in_dtype, in_shape = cache
     b, c, s = xc.shape
