@@ -134,6 +134,28 @@ def test_group_norm_blocks_equal_one_call(forced, monkeypatch, dtype, offset, si
         np.testing.assert_array_equal(got, want)
 
 
+
+@pytest.mark.parametrize("sub_samples", [1, 2])   # sub-blocks inside blocks of 3 samples (2: uneven)
+def test_group_norm_sub_blocks_equal_one_call(forced, monkeypatch, sub_samples):
+    from npdiffusion.ops import norm
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 12, 5, 5)) * 1.5 + 0.3
+    dy = rng.standard_normal(x.shape)
+    w, b = rng.standard_normal(12), rng.standard_normal(12)
+    per_sample = 12 * 5 * 5
+    monkeypatch.setattr(norm, "_GROUP_NORM_BLOCK", 3 * per_sample)
+    monkeypatch.setattr(norm, "_CACHE_ENTRIES", sub_samples * per_sample)
+    y_sub, cache = group_norm_forward(x, 4, w, b)
+    grads_sub = group_norm_backward(dy, cache)
+    monkeypatch.setattr(norm, "_GROUP_NORM_BLOCK", 1 << 30)
+    monkeypatch.setattr(norm, "_CACHE_ENTRIES", 1 << 30)
+    y_one, cache = group_norm_forward(x, 4, w, b)
+    grads_one = group_norm_backward(dy, cache)
+    np.testing.assert_array_equal(y_sub, y_one)
+    for got, want in zip(grads_sub, grads_one):
+        np.testing.assert_array_equal(got, want)
+
 def _activation_cases():
     from npdiffusion.ops import activations as act
     from npdiffusion.ops.geglu import geglu_backward, geglu_forward
