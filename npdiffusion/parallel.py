@@ -159,8 +159,8 @@ def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
     given, so that an ``fn`` making several passes finds its block in cache; otherwise about
     ``CLAIMS_PER_THREAD`` blocks per thread. The calling thread and the pool's threads claim the
     blocks one at a time until none is left (dynamic scheduling), so a pool thread that wakes late
-    only does less: on the 2-core development VM an idle thread takes 100-600 us to wake, longer
-    than a pass over a megabyte. ``row_entries`` is the number of array entries one index of the split axis
+    only does less: on the 2-core development VM an idle pool thread starts 30-190 us after being
+    handed a block, longer than a pass over a megabyte (``python tools/bench_threads.py``). ``row_entries`` is the number of array entries one index of the split axis
     touches. ``row_length``: the length of the contiguous rows that ``fn`` broadcasts per-row
     values over, if any (module docstring, "Broadcasts over long rows"). See the module docstring
     for what ``fn`` may do.
