@@ -82,3 +82,17 @@ def quick_demo_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickdemo")
     run_demo(str(out), quick=True, progress=False, log=lambda *a: None)
     return str(out / "model")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every skip is shown in the run's summary, grouped by its reason, so a user sees what this
+    machine could not check (the CuPy cases without a GPU, a torch kernel this CPU does not run)."""
+    reasons = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("what this machine skipped")
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            terminalreporter.line(f"{count:5d} skipped: {reason}")

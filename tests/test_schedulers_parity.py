@@ -19,7 +19,9 @@ count (1, 2, 10, 25), eta, Karras sigmas and the other options rotate over the c
 meets every other axis somewhere without a full product. Plus the "checkable parity facts" of
 parity-facts.md, as independent numbers.
 """
+import contextlib
 import itertools
+import types
 from unittest import mock
 
 import diffusers
@@ -42,7 +44,6 @@ STEPS = [1, 2, 10, 25]
 SHAPE = (2, 3, 4, 4)
 NOISY = {"DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
          "DPMSolverMultistepScheduler"}
-RTOL = 1e-5
 
 
 # ------------------------------------------------------------------------------------- dummy models
@@ -73,87 +74,207 @@ def variance_channels(out, kind):
 
 # ------------------------------------------------------------------------------------------ harness
 def ZSNR_FROM_OURS(betas):  # noqa: N802 - stands in for diffusers' function of that name
-    """Our zero-terminal-SNR betas for diffusers too: the rescale's float32 sqrt goes through MKL, which
-    on AVX-512 machines is one ulp off on some inputs, and 1 - abar_t/abar_{t-1} amplifies that to
-    ~1e-6 in the betas; tests/test_diffusion_schedules.py checks the rescale itself (bit-exact on
-    correctly rounded kernels). Here the samplers should see the same schedule."""
+    """Our zero-terminal-SNR betas for diffusers too: the rescale's float32 sqrt goes through torch's
+    vectorized kernels, which are not correctly rounded, and 1 - abar_t/abar_{t-1} amplifies one ulp
+    to ~1e-6 in the betas; tests/test_diffusion_schedules.py bounds the rescale itself. Here the
+    samplers should see the same schedule."""
     return torch.from_numpy(schedules.rescale_zero_terminal_snr(betas.numpy()))
 
 
-def run_pair(cls_name, config, n, *, model="rich", step_kwargs=None, dtype=np.float32, seed=0,
-             learned_variance=None):
-    """Run both loops; return (ours, theirs) dicts of timesteps, sigmas, final sample and last x0."""
+def _loop(scheduler, n, *, torch_side, model="rich", step_kwargs=None, dtype=np.float32, seed=0,
+          learned_variance=None, perturb=None):
+    """One full loop (set_timesteps, scale_model_input, the dummy model, step) on one side.
+
+    Both sides draw the start sample and one standard-normal z per step from the same seeded
+    generator, so separate runs of the two sides see the same numbers. ``perturb`` = (site, index,
+    delta) scales one quantity by (1 + delta) (see ``loop_rtol``). Returns a dict of timesteps,
+    sigmas, the final sample and the last x0 estimate, or ``failed_at`` (the step index) and ``error``
+    if a step raised."""
     step_kwargs = dict(step_kwargs or {})
-    ours = getattr(ours_mod, cls_name)(**config)
-    module = getattr(diffusers, cls_name).__module__
-    with mock.patch(module + ".rescale_zero_terminal_snr", ZSNR_FROM_OURS, create=True):
-        theirs = getattr(diffusers, cls_name)(**config)
-    ours.set_timesteps(n)
-    theirs.set_timesteps(n)
+    scheduler.set_timesteps(n)
+    site, index, delta = perturb or (None, None, 0.0)
+    if site == "sigmas":
+        scheduler.sigmas = scheduler.sigmas.copy()
+        scheduler.sigmas[index] = scheduler.sigmas[index] * (1 + delta)
     rng = np.random.default_rng(seed)
     fn = MODELS[model]
-    x = rng.standard_normal(SHAPE).astype(dtype)
-    xo = asarray(x) * ours.init_noise_sigma
-    xt = torch.from_numpy(x) * theirs.init_noise_sigma
+    wrap = torch.from_numpy if torch_side else asarray
+    unwrap = (lambda a: a.numpy()) if torch_side else to_numpy
+    x = wrap(rng.standard_normal(SHAPE).astype(dtype)) * scheduler.init_noise_sigma
+    x0 = None
+    scales = []
+    timesteps = scheduler.timesteps.numpy() if torch_side else scheduler.timesteps
     draws = []
 
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
         return torch.from_numpy(draws[-1]).to(dtype)
 
-    x0_o = x0_t = None
-    with mock.patch(type(theirs).__module__ + ".randn_tensor", fake_randn, create=True):
-        for t_o, t_t in zip(ours.timesteps, theirs.timesteps):
-            in_o = ours.scale_model_input(xo, t_o)
-            in_t = theirs.scale_model_input(xt, t_t)
-            out_o = fn(to_numpy(in_o), float(t_o))
-            out_t = fn(in_t.numpy(), float(t_t))
+    with mock.patch(type(scheduler).__module__ + ".randn_tensor", fake_randn, create=True):
+        for k, t in enumerate(scheduler.timesteps):
+            out = fn(unwrap(scheduler.scale_model_input(x, t)), float(t))
             if learned_variance:  # extra channels: v in [-1, 1] (learned_range) or a variance > 0 (learned)
-                out_o = np.concatenate([out_o, variance_channels(out_o, learned_variance)], axis=1)
-                out_t = np.concatenate([out_t, variance_channels(out_t, learned_variance)], axis=1)
+                out = np.concatenate([out, variance_channels(out, learned_variance)], axis=1)
+            if site == "model_output" and index == k:
+                out = out * (1 + delta)
             z = rng.standard_normal(SHAPE).astype(dtype)
             draws.append(z)
-            kw_o, kw_t = dict(step_kwargs), dict(step_kwargs)
-            if cls_name in NOISY:
-                kw_o["noise"] = z
-            if cls_name in ("DDIMScheduler", "DPMSolverMultistepScheduler"):
-                kw_t["variance_noise"] = torch.from_numpy(z)
+            kw = dict(step_kwargs)
+            if not torch_side and type(scheduler).__name__ in NOISY:
+                kw["noise"] = z
+            if torch_side and type(scheduler).__name__ in ("DDIMScheduler", "DPMSolverMultistepScheduler"):
+                kw["variance_noise"] = torch.from_numpy(z)
             try:
-                rt = theirs.step(torch.from_numpy(out_t), t_t, xt, **kw_t)
-            except IndexError:
-                # diffusers runs off its sigma list (repeated timesteps, e.g. Karras + cosine in DPM):
-                # ours must refuse at the same step, with a ValueError
-                with pytest.raises(ValueError, match="steps are done"):
-                    ours.step(asarray(out_o), t_o, xo, **kw_o)
-                return ({"timesteps": ours.timesteps, "failed": True}, {"timesteps": theirs.timesteps.numpy()})
-            ro = ours.step(asarray(out_o), t_o, xo, **kw_o)
-            xo, xt = ro.prev_sample, rt.prev_sample
-            if getattr(rt, "pred_original_sample", None) is not None:
-                x0_o, x0_t = to_numpy(ro.pred_original_sample), rt.pred_original_sample.numpy()
-    sig_t = getattr(theirs, "sigmas", None)
-    return ({"timesteps": ours.timesteps, "sigmas": getattr(ours, "sigmas", None), "x": to_numpy(xo), "x0": x0_o},
-            {"timesteps": theirs.timesteps.numpy(), "sigmas": None if sig_t is None else sig_t.numpy(),
-             "x": xt.numpy(), "x0": x0_t})
+                result = scheduler.step(wrap(out), t, x, **kw)
+            except (IndexError, ValueError) as exc:  # compared between the sides by run_pair
+                return {"timesteps": timesteps, "failed_at": k, "error": exc}
+            x_in, x = x, result.prev_sample
+            if getattr(result, "pred_original_sample", None) is not None:
+                x0 = unwrap(result.pred_original_sample)
+            if not torch_side:  # per element, the largest magnitude through this step, for its rounding
+                scales.append(np.max([np.abs(unwrap(a)) for a in (x_in, x, out[:, :SHAPE[1]], x0 if x0 is not None else x)],
+                                     axis=0))
+            if site == "step_output" and index == k:
+                x = x + delta
+    sigmas = getattr(scheduler, "sigmas", None)
+    if torch_side and sigmas is not None:
+        sigmas = sigmas.numpy()
+    if sigmas is not None:
+        sigmas = sigmas.copy()  # not the perturbed table's later edits
+    return {"timesteps": timesteps, "sigmas": sigmas, "x": unwrap(x), "x0": x0, "scales": scales}
 
 
-def assert_parity_loop(ours, theirs, *, exact_timesteps=True, rtol=RTOL):
+def run_pair(cls_name, config, n, **kwargs):
+    """Run both loops; return (ours, theirs) dicts of timesteps, sigmas, final sample and last x0."""
+    module = getattr(diffusers, cls_name).__module__
+    with mock.patch(module + ".rescale_zero_terminal_snr", ZSNR_FROM_OURS, create=True):
+        theirs = _loop(getattr(diffusers, cls_name)(**config), n, torch_side=True, **kwargs)
+    ours = _loop(getattr(ours_mod, cls_name)(**config), n, torch_side=False, **kwargs)
+    if "failed_at" in theirs or "failed_at" in ours:
+        # diffusers runs off its sigma list (repeated timesteps, e.g. Karras + cosine in DPM) with an
+        # IndexError: ours must refuse at the same step, with a ValueError
+        assert isinstance(theirs.get("error"), IndexError), theirs.get("error")
+        assert isinstance(ours.get("error"), ValueError) and "steps are done" in str(ours["error"]), ours.get("error")
+        assert ours["failed_at"] == theirs["failed_at"]
+        return dict(ours, failed=True), theirs
+    ours["rtol"], ours["float64"] = loop_rtol(cls_name, config, n, ours, **kwargs)
+    return ours, theirs
+
+
+# The error bound of a float32 loop against diffusers', on any IEEE-754 CPU.
+#
+# Both sides run the same formulas on the same float32 schedule (betas and alphas_cumprod are
+# bit-exact: tests/test_diffusion_schedules.py), and their +, -, *, / are correctly rounded. They differ
+# in the library functions: torch's float32 sqrt, pow, exp and log are vectorized per CPU (SLEEF, MKL)
+# and not correctly rounded (one ulp off on this project's AVX-512 machines; SLEEF documents 1 and 3.5
+# ulp bounds), and NumPy's exp and log are not either (its sqrt is). And each side rounds its own
+# element-wise arithmetic, in its own order, at the size of the largest values through the step (a
+# step can subtract two numbers of size sigma_max to get one of size 1). So the bound lets every
+# library call of our loop (each step coefficient, and each sigma of the table the loop reads) and
+# each step's model output be off by a relative C_ULPS ulps, and each step's result by C_ULPS ulps of
+# the largest magnitude of that element in that step. It pushes each of those quantities alone by 2^-20 (relative, or
+# of that magnitude) in a float64 run, scales the change of the result down to C_ULPS ulps (first
+# order: the loops are smooth there) and sums the absolute changes per element: the worst case over all
+# sign combinations, with the loop's own amplification inside it (1/sqrt(1 - abar) in eps-from-x0
+# near t = 0, sigma differences in Euler steps, the 1 - abar_t/abar_prev of DDIM's variance, ...).
+# The tolerance is twice that sum (second-order slack) plus each side's final rounding (2u).
+U32 = 2.0 ** -24
+C_ULPS = 16  # one side: <= 2 calls (or element-wise operations) of <= 4 ulps; twice, for two sides
+PUSH = 2.0 ** -20
+LIBRARY_FUNCTIONS = ("sqrt", "exp", "log", "power", "expm1", "log1p")
+SCHEDULER_MODULES = ["base", "ddim", "ddpm", "pndm", "euler", "euler_ancestral", "heun", "dpm_multistep",
+                     "predictions"]
+
+
+class _CountedLibrary:
+    """numpy (or the backend's xp) as the schedulers see it: library-function calls are counted in
+    ``counter`` (shared by both views) and the result of call number ``counter.target`` is scaled by
+    (1 + counter.delta)."""
+
+    def __init__(self, module, counter):
+        self._module, self._counter = module, counter
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if name not in LIBRARY_FUNCTIONS:
+            return attr
+        counter = self._counter
+
+        def counted(*args, **kwargs):
+            out = attr(*args, **kwargs)
+            counter.calls += 1
+            return out * (1 + counter.delta) if counter.calls - 1 == counter.target else out
+        return counted
+
+
+def _library_patches(counter):
+    """mock.patch contexts putting counted views of numpy and xp into every scheduler module."""
+    import importlib
+
+    from npdiffusion.backend import xp
+    views = {"numpy": _CountedLibrary(np, counter), "xp": _CountedLibrary(xp, counter)}
+    modules = [importlib.import_module("npdiffusion.schedulers." + name) for name in SCHEDULER_MODULES]
+    return [mock.patch.object(m, attr, view) for m in modules for attr, view in views.items() if hasattr(m, attr)]
+
+
+def loop_rtol(cls_name, config, n, ours, **kwargs):
+    """The tolerance described above, for this loop: relative to max |final sample| (and |last x0|)."""
+    kwargs = dict(kwargs, dtype=np.float64)
+
+    def run(perturb=None, call=-1):
+        counter = types.SimpleNamespace(calls=0, target=call, delta=-PUSH)
+        with contextlib.ExitStack() as stack:
+            for patch in _library_patches(counter):
+                stack.enter_context(patch)
+            out = _loop(getattr(ours_mod, cls_name)(**config), n, torch_side=False, perturb=perturb, **kwargs)
+        out["calls"] = counter.calls
+        return out
+
+    base = run()
+    steps = range(len(base["timesteps"]))
+    pushes = [{"perturb": ("model_output", k, -PUSH)} for k in steps]
+    pushes += [{"perturb": ("step_output", k, PUSH * scale)} for k, scale in enumerate(base["scales"])]
+    pushes += [{"perturb": ("sigmas", i, -PUSH)} for i in range(0 if base["sigmas"] is None else len(base["sigmas"]))]
+    pushes += [{"call": i} for i in range(base["calls"])]
+    total = {key: None if base[key] is None else np.zeros_like(base[key]) for key in ("x", "x0")}
+    for push in pushes:
+        pushed = run(**push)
+        for key, acc in total.items():
+            if acc is not None:
+                acc += np.abs(pushed[key] - base[key]) * (C_ULPS * U32 / PUSH)
+    bound = {key: None if acc is None else 2 * float(acc.max()) / max(float(np.abs(base[key]).max()), 1e-30)
+             + 2 * U32 for key, acc in total.items()}
+    return bound, base
+
+
+def assert_parity_loop(ours, theirs, *, exact_timesteps=True, diffusers_nan=False):
+    """``diffusers_nan``: the case is DDIM with eta = 1 on a zero-terminal-SNR schedule, whose first
+    step takes sqrt(1 - abar_prev - sigma^2) = sqrt(0): diffusers' float32 pow can round the radicand
+    to -1 ulp (it does on AVX-512 CPUs) and return NaN; ours clamps it at 0. Where diffusers gave NaN,
+    our float32 loop is held to our float64 loop within the same bound instead."""
     to, tt = ours["timesteps"], theirs["timesteps"]
     assert to.dtype == tt.dtype, (to.dtype, tt.dtype)
     if exact_timesteps:
         assert np.array_equal(to, tt), (to, tt)
     else:
+        # timesteps read back from Karras-type sigmas through a log-sigma table built with torch's sqrt
+        # and log (<= C_ULPS ulps apart): 1e-6 relative plus interpolation within one table step
         np.testing.assert_allclose(to, tt, rtol=1e-6, atol=1e-4)
     if ours.get("failed"):
         return
     if theirs["sigmas"] is not None:
+        # sqrt((1 - abar) / abar) with the quotient correctly rounded on both sides and torch's sqrt
+        # (and the interpolation's log/exp) within a few ulps: 1e-6 = 16 u
         assert ours["sigmas"].dtype == np.float32
-        np.testing.assert_allclose(ours["sigmas"], theirs["sigmas"], rtol=1e-6)
+        np.testing.assert_allclose(ours["sigmas"], theirs["sigmas"], rtol=C_ULPS * U32)
     assert ours["x"].dtype == theirs["x"].dtype
+    if diffusers_nan and not np.all(np.isfinite(theirs["x"])):
+        theirs = ours["float64"]
     assert np.all(np.isfinite(theirs["x"]))
     err = relative_error(ours["x"], theirs["x"])
-    assert err <= rtol, f"final sample relative error {err:.2e}"
+    assert err <= ours["rtol"]["x"], f"final sample relative error {err:.2e}, bound {ours['rtol']['x']:.2e}"
     if theirs["x0"] is not None:
         err0 = relative_error(ours["x0"], theirs["x0"])
-        assert err0 <= rtol, f"last x0 estimate relative error {err0:.2e}"
+        assert err0 <= ours["rtol"]["x0"], f"last x0 estimate relative error {err0:.2e}, bound {ours['rtol']['x0']:.2e}"
 
 
 def rotating(axes, extra):
@@ -197,7 +318,7 @@ def test_ddim_loop(schedule, spacing, pred, eta, n, clip, alpha_one, model, zsnr
                rescale_betas_zero_snr=zsnr and pred == "v_prediction")
     o, t = run_pair("DDIMScheduler", cfg, n, model=model, step_kwargs={"eta": eta},
                     dtype=np.float64 if (n == 10 and eta == 0.5) else np.float32)
-    assert_parity_loop(o, t)
+    assert_parity_loop(o, t, diffusers_nan=eta == 1.0 and cfg["rescale_betas_zero_snr"])
 
 
 def test_ddim_use_clipped_model_output_and_thresholding():

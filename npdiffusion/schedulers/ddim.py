@@ -112,7 +112,9 @@ class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         if use_clipped_model_output:
             pred_epsilon = vp_epsilon("sample", pred_original_sample, sample, sa, sb)
 
-        direction_coeff = numpy.sqrt(_F32(1.0) - alpha_prod_t_prev - std_dev_t * std_dev_t)
+        # 1 - abar_prev - sigma^2 >= 0 for eta <= 1, but it is 0 at a zero-SNR step with eta = 1, where
+        # rounding can make it -1 ulp (diffusers then gives NaN): clamped at 0
+        direction_coeff = numpy.sqrt(max(_F32(1.0) - alpha_prod_t_prev - std_dev_t * std_dev_t, _F32(0.0)))
         pred_sample_direction = float(direction_coeff) * pred_epsilon
         prev_sample = float(numpy.sqrt(alpha_prod_t_prev)) * pred_original_sample + pred_sample_direction
 
