@@ -41,7 +41,8 @@ def step(s, model_output, t, sample):
 @pytest.mark.parametrize("name", CLASSES)
 def test_model_output_shape_must_match_sample(name):
     s = ready(name)
-    with pytest.raises(ValueError, match=r"model_output must have the shape of sample \(1, 4, 8, 8\), got \(1, 1, 8, 8\)"):
+    expected = r"model_output must have the shape of sample \(1, 4, 8, 8\), got \(1, 1, 8, 8\)"
+    with pytest.raises(ValueError, match=expected):
         step(s, np.zeros((1, 1, 8, 8), np.float32), s.timesteps[0], X)
 
 
@@ -162,8 +163,10 @@ def test_set_timesteps_takes_a_positive_int_up_to_T(name, n, expected):
 
 
 @pytest.mark.parametrize("name", CUSTOM_TIMESTEPS)
-@pytest.mark.parametrize("bad,expected", [([], "must be a non-empty 1-d list"), ([[900, 100]], "must be a non-empty 1-d list"),
-                                          ([5000, 10], r"must lie in \[0, 999\]"), ([900, -1], r"must lie in \[0, 999\]"),
+@pytest.mark.parametrize("bad,expected", [([], "must be a non-empty 1-d list"),
+                                          ([[900, 100]], "must be a non-empty 1-d list"),
+                                          ([5000, 10], r"must lie in \[0, 999\]"),
+                                          ([900, -1], r"must lie in \[0, 999\]"),
                                           ([900, float("nan")], r"must lie in \[0, 999\]")])
 def test_custom_timesteps_are_checked(name, bad, expected):
     s = getattr(S, name)()

@@ -1,4 +1,4 @@
-"""The checks every scheduler runs on its call arguments: ``step``, ``scale_model_input``, ``add_noise``, ``set_timesteps``.
+"""The checks every scheduler runs on its call arguments (step, scale_model_input, add_noise, set_timesteps).
 
 What they refuse, with a ValueError (TypeError for a wrong kind of value) that names the argument,
 what was expected and what came (docs/schedulers.md, "Argument checks"):
