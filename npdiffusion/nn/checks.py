@@ -8,6 +8,14 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_batch(module: str, name: str, x) -> None:
+    """A model entry refuses an empty batch (B = 0): there is nothing to compute, so it is a caller's bug.
+
+    (The conv2d op itself, like torch's, maps an empty batch to an empty result.)"""
+    if x.shape[0] == 0:
+        raise ValueError(f"{module}: {name} has batch size 0; expected at least 1")
+
+
 def check_input(module: str, name: str, x, ndim=None, min_ndim=None, axis=None, size=None) -> None:
     """Raise TypeError/ValueError unless ``x`` is an array of the given rank and axis size."""
     shape = getattr(x, "shape", None)

@@ -102,7 +102,10 @@ def clear_workspace() -> None:
 
 def _chunks(batch: int, rows: int, bytes_per_row: int):
     """Split the (image, output row) grid into chunks (b0, b1, r0, r1) of about ``CHUNK_BYTES``:
-    runs of whole images, or row ranges of one image when a single image is bigger than that."""
+    runs of whole images, or row ranges of one image when a single image is bigger than that.
+    An empty batch has no chunks: forward gives an empty y and backward zero dW/db, as torch."""
+    if batch == 0:
+        return []
     target = CHUNK_BYTES if get_backend() == "numpy" else GPU_CHUNK_BYTES
     per = max(1, target // max(bytes_per_row, 1))
     if per >= rows:

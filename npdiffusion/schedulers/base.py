@@ -35,6 +35,7 @@ import numpy
 from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.diffusion import schedules
 from npdiffusion.io.atomic import atomic_write_text
+from npdiffusion.schedulers.validation import check_timestep, noise_timesteps, schedule_positions
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class SchedulerMixin:
 
     config_name = SCHEDULER_CONFIG_NAME
     order = 1
+    #: set by ``set_timesteps``; ``step`` refuses to run before it (DDPM excepted: its default is the full chain)
+    _timesteps_set = False
     #: the scheduler families diffusers marks as interchangeable (``KarrasDiffusionSchedulers``)
     _compatibles = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
                     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
@@ -250,6 +253,24 @@ class SchedulerMixin:
     def __len__(self) -> int:
         return self._config["num_train_timesteps"]
 
+    # ---- call checks (validation.py)
+    def _require_timesteps(self, method: str = "step") -> None:
+        """``step`` (or ``scale_model_input``) before ``set_timesteps`` is refused."""
+        if not self._timesteps_set:
+            raise ValueError(f"{type(self).__name__}.{method}: call set_timesteps(num_inference_steps) first")
+
+    def _check_timestep(self, method: str, timestep, integer: bool = True):
+        """The timestep as a number in [0, num_train_timesteps) (an int when ``integer``)."""
+        return check_timestep(f"{type(self).__name__}.{method}", timestep, self._config["num_train_timesteps"],
+                              integer=integer)
+
+    def _identity_scale(self, sample, timestep):
+        """``scale_model_input`` of the schedulers that feed x_t unscaled: checks, then returns ``sample``."""
+        check_sample(type(self).__name__, "sample", sample)
+        if timestep is not None:
+            self._check_timestep("scale_model_input", timestep, integer=False)
+        return sample
+
     def __repr__(self) -> str:
         shown = {k: _json_ready(v) for k, v in self._config.items() if k != "_use_default_values"}
         return f"{type(self).__name__} {json.dumps(shown, sort_keys=True)}"
@@ -291,20 +312,6 @@ def check_same_shape(cls_name: str, name: str, x, ref_name: str, ref) -> None:
                          f"got {tuple(x.shape)}")
 
 
-def host_scalar(value):
-    """A timestep given as int/float, NumPy scalar or 0-d (or 1-element) host/device array, as a Python number."""
-    if hasattr(value, "shape"):
-        arr = to_numpy(value)
-        if arr.size != 1:
-            raise ValueError(f"timestep must be a scalar, got an array of shape {arr.shape}")
-        return arr.reshape(()).item()
-    if isinstance(value, (numpy.integer, numpy.floating)):
-        return value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"timestep must be a number, got {type(value).__name__} {value!r}")
-    return value
-
-
 def check_num_inference_steps(cls_name: str, n, num_train_timesteps: int | None = None) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, numpy.integer)) or n < 1:
         raise ValueError(f"{cls_name}.set_timesteps: num_inference_steps must be a positive int, got {n!r}")
@@ -344,12 +351,6 @@ def check_exactly_one(cls_name: str, **options) -> None:
     given = [k for k, v in options.items() if v is not None]
     if len(given) != 1:
         raise ValueError(f"{cls_name}.set_timesteps: pass exactly one of {', '.join(options)}; got {given}")
-
-
-def check_timesteps_set(cls_name: str, num_inference_steps) -> None:
-    """``step`` before ``set_timesteps`` (``num_inference_steps`` still None) is refused."""
-    if num_inference_steps is None:
-        raise ValueError(f"{cls_name}.step: call set_timesteps(num_inference_steps) first")
 
 
 def merge_noise_alias(cls_name: str, noise, variance_noise):
@@ -544,18 +545,19 @@ def alpha_bar_pair(alphas_cumprod: numpy.ndarray, t: int, prev_t: int, final_alp
     return alpha_prod_t, alpha_prod_t_prev, numpy.float32(1.0) - alpha_prod_t, numpy.float32(1.0) - alpha_prod_t_prev
 
 
-def alpha_bar_coefficients(alphas_cumprod: numpy.ndarray, timesteps, x):
-    """sqrt(abar_t) and sqrt(1 - abar_t) at ``timesteps`` (B,), as (B, 1, ..., 1) arrays in ``x``'s dtype.
+def alpha_bar_coefficients(where: str, alphas_cumprod: numpy.ndarray, timesteps, x):
+    """sqrt(abar_t) and sqrt(1 - abar_t) at ``timesteps`` (B,) or (1,), as (B, 1, ..., 1) arrays in ``x``'s dtype.
 
     As diffusers' ``add_noise``: abar is first cast to the sample dtype, then square-rooted in it.
+    ``where`` ("Class.add_noise") prefixes the errors.
     """
-    t = numpy.asarray(to_numpy(timesteps) if hasattr(timesteps, "shape") else timesteps)
-    if t.dtype.kind not in "iu" and not (t.dtype.kind == "f" and numpy.all(t == numpy.round(t))):
-        raise ValueError(f"timesteps must be integers, got {t!r}")
-    t = t.astype(numpy.int64).reshape(-1)
+    t = noise_timesteps(where, timesteps, x.shape[0])
+    if not numpy.all(numpy.isfinite(t)) or not numpy.all(t == numpy.round(t)):
+        raise ValueError(f"{where}: timesteps must be whole numbers, got {t.tolist()}")
+    t = t.astype(numpy.int64)
     T = alphas_cumprod.shape[0]
-    if t.size and (t.min() < 0 or t.max() >= T):
-        raise ValueError(f"timesteps must lie in [0, {T - 1}], got min {t.min()} max {t.max()}")
+    if t.min() < 0 or t.max() >= T:
+        raise ValueError(f"{where}: timesteps must lie in [0, {T - 1}], got min {t.min()} max {t.max()}")
     a = alphas_cumprod.astype(numpy.dtype(x.dtype))[t]
     one = a.dtype.type(1)
     return broadcast_per_sample(numpy.sqrt(a), x), broadcast_per_sample(numpy.sqrt(one - a), x)
@@ -564,14 +566,14 @@ def alpha_bar_coefficients(alphas_cumprod: numpy.ndarray, timesteps, x):
 def alpha_bar_add_noise(cls_name: str, alphas_cumprod, original_samples, noise, timesteps):
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, per sample (diffusers' ``add_noise``). (B, ...)."""
     check_array_pair(cls_name, "noise", noise, "original_samples", original_samples)
-    sa, so = alpha_bar_coefficients(alphas_cumprod, timesteps, original_samples)
+    sa, so = alpha_bar_coefficients(f"{cls_name}.add_noise", alphas_cumprod, timesteps, original_samples)
     return sa * original_samples + so * noise
 
 
 def alpha_bar_velocity(cls_name: str, alphas_cumprod, sample, noise, timesteps):
     """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022; diffusers' ``get_velocity``). (B, ...)."""
     check_array_pair(cls_name, "noise", noise, "sample", sample)
-    sa, so = alpha_bar_coefficients(alphas_cumprod, timesteps, sample)
+    sa, so = alpha_bar_coefficients(f"{cls_name}.get_velocity", alphas_cumprod, timesteps, sample)
     return sa * noise - so * sample
 
 
@@ -646,13 +648,10 @@ class StepIndexMixin:
         self._begin_index = check_int(type(self).__name__, "begin_index", begin_index)
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """The step index of ``timestep`` (the second match when it repeats); unknown timesteps are refused."""
         schedule = self.timesteps if schedule_timesteps is None else numpy.asarray(schedule_timesteps)
-        t = host_scalar(timestep)
-        where = numpy.flatnonzero(schedule == t)
-        if where.size == 0:
-            raise ValueError(f"{type(self).__name__}: timestep {t!r} is not one of the scheduler's timesteps "
-                             f"(pass values from .timesteps)")
-        return int(where[1] if where.size > 1 else where[0])
+        found = schedule_positions(type(self).__name__, timestep, schedule)
+        return int(found[1] if found.size > 1 else found[0])
 
     def _init_step_index(self, timestep) -> None:
         if self._begin_index is None:
@@ -665,10 +664,17 @@ class StepIndexMixin:
         self._step_index = None
         self._begin_index = None
 
-    def _enter_step(self, timestep) -> None:
-        """Start a ``step`` call: find the step index on the first call; refuse a call past the last sigma."""
+    def _locate(self, method: str, timestep) -> None:
+        """``timestep`` must be one of the schedule's (every call); the first call also finds the step index."""
+        self._require_timesteps(method)
+        schedule_positions(f"{type(self).__name__}.{method}", timestep, self.timesteps)
         if self._step_index is None:
             self._init_step_index(timestep)
+
+    def _enter_step(self, timestep) -> None:
+        """Start a ``step`` call: check the timestep, find the step index on the first call; refuse a call
+        past the last sigma."""
+        self._locate("step", timestep)
         if self._step_index + 1 >= len(self.sigmas):
             raise ValueError(f"{type(self).__name__}.step: all {len(self.sigmas) - 1} steps are done; "
                              "call set_timesteps again")
@@ -686,8 +692,9 @@ class StepIndexMixin:
         """
         name = type(self).__name__
         check_array_pair(name, "noise", noise, "original_samples", original_samples)
-        ts = numpy.atleast_1d(to_numpy(timesteps) if hasattr(timesteps, "shape") else numpy.asarray(timesteps))
-        ts = ts.reshape(-1)
+        ts = noise_timesteps(f"{name}.add_noise", timesteps, original_samples.shape[0])
+        for t in ts:  # every timestep must be the schedule's, also where a begin index picks the step
+            schedule_positions(f"{name}.add_noise", t, self.timesteps)
         if self._begin_index is None:
             indices = [self.index_for_timestep(t) for t in ts]
         elif self._step_index is not None:
@@ -706,8 +713,7 @@ class StepIndexMixin:
     def _scale_by_sigma(self, sample, timestep):
         """x / sqrt(sigma^2 + 1): the model sees unit-variance input (Karras et al. c_in)."""
         check_sample(type(self).__name__, "sample", sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate("scale_model_input", timestep)
         sigma = self.sigmas[self._step_index]
         return sample / float(numpy.sqrt(sigma * sigma + numpy.float32(1.0)))
 

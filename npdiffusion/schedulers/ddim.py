@@ -25,9 +25,7 @@ from npdiffusion.schedulers.base import (
     check_real,
     check_reals,
     check_schedule_options,
-    check_timesteps_set,
     clip_or_threshold,
-    host_scalar,
     merge_noise_alias,
     register_to_config,
     spaced_timesteps,
@@ -64,8 +62,8 @@ class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         self.timesteps = numpy.arange(0, num_train_timesteps)[::-1].copy().astype(numpy.int64)
 
     def scale_model_input(self, sample, timestep=None):
-        """The identity (DDIM feeds x_t to the model unscaled)."""
-        return sample
+        """The identity (DDIM feeds x_t to the model unscaled); ``timestep``, if given, must lie in [0, T)."""
+        return self._identity_scale(sample, timestep)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Choose the N inference timesteps by ``timestep_spacing`` (``device`` is ignored: host timesteps)."""
@@ -74,6 +72,7 @@ class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         self.num_inference_steps = n
         self.timesteps = spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n,
                                           cfg["steps_offset"])
+        self._timesteps_set = True
 
     def _get_variance(self, timestep: int, prev_timestep: int):
         """(1 - abar_t')/(1 - abar_t) (1 - abar_t/abar_t'): DDPM's posterior variance for the stride t -> t'."""
@@ -89,14 +88,12 @@ class DDIMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         and not given. ``use_clipped_model_output`` recomputes eps_hat from the clipped x0_hat.
         """
         name = type(self).__name__
-        check_timesteps_set(name, self.num_inference_steps)
+        self._require_timesteps()
         check_array_pair(name, "model_output", model_output, "sample", sample)
         eta = check_real(name, "eta", eta)
         noise = merge_noise_alias(name, noise, variance_noise)
         cfg = self._config
-        t = int(host_scalar(timestep))
-        if not 0 <= t < cfg["num_train_timesteps"]:
-            raise ValueError(f"{name}.step: timestep must lie in [0, {cfg['num_train_timesteps'] - 1}], got {t}")
+        t = self._check_timestep("step", timestep)
         prev_timestep = t - cfg["num_train_timesteps"] // self.num_inference_steps
 
         alpha_prod_t, alpha_prod_t_prev, beta_prod_t, _ = alpha_bar_pair(

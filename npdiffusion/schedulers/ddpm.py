@@ -34,7 +34,6 @@ from npdiffusion.schedulers.base import (
     clip_or_threshold,
     f32_exp,
     f32_log,
-    host_scalar,
     register_to_config,
     spaced_timesteps,
     standard_normal_like,
@@ -42,6 +41,7 @@ from npdiffusion.schedulers.base import (
     training_schedule,
 )
 from npdiffusion.schedulers.predictions import vp_x0
+from npdiffusion.schedulers.validation import check_custom_timesteps, schedule_positions
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
@@ -92,8 +92,8 @@ class DDPMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         self.variance_type = variance_type
 
     def scale_model_input(self, sample, timestep=None):
-        """The identity (DDPM feeds x_t to the model unscaled)."""
-        return sample
+        """The identity (DDPM feeds x_t to the model unscaled); ``timestep``, if given, must lie in [0, T)."""
+        return self._identity_scale(sample, timestep)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None) -> None:
         """Choose the N inference timesteps (by ``timestep_spacing``), or custom descending ``timesteps``.
@@ -105,17 +105,10 @@ class DDPMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError(f"{name}.set_timesteps: pass num_inference_steps or timesteps, not both")
         if timesteps is not None:
-            ts = numpy.asarray(timesteps)
-            if ts.ndim != 1 or ts.size == 0 or ts.dtype.kind not in "iu":
-                raise ValueError(f"{name}.set_timesteps: timesteps must be a non-empty list of ints, got {timesteps!r}")
-            if numpy.any(numpy.diff(ts) >= 0):
-                raise ValueError(f"{name}.set_timesteps: custom timesteps must be strictly descending, "
-                                 f"got {ts.tolist()}")
-            if ts[0] >= cfg["num_train_timesteps"]:
-                raise ValueError(f"{name}.set_timesteps: timesteps must start below num_train_timesteps "
-                                 f"({cfg['num_train_timesteps']}), got {int(ts[0])}")
-            self.timesteps = ts.astype(numpy.int64)
+            self.timesteps = check_custom_timesteps(f"{name}.set_timesteps", timesteps, cfg["num_train_timesteps"],
+                                                    integer=True, descending=True)
             self.custom_timesteps = True
+            self._timesteps_set = True
             return
         if num_inference_steps is None:
             raise ValueError(f"{name}.set_timesteps: pass num_inference_steps or timesteps")
@@ -124,15 +117,16 @@ class DDPMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         self.custom_timesteps = False
         self.timesteps = spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n,
                                           cfg["steps_offset"])
+        self._timesteps_set = True
 
     def previous_timestep(self, timestep) -> int:
-        """The timestep after ``timestep`` in the schedule (-1 after the last; t - 1 before set_timesteps)."""
-        t = int(host_scalar(timestep))
+        """The timestep after ``timestep`` in the schedule (-1 after the last; t - 1 before set_timesteps).
+
+        ``timestep`` must be a whole number in [0, T) and, after ``set_timesteps``, one of ``timesteps``.
+        """
+        t = self._check_timestep("previous_timestep", timestep)
         if self.custom_timesteps or self.num_inference_steps:
-            where = numpy.flatnonzero(self.timesteps == t)
-            if where.size == 0:
-                raise ValueError(f"{type(self).__name__}: timestep {t} is not one of the scheduler's timesteps")
-            index = int(where[0])
+            index = int(schedule_positions(type(self).__name__, t, self.timesteps)[0])
             return -1 if index == self.timesteps.shape[0] - 1 else int(self.timesteps[index + 1])
         return t - 1
 
@@ -169,7 +163,7 @@ class DDPMScheduler(AlphaBarVelocityMixin, SchedulerMixin):
         check_sample(name, "model_output", model_output)
         check_sample(name, "sample", sample)
         cfg = self._config
-        t = int(host_scalar(timestep))
+        t = self._check_timestep("step", timestep)
         prev_t = self.previous_timestep(t)
         if (len(model_output.shape) > 1 and len(sample.shape) > 1 and model_output.shape[1] == sample.shape[1] * 2
                 and self.variance_type in ("learned", "learned_range")):

@@ -37,12 +37,10 @@ from npdiffusion.schedulers.base import (
     check_same_shape,
     check_sample,
     check_schedule_options,
-    check_timesteps_set,
     clip_or_threshold,
     convert_sigmas,
     f32_exp,
     f32_log,
-    host_scalar,
     merge_noise_alias,
     register_to_config,
     sigma_kind,
@@ -51,6 +49,7 @@ from npdiffusion.schedulers.base import (
     training_schedule,
 )
 from npdiffusion.schedulers.predictions import vp_epsilon, vp_x0
+from npdiffusion.schedulers.validation import check_custom_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -145,10 +144,10 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
                              "karras/exponential/beta/lu sigma options")
         T = cfg["num_train_timesteps"]
         if timesteps is not None:
-            timesteps = numpy.array(timesteps).astype(numpy.int64)
+            timesteps = check_custom_timesteps(f"{name}.set_timesteps", timesteps, T, integer=True)
             n = len(timesteps)
         else:
-            n = check_num_inference_steps(name, num_inference_steps)
+            n = check_num_inference_steps(name, num_inference_steps, T)
             flipped = self.lambda_t[::-1]
             clipped_idx = int(numpy.searchsorted(flipped, _F32(cfg["lambda_min_clipped"])))
             last_timestep = T - clipped_idx
@@ -188,18 +187,14 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         self.model_outputs = [None] * cfg["solver_order"]
         self.lower_order_nums = 0
         self._reset_step_index()
+        self._timesteps_set = True
 
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Like the other sigma schedulers, but an unknown timestep maps to the last step (as diffusers)."""
-        schedule = self.timesteps if schedule_timesteps is None else numpy.asarray(schedule_timesteps)
-        where = numpy.flatnonzero(schedule == host_scalar(timestep))
-        if where.size == 0:
-            return len(self.timesteps) - 1
-        return int(where[1] if where.size > 1 else where[0])
+    def scale_model_input(self, sample, timestep=None):
+        """The identity: DPM-Solver models see x_t itself (``init_noise_sigma`` is 1).
 
-    def scale_model_input(self, sample, *args, **kwargs):
-        """The identity: DPM-Solver models see x_t itself (``init_noise_sigma`` is 1)."""
-        return sample
+        ``timestep``, if given, must lie in [0, T).
+        """
+        return self._identity_scale(sample, timestep)
 
     # ------------------------------------------------------------------------------ the math
     def convert_model_output(self, model_output, sample):
@@ -331,11 +326,16 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         from ``rng`` (float32) when not given. The ODE variants use no noise.
         """
         name = type(self).__name__
-        check_timesteps_set(name, self.num_inference_steps)
+        self._require_timesteps()
         check_sample(name, "model_output", model_output)
         check_sample(name, "sample", sample)
         noise = merge_noise_alias(name, noise, variance_noise)
         cfg = self._config
+        # a learned-variance epsilon model outputs 2C channels; convert_model_output keeps the first 3, as diffusers
+        if cfg["variance_type"] in ("learned", "learned_range") and cfg["prediction_type"] == "epsilon":
+            check_same_shape(name, "model_output[:, :3]", model_output[:, :3], "sample", sample)
+        else:
+            check_same_shape(name, "model_output", model_output, "sample", sample)
         self._enter_step(timestep)
         n_ts = len(self.timesteps)
         lower_order_final = (self._step_index == n_ts - 1) and (
@@ -343,7 +343,6 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         lower_order_second = (self._step_index == n_ts - 2) and cfg["lower_order_final"] and n_ts < 15
 
         model_output = self.convert_model_output(model_output, sample=sample)
-        check_same_shape(name, "model_output", model_output, "sample", sample)
         order = cfg["solver_order"]
         for i in range(order - 1):
             self.model_outputs[i] = self.model_outputs[i + 1]

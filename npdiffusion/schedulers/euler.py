@@ -40,6 +40,7 @@ from npdiffusion.schedulers.base import (
     training_schedule,
 )
 from npdiffusion.schedulers.predictions import ve_x0
+from npdiffusion.schedulers.validation import check_custom_sigmas, check_custom_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
 
@@ -96,11 +97,16 @@ class EulerDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         if timesteps is not None and continuous_v:
             raise ValueError(f"{name}.set_timesteps: custom timesteps cannot be used with timestep_type='continuous' "
                              "and prediction_type='v_prediction'")
-        if num_inference_steps is None:
-            num_inference_steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
-        n = check_num_inference_steps(name, num_inference_steps)
-        self.num_inference_steps = n
         T = cfg["num_train_timesteps"]
+        if timesteps is not None:
+            timesteps = check_custom_timesteps(f"{name}.set_timesteps", timesteps, T)
+            n = len(timesteps)
+        elif sigmas is not None:
+            sigmas = check_custom_sigmas(f"{name}.set_timesteps", sigmas)
+            n = len(sigmas) - 1
+        else:
+            n = check_num_inference_steps(name, num_inference_steps, T)
+        self.num_inference_steps = n
         train_sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)
         log_sigmas = numpy.log(train_sigmas)
 
@@ -132,6 +138,7 @@ class EulerDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         else:
             self.timesteps = numpy.asarray(timesteps).astype(_F32)
         self._reset_step_index()
+        self._timesteps_set = True
 
     def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
              s_tmax: float = float("inf"), s_noise: float = 1.0, noise=None, rng=None, return_dict: bool = True):

@@ -67,7 +67,7 @@ class EulerAncestralDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Choose N timesteps by ``timestep_spacing`` and interpolate their sigmas (``device`` is ignored)."""
         cfg = self._config
-        n = check_num_inference_steps(type(self).__name__, num_inference_steps)
+        n = check_num_inference_steps(type(self).__name__, num_inference_steps, cfg["num_train_timesteps"])
         self.num_inference_steps = n
         timesteps = spaced_timesteps(cfg["timestep_spacing"], cfg["num_train_timesteps"], n, cfg["steps_offset"],
                                      as_float=True)
@@ -76,6 +76,7 @@ class EulerAncestralDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         self.sigmas = numpy.concatenate([sigmas, [0.0]]).astype(_F32)
         self.timesteps = timesteps
         self._reset_step_index()
+        self._timesteps_set = True
 
     def step(self, model_output, timestep, sample, noise=None, rng=None, return_dict: bool = True):
         """One ancestral Euler step (module docstring). Returns prev_sample, pred_original_sample.

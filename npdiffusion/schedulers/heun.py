@@ -35,6 +35,7 @@ from npdiffusion.schedulers.base import (
     training_schedule,
 )
 from npdiffusion.schedulers.predictions import ve_x0
+from npdiffusion.schedulers.validation import check_custom_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -60,6 +61,7 @@ class HeunDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         check_schedule_options(name, prediction_type, PREDICTION_TYPES, timestep_spacing, steps_offset)
         check_real(name, "clip_sample_range", clip_sample_range)
         self.set_timesteps(num_train_timesteps, None, num_train_timesteps)
+        self._timesteps_set = False  # as the others: step needs the user's own set_timesteps first
         self.use_karras_sigmas = use_karras_sigmas
 
     @property
@@ -78,12 +80,14 @@ class HeunDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         cfg = self._config
         check_exactly_one(name, num_inference_steps=num_inference_steps, timesteps=timesteps)
         self._refuse_respaced_custom_timesteps(timesteps)
-        n = check_num_inference_steps(name, num_inference_steps or len(timesteps))
-        self.num_inference_steps = n
         T = num_train_timesteps or cfg["num_train_timesteps"]
         if timesteps is not None:
-            timesteps = numpy.array(timesteps, dtype=_F32)
+            timesteps = check_custom_timesteps(f"{name}.set_timesteps", timesteps, T).astype(_F32)
+            n = len(timesteps)
         else:
+            n = check_num_inference_steps(name, num_inference_steps, T)
+        self.num_inference_steps = n
+        if timesteps is None:
             timesteps = spaced_timesteps(cfg["timestep_spacing"], T, n, cfg["steps_offset"], as_float=True)
         train_sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)
         log_sigmas = numpy.log(train_sigmas)
@@ -99,6 +103,7 @@ class HeunDiscreteScheduler(SigmaScalingMixin, SchedulerMixin):
         self.dt = None
         self.sample = None
         self._reset_step_index()
+        self._timesteps_set = True
 
     def step(self, model_output, timestep, sample, return_dict: bool = True):
         """One call of a Heun step: the predictor or the corrector (module docstring).

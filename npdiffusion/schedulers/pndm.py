@@ -26,13 +26,12 @@ from npdiffusion.schedulers.base import (
     check_array_pair,
     check_num_inference_steps,
     check_schedule_options,
-    check_timesteps_set,
-    host_scalar,
     register_to_config,
     step_output,
     training_schedule,
 )
 from npdiffusion.schedulers.predictions import vp_epsilon
+from npdiffusion.schedulers.validation import schedule_positions
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -68,7 +67,7 @@ class PNDMScheduler(AlphaBarNoiseMixin, SchedulerMixin):
         """Build the PRK and PLMS timestep lists and reset the multistep state (``device`` is ignored)."""
         cfg = self._config
         T = cfg["num_train_timesteps"]
-        n = check_num_inference_steps(type(self).__name__, num_inference_steps)
+        n = check_num_inference_steps(type(self).__name__, num_inference_steps, T)
         if not cfg["skip_prk_steps"] and n < self.pndm_order:
             raise ValueError(f"{type(self).__name__}.set_timesteps: the PRK warm-up (skip_prk_steps=False) needs "
                              f"num_inference_steps >= {self.pndm_order}, got {n}")
@@ -100,20 +99,23 @@ class PNDMScheduler(AlphaBarNoiseMixin, SchedulerMixin):
         self.counter = 0
         self.cur_model_output = 0
         self.cur_sample = None
+        self._timesteps_set = True
 
-    def scale_model_input(self, sample, *args, **kwargs):
-        """The identity (PNDM feeds x_t to the model unscaled)."""
-        return sample
+    def scale_model_input(self, sample, timestep=None):
+        """The identity (PNDM feeds x_t to the model unscaled); ``timestep``, if given, must lie in [0, T)."""
+        return self._identity_scale(sample, timestep)
 
     def step(self, model_output, timestep, sample, return_dict: bool = True):
         """One PRK (while the PRK part of the schedule lasts) or PLMS step. Returns prev_sample only.
 
-        Deterministic: there is no noise argument.
+        Deterministic: there is no noise argument. ``timestep`` must be one of ``timesteps``: the
+        multistep weights assume the schedule's stride T // N between calls.
         """
         name = type(self).__name__
-        check_timesteps_set(name, self.num_inference_steps)
+        self._require_timesteps()
         check_array_pair(name, "model_output", model_output, "sample", sample)
-        timestep = int(host_scalar(timestep))
+        timestep = self._check_timestep("step", timestep)
+        schedule_positions(f"{name}.step", timestep, self.timesteps)
         if self.counter < len(self.prk_timesteps) and not self._config["skip_prk_steps"]:
             prev = self._step_prk(model_output, timestep, sample)
         else:
@@ -154,6 +156,9 @@ class PNDMScheduler(AlphaBarNoiseMixin, SchedulerMixin):
         else:
             prev_timestep = timestep
             timestep = timestep + T // self.num_inference_steps
+            if timestep >= T:  # the second PLMS call repeats the first one's timestep, one stride below it
+                raise ValueError(f"{name}.step: the second PLMS step must get the timestep one stride "
+                                 f"({T // self.num_inference_steps}) below the first, got {prev_timestep}")
 
         if len(self.ets) == 1 and self.counter == 0:
             self.cur_sample = sample

@@ -44,7 +44,7 @@ from npdiffusion.models.unet.unet_blocks import (
     UpBlock2D,
 )
 from npdiffusion.nn.attention import Attention
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.nn.checks import check_batch, check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList, canonical_dtype
 from npdiffusion.nn.norm import GroupNorm
@@ -347,6 +347,7 @@ class UNet2DConditionModel(Module):
         """sample (B, in_channels, H, W), timestep (scalar or (B,)), encoder_hidden_states (B, Tc, Cc)
         -> (B, out_channels, H, W). In training mode the blocks keep what ``backward`` needs."""
         check_input(CLASS_NAME, "sample", sample, ndim=4, axis=1, size=self.config["in_channels"])
+        check_batch(CLASS_NAME, "sample", sample)
         check_input(CLASS_NAME, "encoder_hidden_states", encoder_hidden_states, ndim=3)
         b = sample.shape[0]
         if encoder_hidden_states.shape[0] != b:

@@ -37,7 +37,7 @@ from npdiffusion.models.vae.decoder import Decoder
 from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
 from npdiffusion.models.vae.encoder import Encoder
 from npdiffusion.models.vae.vae_blocks import MidBlockAttention
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.nn.checks import check_batch, check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, canonical_dtype
 
@@ -189,6 +189,7 @@ class AutoencoderKL(Module):
     def decode(self, z):
         """z (B, latent_channels, h, w) (unscaled latents) -> image (B, out_channels, h*f, w*f)."""
         check_input("AutoencoderKL.decode", "z", z, ndim=4)
+        check_batch("AutoencoderKL.decode", "z", z)
         if z.shape[1] != self.latent_channels:
             raise ValueError(f"AutoencoderKL.decode: z must have {self.latent_channels} channels on axis 1 "
                              f"(latent_channels), got shape {tuple(z.shape)}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from npdiffusion.models.vae.encoder import check_block_config
 from npdiffusion.models.vae.vae_blocks import UNetMidBlock2D, UpDecoderBlock2D
 from npdiffusion.nn.activations import SiLU
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.nn.checks import check_batch, check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.nn.norm import GroupNorm
@@ -61,6 +61,7 @@ class Decoder(Module):
     def forward(self, z):
         """z (B, in_channels, h, w) -> (B, out_channels, h*f, w*f); children keep the caches."""
         check_input("Decoder", "z", z, ndim=4, axis=1, size=self.in_channels)
+        check_batch("Decoder", "z", z)
         h = self.conv_in(z)
         h = self.mid_block(h)
         for block in self.up_blocks:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from npdiffusion.models.vae.vae_blocks import DownEncoderBlock2D, UNetMidBlock2D
 from npdiffusion.nn.activations import SiLU
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.nn.checks import check_batch, check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.nn.norm import GroupNorm
@@ -88,6 +88,7 @@ class Encoder(Module):
     def check_image(self, x, who: str = "Encoder", name: str = "x") -> None:
         """A clear ValueError/TypeError for an image this encoder cannot take."""
         check_input(who, name, x, ndim=4)
+        check_batch(who, name, x)
         if x.dtype.kind != "f":
             raise TypeError(f"{who}: {name} must be a floating array, got dtype {x.dtype}")
         if x.shape[1] != self.in_channels:
