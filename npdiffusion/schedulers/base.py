@@ -35,11 +35,14 @@ import numpy
 from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.diffusion import schedules
 from npdiffusion.io.atomic import atomic_write_text
+from npdiffusion.io.pretrained import check_config_finite
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+#: config keys that may be +-inf in a scheduler_config.json (diffusers' DPM-Solver default is -inf); NaN never
+INFINITE_OK = ("lambda_min_clipped",)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -238,6 +241,7 @@ class SchedulerMixin:
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}.from_pretrained: {path!r} must hold a JSON object, "
                              f"got {type(data).__name__}")
+        check_config_finite(data, path, infinite_ok=INFINITE_OK)
         return data
 
     @classmethod
