@@ -185,9 +185,11 @@ def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
     settled = itertools.count(1)
     done = threading.Lock()                          # released when the last block settles
     done.acquire()
+    float_errors = numpy.geterr()                    # the caller's numpy.errstate, for the pool threads too
 
     def work():
         _inside.active = True
+        numpy.seterr(**float_errors)
         try:
             while True:
                 i = next(claims)

@@ -79,6 +79,27 @@ def test_a_block_error_reaches_the_caller(forced):
         parallel.parallel_for(fn, 50, 1)
 
 
+def test_pool_threads_follow_the_callers_errstate(forced):
+    """numpy.errstate is per thread: the pool's threads take the caller's, so a pipeline that silences
+    overflow warnings (it reports NaN/inf itself) prints none from them either."""
+    caller = threading.current_thread().name
+    pool_ran = threading.Event()
+
+    def fn(lo, hi):
+        name = threading.current_thread().name
+        if name == caller:
+            pool_ran.wait(timeout=10)                      # leave a block for a pool thread
+        else:
+            pool_ran.set()
+        return name, np.geterr()["over"]
+
+    with np.errstate(over="ignore"):
+        out = parallel.parallel_for(fn, 6, 1)
+    assert any(name != caller for name, _ in out)
+    assert {mode for _, mode in out} == {"ignore"}
+    assert np.geterr()["over"] == "warn"
+
+
 def test_nested_calls_run_inline(forced):
     def inner(lo, hi):
         return threading.current_thread().name

@@ -344,7 +344,7 @@ def test_errors_name_the_argument_and_what_came():
         AutoencoderKL(act_fn="gelu")
     with pytest.raises(ValueError, match="num_channels \\(6\\) must be divisible by num_groups \\(4\\)"):
         AutoencoderKL(block_out_channels=[6], norm_num_groups=4)
-    with pytest.raises(ValueError, match="scaling_factor must be a nonzero number"):
+    with pytest.raises(ValueError, match="scaling_factor must be a finite number >= 0.0001"):
         AutoencoderKL(scaling_factor=0)
 
 

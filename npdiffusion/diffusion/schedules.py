@@ -25,6 +25,11 @@ import math
 import numpy
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "exp", "laplace")
+#: the schedules built from beta_start .. beta_end (the others discretize a continuous abar(t) and ignore them)
+RANGE_SCHEDULES = ("linear", "scaled_linear", "sigmoid")
+#: why a beta must lie in (0, 1), for the error messages
+BETA_RANGE_REASON = ("a beta is the variance of one noising step: 0 gives a zero noise level (log sigma = -inf), "
+                     "1 or more leaves no signal, and both turn samples into NaN")
 ALPHA_TRANSFORMS = ("cosine", "exp", "laplace")
 
 
@@ -95,6 +100,27 @@ def linspace_float32(start: float, end: float, steps: int, fused: bool = True) -
     return (base + signed_step * k).astype(numpy.float32)
 
 
+def check_betas(name: str, betas) -> numpy.ndarray:
+    """``betas`` (T,) as a float64 array, every entry finite and in (0, 1); else a ValueError naming
+    ``name`` and the first bad entry."""
+    arr = numpy.asarray(betas, dtype=numpy.float64)
+    bad = numpy.flatnonzero(~(numpy.isfinite(arr) & (arr > 0.0) & (arr < 1.0)))
+    if bad.size:
+        raise ValueError(f"{name} must hold finite numbers in (0, 1) ({BETA_RANGE_REASON}), "
+                         f"got {name}[{bad[0]}] = {float(arr[bad[0]])!r}")
+    return arr
+
+
+def check_beta_range(beta_start: float, beta_end: float) -> None:
+    """ValueError unless 0 < beta_start <= beta_end < 1 (an increasing schedule of variances), naming the argument."""
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if not 0.0 < value < 1.0:                                  # False for NaN too
+            raise ValueError(f"{name} must be a finite number in (0, 1) ({BETA_RANGE_REASON}), got {value!r}")
+    if beta_end < beta_start:
+        raise ValueError(f"beta_end must be >= beta_start (the noise schedule increases), got beta_start="
+                         f"{beta_start!r}, beta_end={beta_end!r}")
+
+
 def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999,
                         alpha_transform_type: str = "cosine") -> numpy.ndarray:
     """Betas that discretize a continuous abar(t), t in [0, 1]. (T,) float32.
@@ -143,10 +169,15 @@ def betas_for(schedule: str, num_train_timesteps: int = 1000, beta_start: float 
     * ``"exp"``, ``"laplace"``: :func:`betas_for_alpha_bar` with those transforms (Heun / DDPM use them);
     * ``"sigmoid"`` (DDPM only): sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start. torch
       evaluates the sigmoid with its own vectorized exp, so this one agrees to a few ulp, not bitwise.
+
+    For the schedules that use them (``RANGE_SCHEDULES``), ``check_beta_range``: 0 < beta_start <=
+    beta_end < 1, so every beta lies in (0, 1); the others ignore beta_start and beta_end.
     """
     num_train_timesteps = _check_steps("num_train_timesteps", num_train_timesteps)
     beta_start = _check_float("beta_start", beta_start)
     beta_end = _check_float("beta_end", beta_end)
+    if schedule in RANGE_SCHEDULES:
+        check_beta_range(beta_start, beta_end)
     if schedule == "linear":
         return linspace_float32(beta_start, beta_end, num_train_timesteps)
     if schedule == "scaled_linear":

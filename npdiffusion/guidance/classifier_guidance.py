@@ -28,6 +28,7 @@ import numpy
 from npdiffusion.backend import asarray, to_numpy, xp
 from npdiffusion.diffusion.guidance import classifier_free_guidance
 from npdiffusion.guidance.classifier import NoiseAwareClassifier, log_prob_grad
+from npdiffusion.pipelines.nonfinite import check_step
 
 __all__ = ["abar_at", "apply_classifier_guidance", "guide_model_output", "classifier_gradient_fn",
            "unet_model_fn", "guided_sample"]
@@ -126,6 +127,7 @@ def unet_model_fn(unet, encoder_hidden_states, uncond_hidden_states=None, guidan
     return fn
 
 
+@numpy.errstate(over="ignore", invalid="ignore", divide="ignore")     # check_step reports NaN/inf instead
 def guided_sample(model_fn, scheduler, shape, num_inference_steps: int, rng, guidance=(),
                   prediction_type: str | None = None, dtype=numpy.float32, latents=None):
     """Sample (B, C, H, W) with gradient guidance added to ``model_fn``'s prediction at every step.
@@ -152,11 +154,13 @@ def guided_sample(model_fn, scheduler, shape, num_inference_steps: int, rng, gui
         latents = rng.standard_normal(tuple(shape))
     x = asarray(numpy.asarray(latents, dtype=dtype) * float(scheduler.init_noise_sigma))
     step_kwargs = {"rng": rng} if "rng" in inspect.signature(scheduler.step).parameters else {}
-    for t in to_numpy(scheduler.timesteps).tolist():
+    timesteps = to_numpy(scheduler.timesteps).tolist()
+    for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
         out = model_fn(x_in, t)
         for s, grad_fn in terms:
             if s != 0.0:
                 out = guide_model_output(out, x_in, t, scheduler.alphas_cumprod, grad_fn(x_in, t, out), s, ptype)
-        x = scheduler.step(out, t, x, return_dict=False, **step_kwargs)[0]
+        before, x = x, scheduler.step(out, t, x, return_dict=False, **step_kwargs)[0]
+        check_step(x, i, len(timesteps), t, before, guided=out)     # NaN/inf: a NonFiniteError naming the step
     return x

@@ -23,6 +23,7 @@ Folder layout and conversion notes: docs/checkpoints.md ("Model folders").
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Mapping
 
@@ -51,7 +52,7 @@ def read_config(folder, filename: str = "config.json") -> dict:
     """The JSON object in ``folder/filename`` as a dict.
 
     Raises FileNotFoundError naming the folder when the file is missing, ValueError when it is not
-    valid JSON or not a JSON object.
+    valid JSON or not a JSON object, or holds a non-finite number (``check_config_finite``).
     """
     folder = _folder(folder, "read_config")
     path = os.path.join(folder, filename)
@@ -67,7 +68,42 @@ def read_config(folder, filename: str = "config.json") -> dict:
         raise ValueError(f"read_config: {path!r} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"read_config: {path!r} must hold a JSON object, got a JSON {type(config).__name__}")
+    check_config_finite(config, path)
     return config
+
+
+def _non_finite(value, key: str):
+    """(key path, value) of the first non-finite float in a parsed JSON value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def check_config_finite(config: Mapping, source, infinite_ok=()) -> None:
+    """Raise ValueError naming ``source`` and the key of the first NaN or infinite number in ``config``.
+
+    Python's JSON reader accepts the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity``
+    and turns an overflowing number such as ``1e999`` into inf; no model setting is meaningful at
+    those values (``"freq_shift": NaN`` makes every image black), so they are refused where a config
+    file is read. Nested keys are named ``a.b`` and list entries ``a[1]``. The top-level keys in
+    ``infinite_ok`` may be +-inf (not NaN): diffusers itself writes ``"lambda_min_clipped": -Infinity``
+    (no clipping) in DPM-Solver scheduler configs.
+    """
+    config = dict(config)
+    for key in infinite_ok:
+        if isinstance(config.get(key), float) and math.isinf(config[key]):
+            del config[key]
+    found = _non_finite(config, "")
+    if found is not None:
+        key, value = found
+        shown = "NaN" if math.isnan(value) else repr(value)
+        raise ValueError(f"{os.fspath(source)!r}: {key!r} is {shown}; config numbers must be finite (NaN and "
+                         "Infinity are not JSON numbers)")
 
 
 def _json_value(key, value):

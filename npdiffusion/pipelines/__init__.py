@@ -7,12 +7,13 @@
 
 Modules: ``stable_diffusion`` (the pipeline), ``img2img`` (image to image), ``loading`` (pipeline
 folders), ``noise`` (seeds: NumPy's or torch's stream), ``image_utils`` (PIL <-> arrays, grids),
-``output`` (the returned object).
+``output`` (the returned object), ``nonfinite`` (NaN/inf latents or images stop a run: NonFiniteError).
 """
 from npdiffusion.pipelines.img2img import StableDiffusionImg2ImgPipeline, img2img
 from npdiffusion.pipelines.loading import SCHEDULERS, PipelineFolderError
+from npdiffusion.pipelines.nonfinite import NonFiniteError
 from npdiffusion.pipelines.output import StableDiffusionPipelineOutput
 from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipelineOutput", "img2img",
-           "PipelineFolderError", "SCHEDULERS"]
+           "PipelineFolderError", "NonFiniteError", "SCHEDULERS"]

@@ -47,6 +47,7 @@ from npdiffusion.pipelines.loading import (
     write_model_index,
 )
 from npdiffusion.pipelines.noise import NoiseSource
+from npdiffusion.pipelines.nonfinite import NonFiniteError, check_image, check_step
 from npdiffusion.pipelines.output import StableDiffusionPipelineOutput
 
 logger = logging.getLogger(__name__)
@@ -317,6 +318,7 @@ class StableDiffusionPipeline:
         """A scheduler timestep (a NumPy scalar) as the (1,) array the U-Net takes, keeping int / float."""
         return numpy.asarray(t).reshape(1)
 
+    @numpy.errstate(over="ignore", invalid="ignore", divide="ignore")     # check_step reports NaN/inf instead
     def denoise(self, latents, timesteps, prompt_embeds, guidance_scale: float, guidance_rescale: float,
                 noise: NoiseSource | None, num_inference_steps: int, eta: float = 0.0,
                 callback_on_step_end=None, progress: bool = True):
@@ -336,18 +338,20 @@ class StableDiffusionPipeline:
             for i, t in enumerate(timesteps):
                 x_in = xp.concatenate([latents, latents], axis=0) if do_cfg else latents    # (2B, 4, h, w)
                 x_in = scheduler.scale_model_input(x_in, t)
-                eps = self.unet(x_in, self._unet_timestep(t), prompt_embeds)               # (2B, 4, h, w)
+                eps = raw = self.unet(x_in, self._unet_timestep(t), prompt_embeds)         # (2B, 4, h, w)
                 if do_cfg:
                     half = eps.shape[0] // 2
                     eps_u, eps_c = eps[:half], eps[half:]
                     eps = classifier_free_guidance(eps_u, eps_c, guidance_scale)           # (B, 4, h, w)
                     if guidance_rescale > 0.0:
                         eps = rescale_noise_cfg(eps, eps_c, guidance_rescale)
-                latents = scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
+                before, latents = latents, scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
+                check_step(latents, i, len(timesteps), t, before, raw, eps, guidance_scale)  # NaN: stop here
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {"latents": latents})
                     if out and "latents" in out:
                         latents = out["latents"]
+                        check_step(latents, i, len(timesteps), t, cause="callback_on_step_end returned them")
                 if bar is not None and (i == len(timesteps) - 1 or ((i + 1) > num_warmup and (i + 1) % order == 0)):
                     bar.update()
         finally:
@@ -355,11 +359,13 @@ class StableDiffusionPipeline:
                 bar.close()
         return latents
 
+    @numpy.errstate(over="ignore", invalid="ignore", divide="ignore")     # check_image reports NaN/inf instead
     def decode_latents(self, latents, output_type: str = "pil"):
         """Steps 6 and 7: vae.decode(latents / scaling_factor) (B, 3, H, W) -> postprocessed images."""
         if output_type == "latent":
             return latents
         image = self.vae.decode(latents / self.vae.config["scaling_factor"])
+        check_image(image, latents, self.vae.config["scaling_factor"])     # NaN would become black pixels
         return postprocess_image(image, output_type)
 
     # ------------------------------------------------------------------ text to image
@@ -457,4 +463,4 @@ def _init_noise_sigma(scheduler):
     return float(to_numpy(value)) if hasattr(value, "shape") else float(value)
 
 
-__all__ = ["StableDiffusionPipeline", "PipelineFolderError"]
+__all__ = ["StableDiffusionPipeline", "PipelineFolderError", "NonFiniteError"]

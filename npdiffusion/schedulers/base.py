@@ -35,12 +35,15 @@ import numpy
 from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.diffusion import schedules
 from npdiffusion.io.atomic import atomic_write_text
+from npdiffusion.io.pretrained import check_config_finite
 from npdiffusion.schedulers.validation import check_timestep, noise_timesteps, schedule_positions
 
 logger = logging.getLogger(__name__)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+#: config keys that may be +-inf in a scheduler_config.json (diffusers' DPM-Solver default is -inf); NaN never
+INFINITE_OK = ("lambda_min_clipped",)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -241,6 +244,7 @@ class SchedulerMixin:
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}.from_pretrained: {path!r} must hold a JSON object, "
                              f"got {type(data).__name__}")
+        check_config_finite(data, path, infinite_ok=INFINITE_OK)
         return data
 
     @classmethod
@@ -499,18 +503,28 @@ def f32_exp(x):
 
 def make_betas(cls_name: str, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                allowed=("linear", "scaled_linear", "squaredcos_cap_v2")) -> numpy.ndarray:
-    """The float32 betas (T,) a scheduler's constructor arguments ask for (``trained_betas`` wins)."""
+    """The float32 betas (T,) a scheduler's constructor arguments ask for (``trained_betas`` wins).
+
+    Every scheduler builds its schedule here: ``trained_betas``, and ``beta_start`` / ``beta_end`` of
+    the schedules that use them, must be finite and in (0, 1) with ``beta_end >= beta_start``
+    (``schedules.check_betas``, ``schedules.betas_for``); a ValueError names the argument otherwise.
+    """
     check_int(cls_name, "num_train_timesteps", num_train_timesteps, minimum=1)
     if trained_betas is not None:
         betas = numpy.asarray(to_numpy(trained_betas) if hasattr(trained_betas, "shape") else trained_betas)
         if betas.ndim != 1 or betas.size == 0 or betas.dtype.kind not in "fiu":
             raise ValueError(f"{cls_name}: trained_betas must be a non-empty 1-d list of reals, "
                              f"got shape {betas.shape} dtype {betas.dtype}")
-        return betas.astype(numpy.float32)
-    check_choice(cls_name, "beta_schedule", beta_schedule, allowed)
-    check_real(cls_name, "beta_start", beta_start)
-    check_real(cls_name, "beta_end", beta_end)
-    return schedules.betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
+    else:
+        check_choice(cls_name, "beta_schedule", beta_schedule, allowed)
+        check_real(cls_name, "beta_start", beta_start)
+        check_real(cls_name, "beta_end", beta_end)
+    try:
+        if trained_betas is not None:
+            return schedules.check_betas("trained_betas", betas).astype(numpy.float32)
+        return schedules.betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
+    except ValueError as exc:
+        raise ValueError(f"{cls_name}: {exc}") from None
 
 
 def training_schedule(cls_name: str, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,

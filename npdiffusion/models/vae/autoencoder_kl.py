@@ -25,6 +25,7 @@ Source mirrored: diffusers/models/autoencoders/autoencoder_kl.py.
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import os
 import warnings
@@ -43,6 +44,8 @@ from npdiffusion.nn.module import Module, canonical_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# 1/scaling_factor is the latents' std (5.5 in SD 1.x), which a KL VAE keeps near 1-10: std 1e4 is a broken config.
+MIN_SCALING_FACTOR = 1e-4
 
 
 def _blend_weights(extent: int, dtype):
@@ -72,10 +75,13 @@ class AutoencoderKL(Module):
                  use_post_quant_conv: bool = True, mid_block_add_attention: bool = True):
         super().__init__()
         check_positive_int("latent_channels", latent_channels)
-        if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, numbers.Real) or scaling_factor == 0:
-            raise ValueError(f"AutoencoderKL: scaling_factor must be a nonzero number, got {scaling_factor!r}")
-        if shift_factor is not None and (isinstance(shift_factor, bool) or not isinstance(shift_factor, numbers.Real)):
-            raise ValueError(f"AutoencoderKL: shift_factor must be a number or None, got {shift_factor!r}")
+        if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, numbers.Real) \
+                or not MIN_SCALING_FACTOR <= scaling_factor < math.inf:
+            raise ValueError(f"AutoencoderKL: scaling_factor must be a finite number >= {MIN_SCALING_FACTOR:g} (it "
+                             f"scales the latents to unit variance; decoding divides by it), got {scaling_factor!r}")
+        if shift_factor is not None and (isinstance(shift_factor, bool) or not isinstance(shift_factor, numbers.Real)
+                                         or not math.isfinite(shift_factor)):
+            raise ValueError(f"AutoencoderKL: shift_factor must be a finite number or None, got {shift_factor!r}")
         sizes = sample_size if isinstance(sample_size, (list, tuple)) else [sample_size]
         if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
             raise ValueError(f"AutoencoderKL: sample_size must be a positive int or a list of them, got {sample_size!r}")
