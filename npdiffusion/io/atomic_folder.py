@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import sys
+import threading
 from typing import Iterator
 
 from npdiffusion.io.atomic import _pid_alive, fsync_dir
@@ -41,6 +42,7 @@ from npdiffusion.io.atomic import _pid_alive, fsync_dir
 MODEL_FILES = ("config.json", "model_index.json", "scheduler_config.json", "tokenizer_config.json",
                "tokenizer.json", "vocab.json", "preprocessor_config.json")
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<tag>[0-9a-f]{16})\.(?P<kind>tmp|old)$")
+_open = threading.local()  # .temps: the temp folders of this thread's atomic_folder blocks still open
 _UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
 
 
@@ -168,18 +170,26 @@ def atomic_folder(path) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     remove_stale_folders(parent)
     _check_replaceable(final, path)
+    temps = _open.__dict__.setdefault("temps", [])
+    # Inside an outer block's temp folder (a pipeline's unet/): the outer block fsyncs everything.
+    durable = not any(final.startswith(t + os.sep) for t in temps)
     tmp = _temp_path(parent, name, "tmp")
     os.mkdir(tmp)
+    temps.append(tmp)
     try:
         yield tmp
-        fsync_tree(tmp)
+        if durable:
+            fsync_tree(tmp)
         in_cwd = os.path.isdir(final) and os.path.samefile(os.getcwd(), final)
         leftover = _swap_in(tmp, final)
-        fsync_dir(parent)
+        if durable:
+            fsync_dir(parent)
         if in_cwd:  # our working directory was the old folder: follow the name to the new one
             os.chdir(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        temps.remove(tmp)
     if leftover:
         shutil.rmtree(leftover, ignore_errors=True)
