@@ -134,6 +134,13 @@ def _check_replaceable(final: str, path: str) -> None:
                          "saving would replace the whole folder, so it is refused: save into a new or empty folder")
 
 
+def _is_cwd(folder: str) -> bool:
+    try:
+        return os.path.samefile(os.getcwd(), folder)
+    except OSError:  # no such folder yet, or a working directory that was deleted
+        return False
+
+
 def _swap_in(tmp: str, final: str) -> str:
     """Put the complete folder ``tmp`` under ``final``; returns the path left to delete (or '')."""
     parent, name = os.path.split(final)
@@ -180,7 +187,7 @@ def atomic_folder(path) -> Iterator[str]:
         yield tmp
         if durable:
             fsync_tree(tmp)
-        in_cwd = os.path.isdir(final) and os.path.samefile(os.getcwd(), final)
+        in_cwd = _is_cwd(final)
         leftover = _swap_in(tmp, final)
         if durable:
             fsync_dir(parent)
