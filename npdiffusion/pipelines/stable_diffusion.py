@@ -32,6 +32,7 @@ import numpy
 
 from npdiffusion.backend import asarray, is_array, to_numpy, xp
 from npdiffusion.diffusion.guidance import classifier_free_guidance, rescale_noise_cfg
+from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import read_config
 from npdiffusion.models.clip.text_model import CLIPTextModel
 from npdiffusion.models.clip.tokenizer import CLIPTokenizer
@@ -203,17 +204,19 @@ class StableDiffusionPipeline:
 
     def save_pretrained(self, folder) -> str:
         """Write a diffusers pipeline folder (safetensors weights, model_index.json last) that
-        ``diffusers.StableDiffusionPipeline.from_pretrained`` loads. Returns the folder."""
+        ``diffusers.StableDiffusionPipeline.from_pretrained`` loads. The whole folder is built beside
+        ``folder`` and swapped in atomically (``io.atomic_folder``): a kill at any moment leaves the
+        complete old folder or the complete new one. Returns the folder."""
         folder = os.fspath(folder)
         if os.path.isfile(folder):
             raise ValueError(f"save_pretrained: {folder!r} is a file, expected a folder")
-        os.makedirs(folder, exist_ok=True)
-        self.unet.save_pretrained(os.path.join(folder, "unet"))
-        self.vae.save_pretrained(os.path.join(folder, "vae"))
-        self.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
-        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-        self.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
-        write_model_index(folder, type(self.scheduler).__name__)
+        with atomic_folder(folder) as tmp:
+            self.unet.save_pretrained(os.path.join(tmp, "unet"))
+            self.vae.save_pretrained(os.path.join(tmp, "vae"))
+            self.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
+            self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            self.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
+            write_model_index(tmp, type(self.scheduler).__name__)
         return folder
 
     # ------------------------------------------------------------------ prompt encoding

@@ -22,6 +22,7 @@ from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.diffusion.forward import q_sample
 from npdiffusion.guidance.classifier import NoiseAwareClassifier
 from npdiffusion.io.atomic import atomic_write_text
+from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.safetensors import load_file, save_file
 from npdiffusion.ops.losses import cross_entropy_backward, cross_entropy_forward
 from npdiffusion.optim.adamw import AdamW
@@ -93,11 +94,12 @@ def noisy_accuracy(classifier: NoiseAwareClassifier, x0, labels, alphas_cumprod,
 
 
 def save_classifier(classifier: NoiseAwareClassifier, folder, attribute: str | None = None) -> str:
-    """Write ``config.json`` and ``model.safetensors`` into ``folder``; returns the folder."""
-    os.makedirs(folder, exist_ok=True)
+    """Write ``config.json`` and ``model.safetensors`` into ``folder``, replacing it as a whole,
+    atomically (``io.atomic_folder``); returns the folder."""
     cfg = dict(classifier.config, attribute=attribute)
-    atomic_write_text(os.path.join(folder, "config.json"), json.dumps(cfg, indent=2) + "\n")
-    save_file({k: to_numpy(v) for k, v in classifier.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    with atomic_folder(folder) as tmp:
+        atomic_write_text(os.path.join(tmp, "config.json"), json.dumps(cfg, indent=2) + "\n")
+        save_file({k: to_numpy(v) for k, v in classifier.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
     return str(folder)
 
 

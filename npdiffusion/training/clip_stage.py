@@ -130,8 +130,12 @@ class CLIPStage(Stage):
         self.clip.clamp_logit_scale_()
 
     def save_models(self, folder):
-        self.clip.save_pretrained(os.path.join(folder, "clip"))
-        write_image_processor_config(os.path.join(folder, "clip"), self.clip.config.vision_config.image_size)
+        """clip/ (weights, config and preprocessor_config.json), swapped in as one atomic folder."""
+        from npdiffusion.io.atomic_folder import atomic_folder  # noqa: PLC0415
+
+        with atomic_folder(os.path.join(folder, "clip")) as tmp:
+            self.clip.save_pretrained(tmp)
+            write_image_processor_config(tmp, self.clip.config.vision_config.image_size)
 
     def load_models(self, folder):
         from npdiffusion.models.clip.pretrained import read_folder  # noqa: PLC0415

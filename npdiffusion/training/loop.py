@@ -357,7 +357,9 @@ class Trainer:
 
     def export(self) -> None:
         """Write the final model(s) into the output folder (the EMA weights when ``use_ema``) with the
-        stage's ``export_models`` (default ``save_models``), then losses.csv and losses.png."""
+        stage's ``export_models`` (default ``save_models``), then losses.csv and losses.png. The stages
+        write each model folder with ``save_pretrained``, which swaps it in atomically
+        (``io.atomic_folder``): a kill leaves every folder the complete old or the complete new one."""
         if self.ema is not None:
             self.ema.store()
             self.ema.copy_to()

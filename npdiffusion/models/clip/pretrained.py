@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 from npdiffusion.backend import to_numpy
+from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
 
 CONFIG_NAME = "config.json"
@@ -63,9 +64,11 @@ def read_folder(folder, subfolder=None):
 
 def write_folder(folder, config: dict, class_name: str, model_type: str, state_dict, dtype, prefix: str = "") -> str:
     """Write ``config.json`` (with transformers' ``dtype`` entry) and ``model.safetensors``
-    (keys prefixed with ``prefix``). Returns the folder."""
+    (keys prefixed with ``prefix``), replacing ``folder`` as a whole, atomically (``io.atomic_folder``).
+    Returns the folder."""
     folder = os.fspath(folder)
     config = dict(config, dtype=str(dtype))
-    write_config(folder, config, class_name, CONFIG_NAME, library="transformers", model_type=model_type)
-    save_weights(folder, {prefix + k: to_numpy(v) for k, v in state_dict.items()}, WEIGHTS_NAME)
+    with atomic_folder(folder) as tmp:
+        write_config(tmp, config, class_name, CONFIG_NAME, library="transformers", model_type=model_type)
+        save_weights(tmp, {prefix + k: to_numpy(v) for k, v in state_dict.items()}, WEIGHTS_NAME)
     return folder

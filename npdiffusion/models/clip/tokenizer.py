@@ -591,11 +591,12 @@ class CLIPTokenizer:
 
     def save_pretrained(self, folder) -> list[str]:
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into ``folder``
-        (created if needed), each atomically; ``transformers.CLIPTokenizer.from_pretrained(folder)`` loads
-        them to the same ids. Returns the written paths.
+        (created if needed); ``transformers.CLIPTokenizer.from_pretrained(folder)`` loads them to the same
+        ids. The folder is replaced as a whole, atomically (``io.atomic_folder``). Returns the paths.
         """
+        from npdiffusion.io.atomic_folder import atomic_folder  # noqa: PLC0415
+
         folder = os.fspath(folder)
-        os.makedirs(folder, exist_ok=True)
         vocab = dict(sorted(self.encoder.items(), key=lambda kv: kv[1]))
         names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
                  "pad_token": self.pad_token}
@@ -611,9 +612,7 @@ class CLIPTokenizer:
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
             "special_tokens_map.json": json.dumps(names, indent=2, ensure_ascii=False) + "\n",
         }
-        paths = []
-        for name in _TOKENIZER_FILES:
-            target = os.path.join(folder, name)
-            _atomic_write_text(target, contents[name])
-            paths.append(target)
-        return paths
+        with atomic_folder(folder) as tmp:
+            for name in _TOKENIZER_FILES:
+                _atomic_write_text(os.path.join(tmp, name), contents[name])
+        return [os.path.join(folder, name) for name in _TOKENIZER_FILES]

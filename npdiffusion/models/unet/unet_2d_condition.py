@@ -31,6 +31,7 @@ import os
 import numpy
 
 from npdiffusion.backend import asarray, is_array, xp
+from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
 from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
@@ -459,11 +460,12 @@ class UNet2DConditionModel(Module):
 
     def save_pretrained(self, folder) -> str:
         """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (in the parameters' dtype) to
-        ``folder``, a model folder diffusers' ``UNet2DConditionModel.from_pretrained`` loads. Returns
-        the folder."""
+        ``folder``, a model folder diffusers' ``UNet2DConditionModel.from_pretrained`` loads. The folder
+        is replaced as a whole, atomically (``io.atomic_folder``). Returns the folder."""
         folder = os.fspath(folder)
-        write_config(folder, self.config, CLASS_NAME)
-        save_weights(folder, self.state_dict(), WEIGHTS_NAME)
+        with atomic_folder(folder) as tmp:
+            write_config(tmp, self.config, CLASS_NAME)
+            save_weights(tmp, self.state_dict(), WEIGHTS_NAME)
         return folder
 
     def extra_repr(self):

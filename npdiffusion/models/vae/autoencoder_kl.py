@@ -33,6 +33,7 @@ import warnings
 import numpy
 
 from npdiffusion.backend import to_numpy, xp
+from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
 from npdiffusion.models.vae.decoder import Decoder
 from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
@@ -345,10 +346,12 @@ class AutoencoderKL(Module):
 
     def save_pretrained(self, folder) -> str:
         """Write ``folder/config.json`` and ``folder/diffusion_pytorch_model.safetensors`` in diffusers'
-        layout (diffusers' AutoencoderKL.from_pretrained reads it). Returns the folder."""
+        layout (diffusers' AutoencoderKL.from_pretrained reads it). The folder is replaced as a whole,
+        atomically (``io.atomic_folder``): a kill leaves the complete old or new one. Returns the folder."""
         folder = os.fspath(folder)
-        write_config(folder, self.config, "AutoencoderKL", CONFIG_NAME)
-        save_weights(folder, {k: to_numpy(v) for k, v in self.state_dict().items()}, WEIGHTS_NAME)
+        with atomic_folder(folder) as tmp:
+            write_config(tmp, self.config, "AutoencoderKL", CONFIG_NAME)
+            save_weights(tmp, {k: to_numpy(v) for k, v in self.state_dict().items()}, WEIGHTS_NAME)
         return folder
 
     def extra_repr(self):
