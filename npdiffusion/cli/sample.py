@@ -314,11 +314,10 @@ def check_out(out: str, names, overwrite: bool) -> list[str]:
 
 def make_out(out: str) -> None:
     """Create ``out`` (and parents) and check that a file can be written there (OSError if not)."""
+    from npdiffusion.io.atomic import check_writable  # noqa: PLC0415
+
     os.makedirs(out, exist_ok=True)
-    probe = os.path.join(out, f".npdiffusion-write-test-{os.getpid()}")
-    with open(probe, "wb"):
-        pass
-    os.remove(probe)
+    check_writable(out)
 
 
 def load_pipeline(args):
