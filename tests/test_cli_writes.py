@@ -121,3 +121,60 @@ def test_atomic_write_gives_up_after_bounded_tries(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="f"):
         atomic.atomic_write_bytes(tmp_path / "f", b"x")
     assert not (tmp_path / "f").exists()
+
+
+# -------------------------------------------------------------------------------- point 6: leftovers
+FAILING = [
+    ("sample", ["--seed", str(10**30)], "seed must lie in"),
+    ("sample", ["--noise", "numpy", "--seed", "-5"], "seed must be >= 0"),
+    ("sample", ["--steps", "100000"], "num_inference_steps must be <="),
+    ("sample", ["--steps", "0"], "--steps must be a positive int"),
+    ("sample", ["--model", "/nonexistent/model"], "does not exist"),
+    ("img2img", ["--seed", str(10**30)], "seed must lie in"),
+    ("img2img", ["--noise", "numpy", "--seed", "-5"], "seed must be >= 0"),
+    ("img2img", ["--strength", "2"], "--strength must lie in [0, 1]"),
+    ("img2img", ["--model", "/nonexistent/model"], "does not exist"),
+    ("toy", ["--lr", "1e30"], "the loss became"),
+    ("toy", ["--steps", "0"], "--steps must be a positive int"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")         # toy --lr 1e30
+@pytest.mark.parametrize("command, args, match", FAILING, ids=[f"{c} {' '.join(a)}" for c, a, _ in FAILING])
+def test_a_failing_command_leaves_no_new_output_folder(tmp_path, capsys, input_image, command, args, match):
+    out = tmp_path / "new" / "out"
+    if command == "toy":
+        flags, switches = {"--steps": "3", "--batch-size": "2", "--channels": "2"}, []
+    else:
+        flags = {"--model": dummy_folder(), "--prompt": "a cat", "--steps": "2", "--height": "16", "--width": "16"}
+        flags.update({"--image": input_image} if command == "img2img" else {})
+        switches = ["--no-progress"]
+    flags.update(zip(args[::2], args[1::2]))
+    flat = [x for kv in flags.items() for x in kv] + switches
+    code, err = run_cli(capsys, command, *flat, "--out", out)
+    assert code == 2, err
+    assert match in err, err
+    assert not (tmp_path / "new").exists()                # nor the parent it created
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+def test_a_failing_command_keeps_an_existing_output_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _ = run_cli(capsys, "toy", "--steps", 3, "--batch-size", 2, "--channels", 2, "--lr", 1e30, "--out", out)
+    assert code == 2 and out.is_dir()
+
+
+def test_sample_removes_stale_temp_files_of_dead_writers(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".x.png.{DEAD_PID}.0123abcd.tmp"
+    stale.write_bytes(b"half a png")
+    live = out / f".y.png.{os.getpid()}.0123abcd.tmp"      # a writer that still runs: kept
+    live.write_bytes(b"being written")
+    code, err = run_cli(capsys, "sample", "--model", dummy_folder(), "--prompt", "a cat", "--steps", 1, "--seed", 1,
+                        "--height", 16, "--width", 16, "--out", out, "--no-progress")
+    assert code == 0, err
+    assert not stale.exists() and live.read_bytes() == b"being written"
+    assert sorted(os.listdir(out)) == [live.name, "00-00-a-cat.png", "grid.png"]
