@@ -14,6 +14,8 @@ Errors:
   ``NPDIFFUSION_BACKEND`` environment variable) when the backend cannot start. argparse's own usage errors also exit with 2.
 * Anything else is a bug: its traceback is kept, so it can be reported and fixed.
 * Ctrl-C prints one line and exits with 130.
+* A command that fails leaves no new output folder behind: the folders of its ``--out`` path that did
+  not exist when it started are removed again if they are still empty (what it wrote is kept).
 
 ``main(argv=None)`` returns the exit code (the console script passes it to ``sys.exit``);
 argparse exits by itself (``SystemExit``) for ``--help``, ``--version`` and usage errors.
@@ -21,7 +23,9 @@ argparse exits by itself (``SystemExit``) for ``--help``, ``--version`` and usag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 from npdiffusion import __version__
@@ -65,6 +69,27 @@ def _message(exc: BaseException) -> str:
     return " ".join(text.split())  # one line, whatever the exception held
 
 
+@contextlib.contextmanager
+def _no_new_empty_folders(path):
+    """On an exception in the body, remove the folders of ``path`` (itself, then its parents) that did not
+    exist on entry, as long as they are empty; ``path=None`` does nothing."""
+    created = []
+    folder = None if path is None else os.path.abspath(path)
+    while folder is not None and not os.path.lexists(folder):
+        created.append(folder)                            # deepest first
+        parent = os.path.dirname(folder)
+        folder = parent if parent != folder else None
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                os.rmdir(folder)                          # only an empty folder; a non-empty one stops here
+            except OSError:
+                break
+        raise
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every command of ``COMMANDS`` registered."""
     parser = argparse.ArgumentParser(
@@ -95,7 +120,8 @@ def main(argv=None) -> int:
         else:
             get_backend()  # starts the backend NPDIFFUSION_BACKEND names (numpy if unset) now
         stage = "command"
-        return int(args._run(args) or 0)
+        with _no_new_empty_folders(getattr(args, "out", None)):
+            return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print(f"npdiffusion {args.command}: interrupted", file=sys.stderr)
         return 130

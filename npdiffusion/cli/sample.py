@@ -10,7 +10,9 @@ generator=torch.Generator().manual_seed(K))``.
 Every expected failure is one line on stderr and exit code 2 (docs/cli.md): a missing or malformed
 model folder, an unknown scheduler, a size the VAE cannot take, a corrupt safetensors file, an
 output file that already exists (unless ``--overwrite``). All of them are found before the first
-denoising step (the output folder is created only then), and nothing in it is touched by a failure.
+denoising step (the output folder is created only then), and nothing in it is touched by a failure;
+a folder a failed run created is removed again while empty (``npdiffusion.cli.main``). Temporary files
+that killed runs left in the output folder are removed (``io.atomic.remove_stale_temps``).
 
 Gradient guidance (docs/guidance.md): ``--classifier DIR --classifier-scale S`` adds a noise-aware
 classifier's grad_x log p(y | x_t, t) (``--classifier-class`` names y; by default each prompt's class
@@ -313,12 +315,13 @@ def check_out(out: str, names, overwrite: bool) -> list[str]:
 
 
 def make_out(out: str) -> None:
-    """Create ``out`` (and parents) and check that a file can be written there (OSError if not)."""
+    """Create ``out`` (and parents), check that a file can be written there (OSError if not) and remove the
+    temporary files that killed writers left there (``io.atomic.remove_stale_temps``)."""
+    from npdiffusion.io.atomic import check_writable, remove_stale_temps  # noqa: PLC0415
+
     os.makedirs(out, exist_ok=True)
-    probe = os.path.join(out, f".npdiffusion-write-test-{os.getpid()}")
-    with open(probe, "wb"):
-        pass
-    os.remove(probe)
+    check_writable(out)
+    remove_stale_temps(out)
 
 
 def load_pipeline(args):

@@ -146,11 +146,10 @@ def run(args) -> int:
     from npdiffusion.optim.adamw import AdamW  # noqa: PLC0415
 
     if args.out is not None:  # fail now, not after training
+        from npdiffusion.io.atomic import check_writable  # noqa: PLC0415
+
         os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, ".npdiffusion-write-test")
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
+        check_writable(args.out)
 
     manual_seed(args.seed)
     model = ToyDenoiser(args.channels)

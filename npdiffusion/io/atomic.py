@@ -8,11 +8,18 @@ rename itself survives a power cut. If the body raises, the temporary file is re
 at most a stale temporary file named ``.<name>.<pid>.<random>.tmp``, never a truncated file
 under ``path``; ``remove_stale_temps(folder)`` deletes those whose writer is gone.
 
+No write here follows a symlink it did not create: the temporary file is created with
+``O_CREAT | O_EXCL | O_NOFOLLOW`` under a fresh random name (another name is tried when one is taken,
+so a file or symlink planted in a shared folder can neither be written through nor block the write),
+and ``os.replace`` replaces a symlink at ``path`` instead of writing to its target.
+``check_writable(folder)`` probes a folder the same way, before a long job writes into it.
+
 Derivation and rationale: docs/checkpoints.md ("Atomic writes").
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -24,6 +31,35 @@ _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<tag>[0-9a-f]{8})\.tmp
 def _temp_name(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+#: flags of every file this module creates: a new file or nothing (never an existing file, never via a symlink)
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+_TRIES = 100
+
+
+def _create_temp(path: str) -> tuple[int, str]:
+    """``(fd, name)`` of a new, empty temporary file next to ``path`` (see ``_temp_name``), opened for writing.
+
+    The name is random; a name that exists already (a file, or a symlink someone planted) is never opened
+    but skipped for a fresh one, up to ``_TRIES`` names (then FileExistsError).
+    """
+    for _ in range(_TRIES):
+        tmp = _temp_name(path)
+        try:
+            return os.open(tmp, _NEW_FILE_FLAGS, 0o666), tmp   # 0o666 & ~umask like a plain open()
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name next to {path!r} in {_TRIES} tries")
+
+
+def check_writable(folder) -> None:
+    """Prove that a file can be created in ``folder`` (OSError if not): create a new file of a random name
+    (``O_CREAT | O_EXCL | O_NOFOLLOW``, so nothing existing is opened and no symlink is followed), then
+    remove it. A probe left by a killed process is a stale temp file (``remove_stale_temps``)."""
+    fd, tmp = _create_temp(os.path.join(os.fspath(folder), "npdiffusion-write-test"))
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def fsync_dir(folder: str) -> None:
@@ -54,9 +90,7 @@ def atomic_write(path, mode: str = "wb") -> Iterator:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"atomic_write: folder {folder!r} of {path!r} does not exist")
-    tmp = _temp_name(path)
-    # O_EXCL: never clobber another writer's temp file; 0o666 & ~umask like a plain open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    fd, tmp = _create_temp(path)
     try:
         f = os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}))
     except BaseException:

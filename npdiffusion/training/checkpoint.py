@@ -39,7 +39,7 @@ import re
 import secrets
 import shutil
 
-from npdiffusion.io.atomic import _pid_alive, atomic_write_text, fsync_dir, remove_stale_temps
+from npdiffusion.io.atomic import _pid_alive, atomic_write_text, check_writable, fsync_dir, remove_stale_temps
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(?P<step>\d+)$")
 TEMP_RE = re.compile(r"^\.(?P<what>checkpoint-\d+|trash-[^.]+)\.(?P<pid>\d+)\.(?P<tag>[0-9a-f]{8})\.tmp$")
@@ -58,10 +58,7 @@ def prepare_output_dir(path) -> str:
         raise ValueError("output_dir is empty: set it to the folder for checkpoints and models")
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".npdiffusion-write-test.{os.getpid()}.{secrets.token_hex(4)}")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
+        check_writable(path)
     except OSError as exc:
         raise OSError(exc.errno, f"output_dir {path!r} is not writable: {exc.strerror or exc}") from None
     return path

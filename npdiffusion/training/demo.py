@@ -387,6 +387,7 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
     first: ``MissingDependencyError`` before anything is written)."""
     from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
     from npdiffusion.training import clip_stage, tokenizer_stage, unet_stage, vae_stage  # noqa: PLC0415
+    from npdiffusion.io.atomic import atomic_write_text  # noqa: PLC0415
     from npdiffusion.training.checkpoint import prepare_output_dir  # noqa: PLC0415
     from npdiffusion.training.config import config_to_dict  # noqa: PLC0415
     from npdiffusion.training.loop import read_history_csv  # noqa: PLC0415
@@ -414,9 +415,9 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
     configs = stage_configs(out, quick, dataset)
     os.makedirs(os.path.join(out, "configs"), exist_ok=True)
     for name, cfg in configs.items():
-        with open(os.path.join(out, "configs", f"{name}.toml"), "w", encoding="utf-8") as f:
-            f.write(f"# npdiffusion train {name} --config {name}.toml  (written by npdiffusion demo)\n")
-            f.write(_toml(config_to_dict(cfg)))
+        atomic_write_text(os.path.join(out, "configs", f"{name}.toml"),
+                          f"# npdiffusion train {name} --config {name}.toml  (written by npdiffusion demo)\n"
+                          + _toml(config_to_dict(cfg)))
     times, summaries = {}, {}
     for name, module in (("tokenizer", tokenizer_stage), ("clip", clip_stage), ("vae", vae_stage), ("unet", unet_stage)):
         t0 = time.perf_counter()
@@ -508,6 +509,5 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
                    f"(total {total / 60:.1f} min); prompts followed (colour, shape and position all right) "
                    f"{100 * guided['joint']:.0f}% with guidance {GUIDANCE_SCALE}, {100 * unguided['joint']:.0f}% without; "
                    f"{wrote}")
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(report))
+    atomic_write_text(os.path.join(out, "report.md"), "\n".join(report))
     return summary

@@ -33,13 +33,14 @@ import heapq
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from functools import lru_cache
 from itertools import groupby
 from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
+
+from npdiffusion.io.atomic import atomic_write_text
 
 __all__ = [
     "AddedToken",
@@ -231,22 +232,6 @@ def _read_merges(merges) -> list[tuple[str, str]]:
             out.append((m[0], m[1]))
         return out
     raise TypeError(f"CLIPTokenizer: merges_file must be a path or a list of (a, b) pairs, got {type(merges).__name__}")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, fsync it, then ``os.replace`` it into place."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class CLIPTokenizer:
@@ -614,5 +599,5 @@ class CLIPTokenizer:
         }
         with atomic_folder(folder) as tmp:
             for name in _TOKENIZER_FILES:
-                _atomic_write_text(os.path.join(tmp, name), contents[name])
+                atomic_write_text(os.path.join(tmp, name), contents[name])
         return [os.path.join(folder, name) for name in _TOKENIZER_FILES]
