@@ -18,6 +18,9 @@ from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.testing import relative_error
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# torch's float32 normal kernel on this CPU: its AVX2 kernel on AVX2/AVX-512 x86, its scalar (DEFAULT)
+# kernel elsewhere and under ATEN_CPU_CAPABILITY=default; TorchGenerator(kernel=...) reproduces both
+TORCH_NORMAL_KERNEL = "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "scalar"
 
 
 def torch_state_to_numpy(module: torch.nn.Module) -> dict:
