@@ -11,7 +11,8 @@ Errors:
   with code 2. These are ``ValueError``, ``TypeError``, ``KeyError``, ``OSError`` (with
   ``FileNotFoundError``), safetensors' ``SafetensorError``, ``CommandError`` raised by a command
   for a problem the user can fix, and the ``RuntimeError`` of ``--backend`` (or of the
-  ``NPDIFFUSION_BACKEND`` environment variable) when the backend cannot start. argparse's own usage errors (an unknown option, a value of the wrong type) are one line too, exit code 2.
+  ``NPDIFFUSION_BACKEND`` environment variable) when the backend cannot start. argparse's own
+  usage errors (an unknown option, a value of the wrong type) are one line too, exit code 2.
 * Anything else is a bug: its traceback is kept, so it can be reported and fixed.
 * Ctrl-C prints one line and exits with 130.
 
