@@ -11,7 +11,8 @@ Errors:
   with code 2. These are ``ValueError``, ``TypeError``, ``KeyError``, ``OSError`` (with
   ``FileNotFoundError``), safetensors' ``SafetensorError``, ``CommandError`` raised by a command
   for a problem the user can fix, and the ``RuntimeError`` of ``--backend`` (or of the
-  ``NPDIFFUSION_BACKEND`` environment variable) when the backend cannot start. argparse's own usage errors also exit with 2.
+  ``NPDIFFUSION_BACKEND`` environment variable) when the backend cannot start. argparse's own
+  usage errors (an unknown option, a value of the wrong type) are one line too, exit code 2.
 * Anything else is a bug: its traceback is kept, so it can be reported and fixed.
 * Ctrl-C prints one line and exits with 130.
 * A command that fails leaves no new output folder behind: the folders of its ``--out`` path that did
@@ -90,9 +91,17 @@ def _no_new_empty_folders(path):
         raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors (an unknown option, ``--batch-size 1e7`` for an int) as one line too:
+    ``npdiffusion <command>: error: <message> (see --help)``, exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every command of ``COMMANDS`` registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="npdiffusion",
         description="Stable Diffusion from scratch on NumPy/CuPy, every backward pass by hand.",
         epilog="Run 'npdiffusion COMMAND --help' for a command's options. Docs: docs/cli.md.",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 
 from npdiffusion.cli.sample import (
     GRID_NAME,
@@ -24,6 +25,7 @@ from npdiffusion.cli.sample import (
     add_common_options,
     base_params,
     check_common,
+    check_memory_early,
     check_out,
     image_names,
     load_pipeline,
@@ -48,15 +50,25 @@ def add_parser(subparsers):
 
 
 def read_image(path):
-    """The image at ``path`` as an RGB PIL image; a one-line error if it is missing or not an image."""
+    """The image at ``path`` as an RGB PIL image; a one-line error if it is missing, not an image, or over
+    Pillow's pixel limit ``PIL.Image.MAX_IMAGE_PIXELS`` (checked from the header, before decoding)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    from npdiffusion.memory import check_image_pixels  # noqa: PLC0415
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--image {path!r} does not exist or is not a file")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # refused below, in one line
+            im = Image.open(path)
+        with im:
+            check_image_pixels(f"--image {path!r}", im.width, im.height, Image.MAX_IMAGE_PIXELS)
             im.load()
             return im.convert("RGB")
+    except Image.DecompressionBombError as exc:                 # over twice the limit: Image.open refuses it
+        raise ValueError(f"--image {path!r} is over the limit of {Image.MAX_IMAGE_PIXELS:,} pixels for an input "
+                         f"image (Pillow: {exc}); shrink it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"--image {path!r} is not an image Pillow can read: {exc}") from None
 
@@ -72,6 +84,7 @@ def run(args) -> int:
     seed = resolve_seed(args)
     names = image_names(args.prompt, args.num_images)
     paths = check_out(args.out, names + [GRID_NAME], args.overwrite)
+    check_memory_early(args, image.size)
     start = time.perf_counter()
     pipe = load_pipeline(args)
     m = math.lcm(SIZE_MULTIPLE, pipe.vae_scale_factor)                 # round down, as diffusers' preprocess

@@ -324,6 +324,47 @@ def make_out(out: str) -> None:
     remove_stale_temps(out)
 
 
+def check_memory_early(args, image_size=None) -> None:
+    """Before any weights are read: refuse (MemoryLimitError, one line) a request whose models or arrays
+    would not fit, estimated from the model folder's configs (npdiffusion.memory). ``image_size``: img2img's
+    input (width, height), the size used when --height/--width are not given. A config that cannot be read
+    or understood is left to the loader, which names what is wrong."""
+    from npdiffusion.io.pretrained import read_config  # noqa: PLC0415
+    from npdiffusion.memory import (  # noqa: PLC0415
+        ITEMSIZE,
+        check_memory,
+        check_model,
+        clip_text_parameters,
+        sampling_bytes,
+        unet_parameters,
+        vae_parameters,
+    )
+
+    try:
+        unet, vae, text = (read_config(os.path.join(args.model, name)) for name in ("unet", "vae", "text_encoder"))
+        models = [("unet", unet_parameters(unet)), ("vae", vae_parameters(vae)),
+                  ("text_encoder", clip_text_parameters(text.get("text_config", text)))]
+        f = 2 ** (len(vae.get("block_out_channels", [64])) - 1)
+        if args.height is not None:
+            height, width = args.height, args.width
+        elif image_size is not None:
+            m = math.lcm(SIZE_MULTIPLE, f)
+            width, height = (s - s % m for s in image_size)
+        else:
+            size = unet.get("sample_size") or 64
+            height, width = (size, size) if isinstance(size, int) else size[:2]
+            height, width = height * f, width * f
+        batch = len(args.prompt) * args.num_images
+        need = sampling_bytes(unet, vae, batch, height, width, args.guidance > 1, 1 if image_size else 0)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError):
+        return
+    for name, n in models:
+        check_model(f"--model {os.path.join(args.model, name)!r}", n, "the model is too large for this machine")
+    check_memory(f"generating {batch} image(s) of {width}x{height} ({len(args.prompt)} prompt(s) x --num-images "
+                 f"{args.num_images}, the models' weights included)", need + ITEMSIZE * sum(n for _, n in models),
+                 "lower --height/--width or --num-images")
+
+
 def load_pipeline(args):
     """The pipeline of ``--model`` with ``--scheduler`` swapped in (diffusers' ``from_config`` rule)."""
     from npdiffusion.pipelines.loading import SCHEDULERS  # noqa: PLC0415 - keep `--help` fast
@@ -381,6 +422,7 @@ def run(args) -> int:
     seed = resolve_seed(args)
     names = image_names(args.prompt, args.num_images)
     paths = check_out(args.out, names + [GRID_NAME], args.overwrite)
+    check_memory_early(args)
     start = time.perf_counter()
     pipe = load_pipeline(args)
     height, width = (args.height, args.width) if args.height is not None else pipe.default_height_width()

@@ -133,6 +133,10 @@ def _check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {value}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
+    from npdiffusion.memory import check_memory, toy_bytes  # noqa: PLC0415
+
+    check_memory(f"training with --batch-size {args.batch_size} --channels {args.channels}",
+                 toy_bytes(args.batch_size, args.channels), "lower --batch-size or --channels")
 
 
 def run(args) -> int:

@@ -70,7 +70,8 @@ def _nearest_indices(size_in: int, size_out: int) -> numpy.ndarray:
     return numpy.minimum(idx, size_in - 1)
 
 
-def preprocess_image(image, vae_scale_factor: int, height: int | None = None, width: int | None = None):
+def preprocess_image(image, vae_scale_factor: int, height: int | None = None, width: int | None = None,
+                     on_size=None):
     """An input image -> float32 NCHW array (B, 3, H, W) in [-1, 1] on the active backend.
 
     ``image``: a PIL image, a list of PIL images, or a float array (H, W, C) / (B, H, W, C) with values
@@ -78,6 +79,7 @@ def preprocess_image(image, vae_scale_factor: int, height: int | None = None, wi
     ``height`` / ``width`` default to the image's; either way they are rounded down to a multiple of
     ``vae_scale_factor``, as diffusers does.
     An array with ``C`` equal to 4 on axis 1 (B, 4, h, w) is returned unchanged: it already holds latents.
+    ``on_size(B, H, W)``, if given, is called with the output size before any pixel is resized or converted.
     """
     if isinstance(image, (list, tuple)) and image and all(isinstance(im, Image.Image) for im in image) \
             or isinstance(image, Image.Image):
@@ -85,6 +87,8 @@ def preprocess_image(image, vae_scale_factor: int, height: int | None = None, wi
         h, w = default_size(images[0].height if height is None else height,
                             images[0].width if width is None else width, vae_scale_factor)
         _check_size(h, w, vae_scale_factor)
+        if on_size is not None:
+            on_size(len(images), h, w)
         images = [im.resize((w, h), resample=Image.LANCZOS, reducing_gap=None) for im in images]
         arr = pil_to_numpy(images).transpose(0, 3, 1, 2)                     # (B, 3, H, W)
     elif hasattr(image, "shape") and hasattr(image, "dtype"):
@@ -102,6 +106,8 @@ def preprocess_image(image, vae_scale_factor: int, height: int | None = None, wi
         h, w = default_size(arr.shape[2] if height is None else height, arr.shape[3] if width is None else width,
                             vae_scale_factor)
         _check_size(h, w, vae_scale_factor)
+        if on_size is not None:
+            on_size(arr.shape[0], h, w)
         arr = arr[:, :, _nearest_indices(arr.shape[2], h)][:, :, :, _nearest_indices(arr.shape[3], w)]
     else:
         raise TypeError(f"preprocess_image: image must be a PIL image, a list of PIL images or a float array "

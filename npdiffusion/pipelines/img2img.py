@@ -114,7 +114,11 @@ def img2img(pipe: StableDiffusionPipeline, image, prompt=None, strength: float =
         prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
             prompt, n, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         context = xp.concatenate([negative_prompt_embeds, prompt_embeds], axis=0) if do_cfg else prompt_embeds
-        pixels = preprocess_image(image, f, height, width)                       # (Bi, 3, H, W) in [-1, 1]
+        pixels = preprocess_image(image, f, height, width,                       # (Bi, 3, H, W) in [-1, 1]
+                                  on_size=lambda bi, h, w: pipe.check_memory(batch * n, h, w, do_cfg,
+                                                                             1 if source.per_image else bi))
+        if pixels.shape[1] == pipe.unet.config["in_channels"] != pipe.vae.in_channels:     # latents given
+            pipe.check_memory(batch * n, pixels.shape[2] * f, pixels.shape[3] * f, do_cfg)
         pipe.scheduler.set_timesteps(steps)
         timesteps, steps_left = get_timesteps(pipe.scheduler, steps, strength)
         latents = prepare_image_latents(pipe, pixels, timesteps[:1], batch * n, numpy.dtype(context.dtype), source)

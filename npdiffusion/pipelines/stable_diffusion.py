@@ -34,10 +34,12 @@ from npdiffusion.backend import asarray, is_array, to_numpy, xp
 from npdiffusion.diffusion.guidance import classifier_free_guidance, rescale_noise_cfg
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import read_config
+from npdiffusion.memory import check_memory, sampling_bytes
 from npdiffusion.models.clip.text_model import CLIPTextModel
 from npdiffusion.models.clip.tokenizer import CLIPTokenizer
 from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel
 from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
+from npdiffusion.nn.attention import Attention
 from npdiffusion.nn.module import canonical_dtype, no_cache
 from npdiffusion.pipelines.image_utils import OUTPUT_TYPES, postprocess_image
 from npdiffusion.pipelines.loading import (
@@ -316,6 +318,18 @@ class StableDiffusionPipeline:
             raise ValueError(f"prompt_embeds and negative_prompt_embeds must have the same shape, got "
                              f"{tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}")
 
+    def check_memory(self, batch: int, height: int, width: int, guidance: bool, encode_batch: int = 0) -> None:
+        """Refuse (MemoryLimitError, a ValueError) generating ``batch`` images of height x width when the
+        estimate of ``npdiffusion.memory.sampling_bytes`` is over the memory limit (docs/pipeline.md)."""
+        def chunk(model):                                   # the attention chunk size set on every attention
+            sizes = [m.chunk_size for m in model.modules() if isinstance(m, Attention)]
+            return None if not sizes or None in sizes else max(sizes)
+
+        need = sampling_bytes(self.unet.config, self.vae.config, batch, height, width, guidance, encode_batch,
+                              chunk(self.unet), chunk(self.vae))
+        check_memory(f"generating {batch} image(s) of {width}x{height}", need,
+                     "lower height and width or num_images_per_prompt (or set attention chunk sizes)")
+
     # ------------------------------------------------------------------ denoising (steps 5)
     def _unet_timestep(self, t):
         """A scheduler timestep (a NumPy scalar) as the (1,) array the U-Net takes, keeping int / float."""
@@ -417,6 +431,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         do_cfg = guidance_scale > 1.0
         batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        self.check_memory(batch * n, height, width, do_cfg)
         source = NoiseSource(noise, seed, batch * n)
 
         with no_cache():

@@ -515,6 +515,9 @@ def make_betas(cls_name: str, num_train_timesteps, beta_start, beta_end, beta_sc
         if betas.ndim != 1 or betas.size == 0 or betas.dtype.kind not in "fiu":
             raise ValueError(f"{cls_name}: trained_betas must be a non-empty 1-d list of reals, "
                              f"got shape {betas.shape} dtype {betas.dtype}")
+        if betas.shape[0] != num_train_timesteps:                # the timesteps index them: one per step
+            raise ValueError(f"{cls_name}: trained_betas must have num_train_timesteps = {num_train_timesteps} "
+                             f"entries (one per training timestep), got {betas.shape[0]}")
     else:
         check_choice(cls_name, "beta_schedule", beta_schedule, allowed)
         check_real(cls_name, "beta_start", beta_start)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numbers
 
 from npdiffusion.backend import asarray, is_array, xp
+from npdiffusion.memory import check_model, clip_text_parameters
 from npdiffusion.models.clip.config import CLIPConfig, CLIPTextConfig
 from npdiffusion.models.clip.encoder import CLIPEncoder, check_grad, init_encoder_weights_, keyword_backward
 from npdiffusion.models.clip.pretrained import read_folder, strip_prefix, write_folder
@@ -106,6 +107,8 @@ class CLIPTextModel(Module):
     def __init__(self, config: CLIPTextConfig | dict | None = None, **kwargs):
         super().__init__()
         cfg = _make_config(CLIPTextConfig, config, kwargs)
+        check_model("CLIPTextModel", clip_text_parameters(cfg), "lower num_hidden_layers, hidden_size, "
+                    "intermediate_size or vocab_size")
         self.config = cfg
         self.embeddings = CLIPTextEmbeddings(cfg.vocab_size, cfg.hidden_size, cfg.max_position_embeddings)
         self.encoder = CLIPEncoder(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,

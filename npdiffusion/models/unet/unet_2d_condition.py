@@ -33,6 +33,7 @@ import numpy
 from npdiffusion.backend import asarray, is_array, xp
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
+from npdiffusion.memory import check_model, unet_parameters
 from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
 from npdiffusion.models.unet.embeddings import TimestepEmbedding, Timesteps, check_act_fn
@@ -215,6 +216,9 @@ class UNet2DConditionModel(Module):
         for name, k in (("conv_in_kernel", k_in), ("conv_out_kernel", k_out)):
             if k % 2 == 0:
                 raise ValueError(f"{CLASS_NAME}: {name} must be odd (the convolution keeps the size), got {k}")
+
+        check_model(CLASS_NAME, unet_parameters(cfg), "lower layers_per_block, transformer_layers_per_block or "
+                    "block_out_channels")                         # before any parameter is allocated
 
         # input and time embedding
         self.conv_in = Conv2d(_check_int("in_channels", cfg["in_channels"]), boc[0], k_in, padding=(k_in - 1) // 2)

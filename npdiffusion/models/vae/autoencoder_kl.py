@@ -35,6 +35,7 @@ import numpy
 from npdiffusion.backend import to_numpy, xp
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
+from npdiffusion.memory import check_model, vae_parameters
 from npdiffusion.models.vae.decoder import Decoder
 from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
 from npdiffusion.models.vae.encoder import Encoder
@@ -96,6 +97,7 @@ class AutoencoderKL(Module):
             "force_upcast": force_upcast, "use_quant_conv": use_quant_conv,
             "use_post_quant_conv": use_post_quant_conv, "mid_block_add_attention": mid_block_add_attention,
         }
+        check_model("AutoencoderKL", vae_parameters(self.config), "lower layers_per_block or block_out_channels")
         self.encoder = Encoder(in_channels=in_channels, out_channels=latent_channels,
                                down_block_types=down_block_types, block_out_channels=block_out_channels,
                                layers_per_block=layers_per_block, act_fn=act_fn, norm_num_groups=norm_num_groups,
