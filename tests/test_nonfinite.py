@@ -128,9 +128,9 @@ def test_diffusers_infinite_lambda_min_clipped_still_loads(tmp_path):
     ({"beta_end": 1.0}, "beta_end must be a finite number in (0, 1)"),
     ({"beta_start": float("nan")}, "beta_start must be finite, got nan"),
     ({"beta_start": 0.02, "beta_end": 0.001}, "beta_end must be >= beta_start"),
-    ({"trained_betas": [0.001, 0.0, 0.02]}, "trained_betas[1] = 0.0"),
-    ({"trained_betas": [0.001, 0.01, 1.0]}, "trained_betas[2] = 1.0"),
-    ({"trained_betas": [0.001, float("inf")]}, "trained_betas[1] = inf"),
+    ({"trained_betas": [0.001, 0.0, 0.02], "num_train_timesteps": 3}, "trained_betas[1] = 0.0"),
+    ({"trained_betas": [0.001, 0.01, 1.0], "num_train_timesteps": 3}, "trained_betas[2] = 1.0"),
+    ({"trained_betas": [0.001, float("inf")], "num_train_timesteps": 2}, "trained_betas[1] = inf"),
 ])
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_every_scheduler_checks_its_betas(name, kwargs, match):

@@ -420,9 +420,9 @@ def run(args) -> int:
     check_common(args)
     check_guidance(args)
     seed = resolve_seed(args)
+    check_memory_early(args)                                 # before anything grows with --num-images
     names = image_names(args.prompt, args.num_images)
     paths = check_out(args.out, names + [GRID_NAME], args.overwrite)
-    check_memory_early(args)
     start = time.perf_counter()
     pipe = load_pipeline(args)
     height, width = (args.height, args.width) if args.height is not None else pipe.default_height_width()
