@@ -4,26 +4,20 @@ Shapes: prev_sample, pred_original_sample (B, C, H, W) (any shape with a batch a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from npdiffusion.outputs import BaseOutput
 
 
 @dataclass
-class SchedulerOutput:
+class SchedulerOutput(BaseOutput):
     """What ``step`` returns: ``prev_sample`` (B, ...) and, for schedulers that form one,
     ``pred_original_sample`` (the model's x0 estimate, (B, ...)). Indexing ``out[0]`` works as in
     diffusers (over the fields that are not None); ``to_tuple()`` gives them as a tuple."""
 
     prev_sample: Any
     pred_original_sample: Any = None
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
 
 
 def step_output(return_dict: bool, prev_sample, pred_original_sample=None):
