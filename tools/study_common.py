@@ -5,7 +5,7 @@ Shapes: P prompts, S seeds per prompt, N = P S images (prompt-major: image i is 
 seed i % S), side 32; images uint8 (N, 32, 32, 3); latents (N, C, h, w) (C = the VAE's latent
 channels, h = w = 8 for the demo); text embeddings (N, T, D) (T = the tokenizer's model_max_length).
 
-Every study is judged the way the demo's report is (npdiffusion/training/demo.py ``evaluate``):
+Every study is judged the way the demo's report is (npdiffusion/training/demo/evaluation.py ``evaluate``):
 ``random_prompts(P)`` (seed 1234: uniform colour, shape and position), seeds 0..S-1, one NumPy
 generator per image (``seed=[...]``), images read back by
 ``npdiffusion.evaluation.shape_attributes.score``. ``--quick`` shrinks everything to a smoke test.

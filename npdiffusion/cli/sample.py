@@ -18,9 +18,9 @@ Gradient guidance (docs/guidance.md): ``--classifier DIR --classifier-scale S`` 
 classifier's grad_x log p(y | x_t, t) (``--classifier-class`` names y; by default each prompt's class
 is the one label of the classifier that the prompt contains as a word), ``--clip-guidance S`` the
 gradient of the CLIP similarity of prompt and decoded x0 prediction (a CLIP model with a vision tower:
-``--clip-model DIR``, else ``clip/`` in the model folder). Either runs the denoising loop here with
-``guided_sample`` (same initial noise and step noise as the plain pipeline for a seed), with each term
-added as eps - S sqrt(1 - abar_t) grad after classifier-free guidance.
+``--clip-model DIR``, else ``clip/`` in the model folder). This module finds and loads those models;
+``pipelines.guided`` runs the denoising loop (same initial noise and step noise as the plain pipeline
+for a seed), with each term added as eps - S sqrt(1 - abar_t) grad after classifier-free guidance.
 
 The helpers here (options, checks, output planning and writing) are shared with ``npdiffusion
 img2img``. Docs: docs/cli.md ("npdiffusion sample"), docs/pipeline.md.
@@ -174,13 +174,12 @@ def _find_clip(args):
 
 
 def prepare_guidance(args, pipe, batch_prompts):
-    """The ``(scale, grad_fn)`` terms of ``guided_sample`` for the gradient-guidance options (empty when off),
-    and a dict describing them for the PNG parameters."""
-    from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
-    from npdiffusion.guidance.classifier_guidance import classifier_gradient_fn  # noqa: PLC0415
+    """The ``(scale, grad_fn)`` terms of ``pipelines.guided`` for the gradient-guidance options (empty when
+    off), and a dict describing them for the PNG parameters. Finds and loads the models the options name
+    (one-line errors naming the option); ``pipelines.guided`` builds the terms from them."""
+    from npdiffusion.pipelines.guided import classifier_term, clip_term  # noqa: PLC0415
 
     terms, info = [], {}
-    ptype = pipe.scheduler.config.get("prediction_type", "epsilon")
     if args.classifier is not None:
         from npdiffusion.training.classifier_stage import load_classifier  # noqa: PLC0415
 
@@ -191,16 +190,11 @@ def prepare_guidance(args, pipe, batch_prompts):
                              f"model's latents have {want} channels (train the classifier on the VAE's scaled latents)")
         y = _classifier_targets(args, classifier, attribute, batch_prompts)
         scale = 1.0 if args.classifier_scale is None else args.classifier_scale
-        terms.append((scale, classifier_gradient_fn(classifier.eval(), numpy.asarray(y))))
+        terms.append(classifier_term(classifier, y, scale))
         info.update(classifier=os.path.abspath(args.classifier), classifier_scale=scale,
                     classifier_class=[classifier.labels[i] if classifier.labels else i for i in y])
     if args.clip_guidance:
-        from npdiffusion.guidance.clip_guidance import (  # noqa: PLC0415
-            CLIPImageInput,
-            clip_gradient_fn,
-            clip_text_embeds,
-            read_image_processor_config,
-        )
+        from npdiffusion.guidance.clip_guidance import CLIPImageInput, read_image_processor_config  # noqa: PLC0415
         from npdiffusion.models.clip.clip_model import CLIPModel  # noqa: PLC0415
         from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
 
@@ -219,45 +213,10 @@ def prepare_guidance(args, pipe, batch_prompts):
             if stats:
                 break
         image_input = CLIPImageInput(clip.config.vision_config.image_size, **stats)
-        te = clip_text_embeds(clip, asarray(ids))
-        terms.append((args.clip_guidance, clip_gradient_fn(clip, te, to_numpy(pipe.scheduler.alphas_cumprod),
-                                                           vae=pipe.vae, image_input=image_input,
-                                                           prediction_type=ptype)))
+        terms.append(clip_term(pipe, clip, ids, args.clip_guidance, image_input))
         info.update(clip_model=os.path.abspath(folder), clip_guidance=args.clip_guidance,
                     clip_image_mean=list(image_input.mean), clip_image_std=list(image_input.std))
     return terms, info
-
-
-def guided_images(args, pipe, seed: int, height: int, width: int, terms):
-    """The pipeline's text-to-image with gradient guidance terms: PIL images (B = prompts x num_images)."""
-    from npdiffusion.backend import to_numpy, xp  # noqa: PLC0415
-    from npdiffusion.diffusion.guidance import classifier_free_guidance, rescale_noise_cfg  # noqa: PLC0415
-    from npdiffusion.guidance.classifier_guidance import guided_sample  # noqa: PLC0415
-    from npdiffusion.pipelines.noise import NoiseSource  # noqa: PLC0415
-
-    n, prompts = args.num_images, list(args.prompt)
-    do_cfg = args.guidance > 1.0
-    negative = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
-    cond, uncond = pipe.encode_prompt(prompts, n, do_cfg, negative)
-    context = xp.concatenate([uncond, cond], axis=0) if do_cfg else cond
-    b = len(prompts) * n
-    shape = (b, pipe.unet.config["in_channels"], height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    source = NoiseSource(args.noise, seed, b)
-    latents = source.randn(shape, numpy.dtype(context.dtype))
-
-    def model_fn(x, t):                                   # as the pipeline's loop: CFG, then rescale
-        x_in = xp.concatenate([x, x], axis=0) if do_cfg else x
-        eps = pipe.unet(x_in, pipe._unet_timestep(t), context)
-        if do_cfg:
-            eps_u, eps_c = eps[:b], eps[b:]
-            eps = classifier_free_guidance(eps_u, eps_c, args.guidance)
-            if args.guidance_rescale > 0.0:
-                eps = rescale_noise_cfg(eps, eps_c, args.guidance_rescale)
-        return eps
-
-    x = guided_sample(model_fn, pipe.scheduler, shape, args.steps, source.scheduler_rng(), guidance=terms,
-                      dtype=numpy.dtype(context.dtype), latents=to_numpy(latents))
-    return pipe.decode_latents(x, "pil")
 
 
 # -------------------------------------------------------------------------------------- checks
@@ -430,10 +389,15 @@ def run(args) -> int:
     batch_prompts = [text for text in args.prompt for _ in range(args.num_images)]
     terms, guidance_info = prepare_guidance(args, pipe, batch_prompts)   # loads and checks, before any work
     make_out(args.out)
+    negative = None if args.negative_prompt is None else [args.negative_prompt] * len(args.prompt)
     if terms:
-        images = guided_images(args, pipe, seed, height, width, terms)
+        from npdiffusion.pipelines.guided import guided_text_to_image  # noqa: PLC0415
+
+        images = guided_text_to_image(pipe, args.prompt, terms, num_images_per_prompt=args.num_images,
+                                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                      guidance_rescale=args.guidance_rescale, negative_prompt=negative,
+                                      height=height, width=width, seed=seed, noise=args.noise)
     else:
-        negative = None if args.negative_prompt is None else [args.negative_prompt] * len(args.prompt)
         images = pipe(list(args.prompt), negative_prompt=negative, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, height=height,
                       width=width, num_images_per_prompt=args.num_images, seed=seed, noise=args.noise,

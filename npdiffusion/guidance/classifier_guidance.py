@@ -26,7 +26,7 @@ import numbers
 import numpy
 
 from npdiffusion.backend import asarray, to_numpy, xp
-from npdiffusion.diffusion.guidance import classifier_free_guidance
+from npdiffusion.diffusion.guidance import guided_prediction
 from npdiffusion.guidance.classifier import NoiseAwareClassifier, log_prob_grad
 from npdiffusion.pipelines.nonfinite import check_step
 
@@ -120,7 +120,7 @@ def unet_model_fn(unet, encoder_hidden_states, uncond_hidden_states=None, guidan
             out = unet(xp.concatenate([x_t, x_t]), numpy.full((2 * b,), t),
                        xp.concatenate([uncond_hidden_states, encoder_hidden_states]))
             out = getattr(out, "sample", out)
-            return classifier_free_guidance(out[:b], out[b:], w)
+            return guided_prediction(out, w)                       # [uncond | cond] -> (B, ...)
         out = unet(x_t, numpy.full((b,), t), encoder_hidden_states)
         return getattr(out, "sample", out)
 

@@ -5,15 +5,15 @@
     image = pipe("a photo of an astronaut riding a horse", seed=42, noise="torch").images[0]
     edited = pipe.img2img(image, "a watercolor painting", strength=0.6, seed=1).images[0]
 
-Modules: ``stable_diffusion`` (the pipeline), ``img2img`` (image to image), ``loading`` (pipeline
+Modules: ``stable_diffusion`` (the pipeline: text to image and image to image), ``img2img`` (the
+steps of image to image), ``guided`` (text to image with gradient guidance), ``loading`` (pipeline
 folders), ``noise`` (seeds: NumPy's or torch's stream), ``image_utils`` (PIL <-> arrays, grids),
 ``output`` (the returned object), ``nonfinite`` (NaN/inf latents or images stop a run: NonFiniteError).
 """
-from npdiffusion.pipelines.img2img import StableDiffusionImg2ImgPipeline, img2img
 from npdiffusion.pipelines.loading import SCHEDULERS, PipelineFolderError
 from npdiffusion.pipelines.nonfinite import NonFiniteError
 from npdiffusion.pipelines.output import StableDiffusionPipelineOutput
-from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
+from npdiffusion.pipelines.stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, img2img
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionPipelineOutput", "img2img",
            "PipelineFolderError", "NonFiniteError", "SCHEDULERS"]

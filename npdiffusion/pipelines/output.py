@@ -6,12 +6,14 @@ diffusers returns them. Docs: docs/pipeline.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from npdiffusion.outputs import BaseOutput
 
 
 @dataclass
-class StableDiffusionPipelineOutput:
+class StableDiffusionPipelineOutput(BaseOutput):
     """``images`` and ``nsfw_content_detected`` (always None: npdiffusion has no safety checker).
 
     Behaves like diffusers' ``BaseOutput``: ``out.images``, ``out["images"]``, ``out[0]`` (indexing
@@ -20,17 +22,3 @@ class StableDiffusionPipelineOutput:
 
     images: Any
     nsfw_content_detected: Any = None
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            if key not in {f.name for f in fields(self)}:
-                raise KeyError(f"StableDiffusionPipelineOutput has no field {key!r}; it has 'images' and "
-                               "'nsfw_content_detected'")
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __len__(self) -> int:
-        return len(self.to_tuple())

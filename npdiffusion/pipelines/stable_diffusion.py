@@ -31,7 +31,7 @@ import os
 import numpy
 
 from npdiffusion.backend import asarray, is_array, to_numpy, xp
-from npdiffusion.diffusion.guidance import classifier_free_guidance, rescale_noise_cfg
+from npdiffusion.diffusion.guidance import guided_prediction
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import read_config
 from npdiffusion.memory import check_memory, sampling_bytes
@@ -41,7 +41,8 @@ from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel
 from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
 from npdiffusion.nn.attention import Attention
 from npdiffusion.nn.module import canonical_dtype, no_cache
-from npdiffusion.pipelines.image_utils import OUTPUT_TYPES, postprocess_image
+from npdiffusion.pipelines.image_utils import OUTPUT_TYPES, postprocess_image, preprocess_image
+from npdiffusion.pipelines.img2img import get_timesteps, prepare_image_latents
 from npdiffusion.pipelines.loading import (
     PipelineFolderError,
     load_tokenizer,
@@ -330,6 +331,33 @@ class StableDiffusionPipeline:
         check_memory(f"generating {batch} image(s) of {width}x{height}", need,
                      "lower height and width or num_images_per_prompt (or set attention chunk sizes)")
 
+    # ------------------------------------------------------------------ what both calls share
+    @staticmethod
+    def _check_call_options(num_inference_steps, guidance_scale, eta, num_images_per_prompt, output_type):
+        """(S, w, eta, n) checked: S and n ints >= 1, w a finite number, eta >= 0, a known output_type."""
+        steps = _check_int("num_inference_steps", num_inference_steps)
+        guidance_scale = _check_real("guidance_scale", guidance_scale)
+        eta = _check_real("eta", eta, minimum=0.0)
+        n = _check_int("num_images_per_prompt", num_images_per_prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        return steps, guidance_scale, eta, n
+
+    @staticmethod
+    def _num_prompts(prompt, prompt_embeds) -> int:
+        """P: the number of prompts (or of prompt embeddings) given."""
+        if prompt is None:
+            return prompt_embeds.shape[0]
+        return 1 if isinstance(prompt, str) else len(prompt)
+
+    def text_context(self, prompt, num_images_per_prompt: int, guidance_scale: float, negative_prompt=None,
+                     prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None):
+        """Steps 1-2: the U-Net's context, [negative | positive] (2B, T, D) with guidance (w > 1), else (B, T, D)."""
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        return xp.concatenate([negative_prompt_embeds, prompt_embeds], axis=0) if do_cfg else prompt_embeds
+
     # ------------------------------------------------------------------ denoising (steps 5)
     def _unet_timestep(self, t):
         """A scheduler timestep (a NumPy scalar) as the (1,) array the U-Net takes, keeping int / float."""
@@ -357,11 +385,7 @@ class StableDiffusionPipeline:
                 x_in = scheduler.scale_model_input(x_in, t)
                 eps = raw = self.unet(x_in, self._unet_timestep(t), prompt_embeds)         # (2B, 4, h, w)
                 if do_cfg:
-                    half = eps.shape[0] // 2
-                    eps_u, eps_c = eps[:half], eps[half:]
-                    eps = classifier_free_guidance(eps_u, eps_c, guidance_scale)           # (B, 4, h, w)
-                    if guidance_rescale > 0.0:
-                        eps = rescale_noise_cfg(eps, eps_c, guidance_rescale)
+                    eps = guided_prediction(raw, guidance_scale, guidance_rescale)         # (B, 4, h, w)
                 before, latents = latents, scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
                 check_step(latents, i, len(timesteps), t, before, raw, eps, guidance_scale)  # NaN: stop here
                 if callback_on_step_end is not None:
@@ -422,23 +446,17 @@ class StableDiffusionPipeline:
         if not height or not width:
             height, width = default_h, default_w
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        steps = _check_int("num_inference_steps", num_inference_steps)
-        guidance_scale = _check_real("guidance_scale", guidance_scale)
+        steps, guidance_scale, eta, n = self._check_call_options(num_inference_steps, guidance_scale, eta,
+                                                                 num_images_per_prompt, output_type)
         guidance_rescale = _check_real("guidance_rescale", guidance_rescale, minimum=0.0)
-        eta = _check_real("eta", eta, minimum=0.0)
-        n = _check_int("num_images_per_prompt", num_images_per_prompt)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        do_cfg = guidance_scale > 1.0
-        batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
-        self.check_memory(batch * n, height, width, do_cfg)
+        batch = self._num_prompts(prompt, prompt_embeds)
+        self.check_memory(batch * n, height, width, guidance_scale > 1.0)
         source = NoiseSource(noise, seed, batch * n)
 
         with no_cache():
             # 1-2. text encoding: context (2B, T, D) = [negative | positive] with guidance
-            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt, n, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
-            context = xp.concatenate([negative_prompt_embeds, prompt_embeds], axis=0) if do_cfg else prompt_embeds
+            context = self.text_context(prompt, n, guidance_scale, negative_prompt, prompt_embeds,
+                                        negative_prompt_embeds, clip_skip)
             # 3. timesteps
             self.scheduler.set_timesteps(steps)
             timesteps = self.scheduler.timesteps
@@ -464,11 +482,54 @@ class StableDiffusionPipeline:
         return StableDiffusionPipelineOutput(images=images)
 
     # ------------------------------------------------------------------ image to image
-    def img2img(self, image, prompt=None, strength: float = 0.8, **kwargs):
-        """Image-to-image: see ``npdiffusion.pipelines.img2img.img2img`` (diffusers' StableDiffusionImg2ImgPipeline)."""
-        from npdiffusion.pipelines.img2img import img2img  # noqa: PLC0415 - img2img imports this module
+    def img2img(self, image, prompt=None, strength: float = 0.8, negative_prompt=None, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, num_images_per_prompt: int = 1, seed=None, noise: str = "numpy",
+                output_type: str = "pil", eta: float = 0.0, prompt_embeds=None, negative_prompt_embeds=None,
+                clip_skip: int | None = None, height: int | None = None, width: int | None = None,
+                return_dict: bool = True, callback_on_step_end=None, progress: bool = True):
+        """Image-to-image (SDEdit), as diffusers' ``StableDiffusionImg2ImgPipeline.__call__``; its own steps
+        are in ``npdiffusion.pipelines.img2img``.
 
-        return img2img(self, image, prompt, strength=strength, **kwargs)
+        ``image``: a PIL image, a list of them, a float array (H, W, 3) / (B, H, W, 3) in [0, 1], or latents
+        (B, 4, h, w). Its size is rounded down to multiples of the VAE factor (or resized to ``height`` x
+        ``width`` when given). ``strength`` in [0, 1]: how far into the noise schedule the image is pushed;
+        ``int(num_inference_steps * strength)`` steps are run (at least one is needed). The other
+        arguments are those of ``__call__`` (no ``guidance_rescale``, as in diffusers). Returns a
+        StableDiffusionPipelineOutput.
+        """
+        strength = _check_real("strength", strength)
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must lie in [0.0, 1.0], got {strength}")
+        steps, guidance_scale, eta, n = self._check_call_options(num_inference_steps, guidance_scale, eta,
+                                                                 num_images_per_prompt, output_type)
+        if image is None:
+            raise ValueError("img2img: image is required (a PIL image, a list of them or a float array)")
+        if int(steps * strength) < 1:
+            raise ValueError(f"strength * num_inference_steps must be at least 1 so that a step runs, got "
+                             f"{strength} * {steps} = {strength * steps:g}")
+        self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        batch = self._num_prompts(prompt, prompt_embeds)
+        source = NoiseSource(noise, seed, batch * n)
+
+        with no_cache():
+            context = self.text_context(prompt, n, guidance_scale, negative_prompt, prompt_embeds,
+                                        negative_prompt_embeds, clip_skip)                # 1-2
+            f, do_cfg = self.vae_scale_factor, guidance_scale > 1.0
+            pixels = preprocess_image(image, f, height, width,                             # 3: (Bi, 3, H, W)
+                                      on_size=lambda bi, h, w: self.check_memory(batch * n, h, w, do_cfg,
+                                                                                 1 if source.per_image else bi))
+            if pixels.shape[1] == self.unet.config["in_channels"] != self.vae.in_channels:   # latents given
+                self.check_memory(batch * n, pixels.shape[2] * f, pixels.shape[3] * f, do_cfg)
+            self.scheduler.set_timesteps(steps)
+            timesteps, steps_left = get_timesteps(self.scheduler, steps, strength)         # 4
+            latents = prepare_image_latents(self, pixels, timesteps[:1], batch * n,         # 5
+                                            numpy.dtype(context.dtype), source)
+            latents = self.denoise(latents, timesteps, context, guidance_scale, 0.0, source, steps_left, eta=eta,
+                                   callback_on_step_end=callback_on_step_end, progress=progress)
+            images = self.decode_latents(latents, output_type)                              # 6
+        if not return_dict:
+            return images, None
+        return StableDiffusionPipelineOutput(images=images)
 
     def __repr__(self):
         return (f"StableDiffusionPipeline(unet={self.unet.extra_repr()}, vae={self.vae.extra_repr()}, "
@@ -481,4 +542,21 @@ def _init_noise_sigma(scheduler):
     return float(to_numpy(value)) if hasattr(value, "shape") else float(value)
 
 
-__all__ = ["StableDiffusionPipeline", "PipelineFolderError", "NonFiniteError"]
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
+    """The same models with ``__call__`` = image to image (diffusers' StableDiffusionImg2ImgPipeline):
+    ``pipe(prompt, image=..., strength=0.8, ...)``. Build it from a text-to-image pipeline with
+    ``StableDiffusionImg2ImgPipeline(**pipe.components)`` or load a folder with ``from_pretrained``."""
+
+    def __call__(self, prompt=None, image=None, strength: float = 0.8, **kwargs):
+        return self.img2img(image, prompt, strength=strength, **kwargs)
+
+
+def img2img(pipe: StableDiffusionPipeline, image, prompt=None, strength: float = 0.8, **kwargs):
+    """``pipe.img2img(image, prompt, strength, **kwargs)`` (``StableDiffusionPipeline.img2img``)."""
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise TypeError(f"img2img: pipe must be a StableDiffusionPipeline, got {type(pipe).__name__}")
+    return pipe.img2img(image, prompt, strength=strength, **kwargs)
+
+
+__all__ = ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "img2img", "PipelineFolderError",
+           "NonFiniteError"]

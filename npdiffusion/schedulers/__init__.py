@@ -7,14 +7,16 @@ with the active backend (NumPy or CuPy) and keep the sample's dtype. Stochastic 
 standard-normal draw as ``noise=`` or draw it from ``rng=`` (a ``numpy.random.Generator``).
 The math of every step: docs/schedulers.md.
 """
-from npdiffusion.schedulers.base import SchedulerMixin, SchedulerOutput, spaced_timesteps
+from npdiffusion.schedulers.base import SchedulerMixin
 from npdiffusion.schedulers.ddim import DDIMScheduler
 from npdiffusion.schedulers.ddpm import DDPMScheduler
 from npdiffusion.schedulers.dpm_multistep import DPMSolverMultistepScheduler
 from npdiffusion.schedulers.euler import EulerDiscreteScheduler
 from npdiffusion.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from npdiffusion.schedulers.heun import HeunDiscreteScheduler
+from npdiffusion.schedulers.output import SchedulerOutput
 from npdiffusion.schedulers.pndm import PNDMScheduler
+from npdiffusion.schedulers.timesteps import spaced_timesteps
 
 __all__ = [
     "SchedulerMixin",

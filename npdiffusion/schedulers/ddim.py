@@ -16,24 +16,22 @@ from __future__ import annotations
 
 import numpy
 
-from npdiffusion.schedulers.base import (
-    AlphaBarVelocityMixin,
-    SchedulerMixin,
-    alpha_bar_pair,
+from npdiffusion.schedulers.alpha_bar import AlphaBarVelocityMixin, alpha_bar_pair
+from npdiffusion.schedulers.base import SchedulerMixin, register_to_config
+from npdiffusion.schedulers.noise import standard_normal_like
+from npdiffusion.schedulers.output import step_output
+from npdiffusion.schedulers.predictions import vp_epsilon, vp_x0
+from npdiffusion.schedulers.thresholding import clip_or_threshold
+from npdiffusion.schedulers.timesteps import spaced_timesteps
+from npdiffusion.schedulers.training_schedule import training_schedule
+from npdiffusion.schedulers.validation import (
     check_array_pair,
     check_num_inference_steps,
     check_real,
     check_reals,
     check_schedule_options,
-    clip_or_threshold,
     merge_noise_alias,
-    register_to_config,
-    spaced_timesteps,
-    standard_normal_like,
-    step_output,
-    training_schedule,
 )
-from npdiffusion.schedulers.predictions import vp_epsilon, vp_x0
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 

@@ -21,27 +21,25 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.backend import xp
-from npdiffusion.schedulers.base import (
-    AlphaBarVelocityMixin,
-    SchedulerMixin,
-    alpha_bar_pair,
+from npdiffusion.schedulers.alpha_bar import AlphaBarVelocityMixin, alpha_bar_pair
+from npdiffusion.schedulers.base import SchedulerMixin, register_to_config
+from npdiffusion.schedulers.float32 import f32_exp, f32_log
+from npdiffusion.schedulers.noise import standard_normal_like
+from npdiffusion.schedulers.output import step_output
+from npdiffusion.schedulers.predictions import vp_x0
+from npdiffusion.schedulers.thresholding import clip_or_threshold
+from npdiffusion.schedulers.timesteps import spaced_timesteps
+from npdiffusion.schedulers.training_schedule import training_schedule
+from npdiffusion.schedulers.validation import (
     check_choice,
+    check_custom_timesteps,
     check_num_inference_steps,
     check_reals,
     check_same_shape,
     check_sample,
     check_schedule_options,
-    clip_or_threshold,
-    f32_exp,
-    f32_log,
-    register_to_config,
-    spaced_timesteps,
-    standard_normal_like,
-    step_output,
-    training_schedule,
+    schedule_positions,
 )
-from npdiffusion.schedulers.predictions import vp_x0
-from npdiffusion.schedulers.validation import check_custom_timesteps, schedule_positions
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")

@@ -26,30 +26,25 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.diffusion import schedules
-from npdiffusion.schedulers.base import (
-    SchedulerMixin,
-    StepIndexMixin,
-    broadcast_per_sample,
+from npdiffusion.schedulers.base import SchedulerMixin, register_to_config
+from npdiffusion.schedulers.float32 import f32_exp, f32_log
+from npdiffusion.schedulers.noise import broadcast_per_sample, standard_normal_like
+from npdiffusion.schedulers.output import step_output
+from npdiffusion.schedulers.predictions import vp_epsilon, vp_x0
+from npdiffusion.schedulers.sigmas import StepIndexMixin, convert_sigmas, sigma_kind
+from npdiffusion.schedulers.thresholding import clip_or_threshold
+from npdiffusion.schedulers.training_schedule import training_schedule
+from npdiffusion.schedulers.validation import (
     check_choice,
+    check_custom_timesteps,
     check_exactly_one,
     check_num_inference_steps,
     check_reals,
     check_same_shape,
     check_sample,
     check_schedule_options,
-    clip_or_threshold,
-    convert_sigmas,
-    f32_exp,
-    f32_log,
     merge_noise_alias,
-    register_to_config,
-    sigma_kind,
-    standard_normal_like,
-    step_output,
-    training_schedule,
 )
-from npdiffusion.schedulers.predictions import vp_epsilon, vp_x0
-from npdiffusion.schedulers.validation import check_custom_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")

@@ -19,28 +19,29 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.diffusion import schedules
-from npdiffusion.schedulers.base import (
-    SchedulerMixin,
+from npdiffusion.schedulers.base import SchedulerMixin, register_to_config
+from npdiffusion.schedulers.float32 import f32_exp, f32_log
+from npdiffusion.schedulers.noise import standard_normal_like
+from npdiffusion.schedulers.output import step_output
+from npdiffusion.schedulers.predictions import ve_x0
+from npdiffusion.schedulers.sigmas import (
     SigmaScalingMixin,
+    convert_sigmas,
+    reject_integer_timestep,
+    sigma_kind,
+)
+from npdiffusion.schedulers.timesteps import spaced_timesteps
+from npdiffusion.schedulers.training_schedule import training_schedule
+from npdiffusion.schedulers.validation import (
     check_array_pair,
     check_choice,
+    check_custom_sigmas,
+    check_custom_timesteps,
     check_exactly_one,
     check_num_inference_steps,
     check_real,
     check_schedule_options,
-    convert_sigmas,
-    f32_exp,
-    f32_log,
-    register_to_config,
-    reject_integer_timestep,
-    sigma_kind,
-    spaced_timesteps,
-    standard_normal_like,
-    step_output,
-    training_schedule,
 )
-from npdiffusion.schedulers.predictions import ve_x0
-from npdiffusion.schedulers.validation import check_custom_sigmas, check_custom_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
 

@@ -21,20 +21,18 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.diffusion import schedules
-from npdiffusion.schedulers.base import (
-    SchedulerMixin,
-    SigmaScalingMixin,
+from npdiffusion.schedulers.base import SchedulerMixin, register_to_config
+from npdiffusion.schedulers.noise import standard_normal_like
+from npdiffusion.schedulers.output import step_output
+from npdiffusion.schedulers.predictions import ve_x0
+from npdiffusion.schedulers.sigmas import SigmaScalingMixin, reject_integer_timestep
+from npdiffusion.schedulers.timesteps import spaced_timesteps
+from npdiffusion.schedulers.training_schedule import training_schedule
+from npdiffusion.schedulers.validation import (
     check_array_pair,
     check_num_inference_steps,
     check_schedule_options,
-    register_to_config,
-    reject_integer_timestep,
-    spaced_timesteps,
-    standard_normal_like,
-    step_output,
-    training_schedule,
 )
-from npdiffusion.schedulers.predictions import ve_x0
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

@@ -18,24 +18,21 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.diffusion import schedules
-from npdiffusion.schedulers.base import (
-    SchedulerMixin,
-    SigmaScalingMixin,
+from npdiffusion.schedulers.base import SchedulerMixin, register_to_config
+from npdiffusion.schedulers.output import step_output
+from npdiffusion.schedulers.predictions import ve_x0
+from npdiffusion.schedulers.sigmas import SigmaScalingMixin, convert_sigmas, sigma_kind
+from npdiffusion.schedulers.thresholding import clip_or_threshold
+from npdiffusion.schedulers.timesteps import spaced_timesteps
+from npdiffusion.schedulers.training_schedule import training_schedule
+from npdiffusion.schedulers.validation import (
     check_array_pair,
+    check_custom_timesteps,
     check_exactly_one,
     check_num_inference_steps,
     check_real,
     check_schedule_options,
-    clip_or_threshold,
-    convert_sigmas,
-    register_to_config,
-    sigma_kind,
-    spaced_timesteps,
-    step_output,
-    training_schedule,
 )
-from npdiffusion.schedulers.predictions import ve_x0
-from npdiffusion.schedulers.validation import check_custom_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

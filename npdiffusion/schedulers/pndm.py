@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import numpy
 
-from npdiffusion.schedulers.base import (
-    AlphaBarNoiseMixin,
-    SchedulerMixin,
-    alpha_bar_pair,
+from npdiffusion.schedulers.alpha_bar import AlphaBarNoiseMixin, alpha_bar_pair
+from npdiffusion.schedulers.base import SchedulerMixin, register_to_config
+from npdiffusion.schedulers.output import step_output
+from npdiffusion.schedulers.predictions import vp_epsilon
+from npdiffusion.schedulers.training_schedule import training_schedule
+from npdiffusion.schedulers.validation import (
     check_array_pair,
     check_num_inference_steps,
     check_schedule_options,
-    register_to_config,
-    step_output,
-    training_schedule,
+    schedule_positions,
 )
-from npdiffusion.schedulers.predictions import vp_epsilon
-from npdiffusion.schedulers.validation import schedule_positions
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 

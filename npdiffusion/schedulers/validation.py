@@ -11,7 +11,9 @@ what was expected and what came (docs/schedulers.md, "Argument checks"):
 * custom ``timesteps=`` / ``sigmas=`` lists that are empty, not 1-d, not finite, outside [0, T)
   (timesteps) or negative (sigmas).
 
-The constructor checks (beta ranges, spacing, prediction type) live in base.py.
+The constructor checks (``check_schedule_options``, ``check_int``, ``check_real``, ``check_choice``) and
+the array checks of ``step`` and ``add_noise`` (``check_sample``, ``check_array_pair``) are here too; the
+beta ranges are checked by ``training_schedule.make_betas``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import math
 import numpy
 
 from npdiffusion.backend import to_numpy
+from npdiffusion.schedulers.timesteps import TIMESTEP_SPACINGS
 
 
 def timestep_scalar(where: str, timestep):
@@ -102,3 +105,85 @@ def check_custom_sigmas(where: str, sigmas) -> numpy.ndarray:
     if not numpy.all(numpy.isfinite(s)) or s.min() < 0:
         raise ValueError(f"{where}: sigmas must be finite and >= 0, got {s.tolist()}")
     return s
+
+
+def check_choice(cls_name: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{cls_name}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_int(cls_name: str, name: str, value, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < minimum:
+        raise ValueError(f"{cls_name}: {name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(cls_name: str, name: str, value, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, numpy.integer, numpy.floating)):
+        raise TypeError(f"{cls_name}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_sample(cls_name: str, name: str, x, min_ndim: int = 1) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{cls_name}: {name} must be an array, got {type(x).__name__}")
+    if numpy.dtype(x.dtype).kind != "f":
+        raise TypeError(f"{cls_name}: {name} must be a floating-point array, got dtype {x.dtype}")
+    if len(x.shape) < min_ndim:
+        raise ValueError(f"{cls_name}: {name} must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
+
+
+def check_same_shape(cls_name: str, name: str, x, ref_name: str, ref) -> None:
+    if tuple(x.shape) != tuple(ref.shape):
+        raise ValueError(f"{cls_name}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, "
+                         f"got {tuple(x.shape)}")
+
+
+def check_num_inference_steps(cls_name: str, n, num_train_timesteps: int | None = None) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, numpy.integer)) or n < 1:
+        raise ValueError(f"{cls_name}.set_timesteps: num_inference_steps must be a positive int, got {n!r}")
+    if num_train_timesteps is not None and n > num_train_timesteps:
+        raise ValueError(f"{cls_name}.set_timesteps: num_inference_steps must be <= num_train_timesteps "
+                         f"({num_train_timesteps}), got {n}")
+    return int(n)
+
+
+def check_schedule_options(cls_name: str, prediction_type, prediction_types, timestep_spacing,
+                           steps_offset) -> None:
+    """The constructor checks every scheduler makes: ``prediction_type`` among the class's
+    ``prediction_types``, ``timestep_spacing`` one of :data:`TIMESTEP_SPACINGS`, ``steps_offset`` an int >= 0."""
+    check_choice(cls_name, "prediction_type", prediction_type, prediction_types)
+    check_choice(cls_name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    check_int(cls_name, "steps_offset", steps_offset)
+
+
+def check_reals(cls_name: str, **values) -> None:
+    """``check_real`` on each keyword (name = value), in order: float options such as ``sample_max_value``."""
+    for key, value in values.items():
+        check_real(cls_name, key, value)
+
+
+def check_array_pair(cls_name: str, name: str, x, ref_name: str, ref) -> None:
+    """Two array arguments (B, ...): both floating-point arrays (``x`` checked first), ``x`` of ``ref``'s shape.
+
+    ``step``'s model_output against sample; ``add_noise``'s noise against original_samples.
+    """
+    check_sample(cls_name, name, x)
+    check_sample(cls_name, ref_name, ref)
+    check_same_shape(cls_name, name, x, ref_name, ref)
+
+
+def check_exactly_one(cls_name: str, **options) -> None:
+    """``set_timesteps`` takes one way of giving the schedule: exactly one keyword here is not None."""
+    given = [k for k, v in options.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"{cls_name}.set_timesteps: pass exactly one of {', '.join(options)}; got {given}")
+
+
+def merge_noise_alias(cls_name: str, noise, variance_noise):
+    """``noise``, or diffusers' name for it, ``variance_noise`` (B, ...); passing both is refused."""
+    if noise is not None and variance_noise is not None:
+        raise ValueError(f"{cls_name}.step: pass noise or variance_noise, not both")
+    return noise if noise is not None else variance_noise

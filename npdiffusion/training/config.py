@@ -419,6 +419,21 @@ def config_to_dict(config) -> dict:
     return out
 
 
+def config_to_toml(data: dict, prefix: str = "") -> str:
+    """A nested dict of plain values (``config_to_dict``'s) as TOML text: keys first, then one table per
+    nested dict (``[a.b]``). ``load_config`` reads it back to the same config."""
+    lines, tables = [], []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    text = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in tables:
+        text += f"\n[{prefix}{k}]\n" + config_to_toml(v, prefix=f"{prefix}{k}.")
+    return text
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

@@ -374,19 +374,28 @@ class Trainer:
 
     def plot_losses(self, path: str) -> None:
         """A PIL line plot of the per-step loss and its running mean (log scale)."""
-        from npdiffusion.plotting import line_plot, save_png  # noqa: PLC0415
+        from npdiffusion.plotting import save_png  # noqa: PLC0415
 
-        rows = [r for r in self.history if not r["skipped"]]
-        if not rows:
-            return
-        steps = numpy.asarray([r["step"] for r in rows], dtype=numpy.float64)
-        losses = numpy.asarray([r["loss"] for r in rows], dtype=numpy.float64)
-        window = max(1, len(losses) // 25)
-        smooth = numpy.convolve(losses, numpy.ones(window) / window, mode="valid")
-        positive = bool(numpy.all(losses > 0))
-        image = line_plot({"loss (per step)": (steps, losses), f"mean of {window}": (steps[window - 1:], smooth)},
-                          title=f"npdiffusion train {self.stage.name}", xlabel="step", ylabel="loss", logy=positive)
-        save_png(image, path)
+        image = loss_plot(self.history, title=f"npdiffusion train {self.stage.name}")
+        if image is not None:
+            save_png(image, path)
+
+
+def loss_plot(history: list[dict], title: str, size=(800, 480)):
+    """A PIL line plot of a loss history's per-step loss and its running mean over a 25th of the steps
+    (log scale when every loss is positive); ``history`` rows as ``Trainer.history``. None when every
+    step was skipped."""
+    from npdiffusion.plotting import line_plot  # noqa: PLC0415
+
+    rows = [r for r in history if not r["skipped"]]
+    if not rows:
+        return None
+    steps = numpy.asarray([r["step"] for r in rows], dtype=numpy.float64)
+    losses = numpy.asarray([r["loss"] for r in rows], dtype=numpy.float64)
+    window = max(1, len(losses) // 25)
+    smooth = numpy.convolve(losses, numpy.ones(window) / window, mode="valid")
+    return line_plot({"loss (per step)": (steps, losses), f"mean of {window}": (steps[window - 1:], smooth)},
+                     title=title, xlabel="step", ylabel="loss", logy=bool(numpy.all(losses > 0)), size=size)
 
 
 def read_history_csv(path: str) -> list[dict]:

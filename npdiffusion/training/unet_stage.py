@@ -87,7 +87,7 @@ CONFIG = UNetStageConfig
 def training_alphas_cumprod(opts: UNetOptions) -> numpy.ndarray:
     """abar_t (T,) float64 of the schedule the stage trains on (rescaled to zero terminal SNR when asked)."""
     from npdiffusion.diffusion.schedules import alphas_cumprod, rescale_zero_terminal_snr  # noqa: PLC0415
-    from npdiffusion.schedulers.base import make_betas  # noqa: PLC0415
+    from npdiffusion.schedulers.training_schedule import make_betas  # noqa: PLC0415
 
     betas = make_betas("unet", opts.num_train_timesteps, opts.beta_start, opts.beta_end, opts.beta_schedule, None)
     if opts.rescale_betas_zero_snr:
