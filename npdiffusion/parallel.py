@@ -23,14 +23,15 @@ once in the calling thread. A call from inside a block also runs inline (no nest
 Threads: ``set_num_threads(k)``; default ``NPDIFFUSION_NUM_THREADS``, else the number of CPUs this
 process may run on.
 
-Broadcasts over long rows: ``x * a[:, None]`` with x (R, S) runs at 0.45-0.55 ns/entry on NumPy
-2.x when S is below the ufunc buffer size (8192 entries), against 0.15 for the same multiply by
-a scalar: the iterator then gathers several rows into one inner loop and copies the broadcast
-operand into its buffer, so the multiply becomes a same-shape one plus a copy. With a buffer no
-larger than a row, each row is one inner loop with a stride-0 operand, NumPy's scalar kernel.
+Broadcasts over long rows: ``x * a[:, None]`` with x (R, S) runs about three times slower than
+the same multiply by a scalar on NumPy 2.x when S is below the ufunc buffer size (8192 entries):
+the iterator then gathers several rows into one inner loop and copies the broadcast operand into
+its buffer, so the multiply becomes a same-shape one plus a copy. With a buffer no larger than a
+row, each row is one inner loop with a stride-0 operand, NumPy's scalar kernel.
 ``parallel_for(..., row_length=S)`` runs ``fn`` with such a buffer for rows of at least
 ``LONG_ROW`` entries (shorter rows pay more per inner loop than the copy costs). The buffer size
 is a thread-local NumPy setting, restored when ``fn`` returns; it changes speed, never results.
+Measurements behind the constants below: docs/benchmarks.md, "Figures behind the code's constants".
 """
 from __future__ import annotations
 
@@ -46,19 +47,13 @@ from npdiffusion import backend
 __all__ = ["BLOCK_ENTRIES", "LONG_ROW", "get_num_threads", "set_num_threads", "parallel_for"]
 
 # Entries per cache block for ops that make many passes (activations): 128 K float32 entries =
-# 512 KB, so the few arrays a pass touches stay in a core's 2 MB L2 cache. Smaller blocks lose
-# more to NumPy's ~1.5 us per ufunc call and to GIL hand-offs between the threads than they gain
-# in cache: GEGLU on a (2048, 512) h, forward + backward, 15.1 ms with 16 K blocks, 3.9 ms with
-# 128 K at one thread (docs/benchmarks.md, "Element-wise block size"; tools/ab_ops.py).
+# 512 KB, so the few arrays a pass touches stay in a core's 2 MB L2 cache; smaller blocks lose more
+# to the per-ufunc-call cost and GIL hand-offs than they gain in cache.
 BLOCK_ENTRIES = 1 << 17
-# Below this many entries the whole array is one call in the calling thread. A hand-off to the
-# pool and back costs tens of microseconds plus GIL contention, the time of several passes over
-# ~100 K entries: at the demo's sizes (64 K-1 M entries) two threads made a U-Net training step
-# slower, 276-287 ms against 199-243 ms with one (docs/benchmarks.md, "Training").
+# Below this many entries the whole array is one call in the calling thread: a hand-off to the
+# pool and back costs as much as several passes over ~100 K entries.
 MIN_PARALLEL_ENTRIES = 1 << 19
-# Rows at least this long are broadcast over with a ufunc buffer of one row (module docstring):
-# measured 0.15-0.20 ns/entry at 1024 against 0.43-0.50 with NumPy's 8192-entry buffer; at 256
-# the two are even (docs/benchmarks.md, "2026-11-27: GIL hand-offs, NumPy's ufunc buffer").
+# Rows at least this long are broadcast over with a ufunc buffer of one row (module docstring).
 LONG_ROW = 1024
 _NUMPY_BUFSIZE = 8192
 # Without block_entries, each thread's share is cut into this many blocks to claim, so that the
@@ -159,11 +154,11 @@ def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
     given, so that an ``fn`` making several passes finds its block in cache; otherwise about
     ``CLAIMS_PER_THREAD`` blocks per thread. The calling thread and the pool's threads claim the
     blocks one at a time until none is left (dynamic scheduling), so a pool thread that wakes late
-    only does less: on the 2-core development VM an idle pool thread starts 30-190 us after being
-    handed a block, longer than a pass over a megabyte (``python tools/bench_threads.py``). ``row_entries`` is the number of array entries one index of the split axis
-    touches. ``row_length``: the length of the contiguous rows that ``fn`` broadcasts per-row
-    values over, if any (module docstring, "Broadcasts over long rows"). See the module docstring
-    for what ``fn`` may do.
+    only does less (an idle pool thread can take longer to wake than a pass over a megabyte:
+    ``python tools/bench_threads.py``). ``row_entries`` is the number of array entries one index
+    of the split axis touches. ``row_length``: the length of the contiguous rows that ``fn``
+    broadcasts per-row values over, if any (module docstring, "Broadcasts over long rows"). See the
+    module docstring for what ``fn`` may do.
     """
     row_entries = max(int(row_entries), 1)
     if backend.get_backend() == "numpy":

@@ -112,11 +112,23 @@ def test_nested_calls_run_inline(forced):
 
 def test_one_thread_is_one_call(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_ENTRIES", 0)
+    previous = parallel.get_num_threads()
     parallel.set_num_threads(1)
     try:
         assert parallel.parallel_for(lambda lo, hi: (lo, hi), 40, 1 << 20) == [(0, 40)]
     finally:
-        parallel.set_num_threads(parallel._default_threads())
+        parallel.set_num_threads(previous)
+
+
+def test_one_thread_is_one_call_restores_the_previous_count(monkeypatch):
+    """Guards the test above: it must give back the count it found, not the default."""
+    previous = parallel.get_num_threads()
+    parallel.set_num_threads(previous + 2)
+    try:
+        test_one_thread_is_one_call(monkeypatch)
+        assert parallel.get_num_threads() == previous + 2
+    finally:
+        parallel.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
@@ -147,7 +159,9 @@ def test_group_norm_blocks_equal_one_call(forced, monkeypatch, dtype, offset, si
     w, b = rng.standard_normal(12).astype(dtype), rng.standard_normal(12).astype(dtype)
     y_par, cache = group_norm_forward(x, 4, w, b)
     grads_par = group_norm_backward(dy, cache)
-    parallel.set_num_threads(1)
+    parallel.set_num_threads(1)                                                 # one call: no blocks
+    monkeypatch.setattr(norm, "_GROUP_NORM_BLOCK", 1 << 30)
+    monkeypatch.setattr(norm, "_CACHE_ENTRIES", 1 << 30)
     y_one, cache = group_norm_forward(x, 4, w, b)
     grads_one = group_norm_backward(dy, cache)
     np.testing.assert_array_equal(y_par, y_one)
@@ -203,7 +217,9 @@ def test_element_wise_ops_blocks_equal_one_call(forced, monkeypatch, name, dtype
     y_par, cache = forward(x)
     dy = rng.standard_normal(y_par.shape).astype(dtype)
     dx_par = backward(dy, cache)
-    parallel.set_num_threads(1)
+    parallel.set_num_threads(1)                                                 # one call: no blocks
+    for module in (activations, geglu):
+        monkeypatch.setattr(module, "BLOCK_ENTRIES", 1 << 30)
     y_one, cache = forward(x)
     dx_one = backward(dy, cache)
     assert y_par.dtype == dx_par.dtype == dtype
@@ -215,11 +231,11 @@ def test_adamw_blocks_equal_one_call(forced, monkeypatch):
     from npdiffusion.nn import Linear
     from npdiffusion.optim import adamw
 
-    monkeypatch.setattr(adamw, "BLOCK_ENTRIES", 7)
     rng = np.random.default_rng(2)
     results = []
-    for threads in (3, 1):
+    for threads, block in ((3, 7), (1, 1 << 30)):                               # blocks, then one call
         parallel.set_num_threads(threads)
+        monkeypatch.setattr(adamw, "BLOCK_ENTRIES", block)
         layer = Linear(6, 5)
         layer.load_state_dict({"weight": rng.standard_normal((5, 6)) if not results else w0,
                                "bias": rng.standard_normal(5) if not results else b0})

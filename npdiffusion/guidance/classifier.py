@@ -103,15 +103,17 @@ class NoiseAwareClassifier(Module):
             raise ValueError(f"NoiseAwareClassifier: labels must name {num_classes} classes, got {len(labels)}")
         self.labels = None if labels is None else tuple(str(s) for s in labels)
         self.block_out_channels, self.layers_per_block, self.norm_num_groups = boc, layers, groups
-        te = 4 * boc[0]
-        self.time_proj = Timesteps(boc[0], flip_sin_to_cos=True, downscale_freq_shift=0.0)
-        self.time_embedding = TimestepEmbedding(boc[0], te)
-        self.conv_in = Conv2d(in_channels, boc[0], 3, padding=1)
+        widths = self.block_out_channels                        # channels of each resolution level
+        temb_dim = 4 * widths[0]
+        self.time_proj = Timesteps(widths[0], flip_sin_to_cos=True, downscale_freq_shift=0.0)
+        self.time_embedding = TimestepEmbedding(widths[0], temb_dim)
+        self.conv_in = Conv2d(in_channels, widths[0], 3, padding=1)
         self.down_blocks = ModuleList(
-            ClassifierDownBlock(boc[max(i - 1, 0)], c, te, layers, groups, add_downsample=i < len(boc) - 1)
-            for i, c in enumerate(boc))
-        self.norm_out = GroupNorm(groups, boc[-1], eps=1e-5)
-        self.head = Linear(boc[-1], num_classes)
+            ClassifierDownBlock(widths[max(i - 1, 0)], c, temb_dim, layers, groups,
+                                add_downsample=i < len(widths) - 1)
+            for i, c in enumerate(widths))
+        self.norm_out = GroupNorm(groups, widths[-1], eps=1e-5)
+        self.head = Linear(widths[-1], num_classes)
 
     @property
     def config(self) -> dict:

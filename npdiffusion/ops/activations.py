@@ -14,10 +14,10 @@ transcendental it needs, as torch does, so an activation costs no extra memory i
 
 Speed on the CPU: every op runs as a kernel over cache-sized blocks of the flattened arrays, on the
 CPU's threads (``_map``, npdiffusion/parallel.py), so its several passes find the block in cache.
-On NumPy the sigmoid is 1/(1 + exp(-x)) with exp's overflow ignored (exact limits 0 and 1; 1.4 ns
-per float32 entry against 4 ns for scipy's ``expit``), and float32 erf is a rational minimax
-approximation (``_erf_float32``: max absolute error 4.5e-7, 5 ns per entry against scipy's 19);
-float64 erf stays ``scipy.special.erf``. On CuPy both come from ``cupyx.scipy.special``.
+On NumPy the sigmoid is 1/(1 + exp(-x)) with exp's overflow ignored (exact limits 0 and 1; faster
+than scipy's ``expit``), and float32 erf is a rational minimax approximation (``_erf_float32``: max
+absolute error 4.5e-7, faster than scipy's float32 erf); float64 erf stays ``scipy.special.erf``.
+Measurements: docs/ops/activations.md. On CuPy both come from ``cupyx.scipy.special``.
 """
 from __future__ import annotations
 

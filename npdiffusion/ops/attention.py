@@ -112,8 +112,8 @@ def _row_max(s):
 
 
 def _row_sum(s):
-    """sum over the last axis, keepdims, as a product with a ones vector (a GEMV: ~10x faster than
-    NumPy's reduction over short rows)."""
+    """sum over the last axis, keepdims, as a product with a ones vector (a GEMV: much faster than
+    NumPy's reduction over short rows; docs/benchmarks.md, "Figures behind the code's constants")."""
     return xp.matmul(s, xp.ones((s.shape[-1], 1), dtype=s.dtype))
 
 
@@ -125,8 +125,8 @@ _EXP_SAFE = {4: 64.0, 8: 600.0}
 def _small_scores(qs, kT):
     """Whether every score q.k (scale folded into q) is below ``_EXP_SAFE`` in absolute value, by
     Cauchy-Schwarz: |q_i . k_j| <= max_i |q_i| max_j |k_j|. Two reductions over q and k instead of
-    a row maximum over the (Tq, Tk) scores, which NumPy computes one short row at a time (2.2 ms
-    for 256 heads of 64 x 64 scores; the bound takes ~0.1 ms)."""
+    a row maximum over the (Tq, Tk) scores, which NumPy computes one short row at a time
+    (docs/ops/attention.md, "When the row maximum is skipped")."""
     q2 = xp.einsum("...d,...d->...", qs, qs).max()
     k2 = xp.einsum("...dk,...dk->...k", kT, kT).max()
     return float(q2) * float(k2) < _EXP_SAFE.get(qs.dtype.itemsize, 64.0) ** 2
@@ -157,7 +157,8 @@ def _scores(qs, kT, mask, causal, r0, r1, shift=True):
 
 def _row_dots(a, b):
     """sum(a * b) over the last axis, keepdims: (B, H, T, D) -> (B, H, T, 1), without the product's
-    temporary or NumPy's per-row reduction (378 -> 96 us for 256 heads of 64 x 8)."""
+    temporary or NumPy's per-row reduction (docs/benchmarks.md, "Figures behind the code's
+    constants")."""
     return row_dot(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])).reshape(a.shape[:-1] + (1,))
 
 
@@ -190,9 +191,9 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=N
     qs = xp.multiply(q, scale, dtype=cdt)                   # scale folded into q: (Tq, D), not (Tq, Tk)
     k = k.astype(cdt, copy=False)
     v = v.astype(cdt, copy=False)
-    # k^T as its own contiguous (B, H, D, Tk) array: NumPy's batched matmul with a transposed
-    # view takes a slow path (per-head products of 64 x 8 by 8 x 64: 417 vs 293 us for 256 heads,
-    # the copy 45 us); the large e and ds take their transposed views fine.
+    # k^T as its own contiguous (B, H, D, Tk) array: NumPy's batched matmul with a small transposed
+    # view takes a slow path that costs more than the copy (docs/benchmarks.md, "Figures behind
+    # the code's constants"); the large e and ds take their transposed views fine.
     kT = xp.ascontiguousarray(k.swapaxes(-1, -2))           # (B, H, D, Tk)
 
     shift = mask is not None or causal or not _small_scores(qs, kT)

@@ -21,12 +21,11 @@ each copy takes the in-bounds rectangle and zeroes the rest). It lives in a per-
 that is reused from call to call, so the forward caches only ``x`` and the backward builds what it
 needs (``cols(dy)`` for stride 1, ``cols(x)`` otherwise). Everything runs in chunks of images /
 output rows of about ``CHUNK_BYTES`` each, small enough to stay in cache between the copy and the
-GEMM. The copies stay on one thread: splitting them over channel ranges on two threads made the
-U-Net's convolutions 5-10 % slower (``python tools/ab_ops.py 1bcc040 --only conv``; 1bcc040 is the
-last version with threaded copies), because OpenBLAS's idle thread still spins on the second core
-after each GEMM. For stride-1 "same"-width
-convolutions each slice copy moves whole (channel, image) planes as one flat run (see
-``_im2col``). A 1x1, stride-1, unpadded convolution is a batched matmul with no im2col at all.
+GEMM. The copies stay on one thread: OpenBLAS's idle thread spins on the second core after each
+GEMM, so copies split over two threads make the convolution slower (docs/benchmarks.md, "Training
+step"). For stride-1 "same"-width convolutions each slice copy moves whole (channel, image) planes
+as one flat run (see ``_im2col``). A 1x1, stride-1, unpadded convolution is a batched matmul with
+no im2col at all.
 
 Derivation and measurements: docs/ops/convolution.md, docs/benchmarks.md.
 """
@@ -37,10 +36,9 @@ import threading
 from npdiffusion.backend import get_backend, xp
 from npdiffusion.ops.reductions import row_sum
 
-#: Target size (bytes) of one im2col chunk. The slice copies that fill a chunk and the GEMM that
-#: reads it then work on data still in cache, instead of streaming a 40 MB matrix through memory
-#: twice; much smaller chunks lose more to per-GEMM thread start-up than they gain. 8 MB was the
-#: fastest of 1-64 MB on the development machine (docs/benchmarks.md).
+#: Target size (bytes) of one im2col chunk, so that the GEMM reads the copies while they are in
+#: cache; smaller chunks lose to per-GEMM thread start-up (the sweep: docs/benchmarks.md,
+#: "Convolution: what was tried, predicted and measured").
 CHUNK_BYTES = 8 * 2**20
 #: The weight gradient is computed as (cols dy^T)^T from this many output positions B*Ho*Wo on.
 TRANSPOSED_DW_MIN_POSITIONS = 1024

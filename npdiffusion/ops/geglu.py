@@ -8,7 +8,7 @@ Derivation of the backward: docs/ops/attention.md (section "GEGLU").
 float16 inputs are computed in float32 and cast back; float32 and float64 stay as they are.
 Phi uses the erf helper of ops/activations.py. Unlike ``gelu_backward`` there, the backward here
 does not evaluate erf again: Phi(gate) is cached (half of h's size), because erf is the most
-expensive element-wise step on the CPU (~5 ns per float32 entry, against ~1 ns for exp). Both
+expensive element-wise step on the CPU (docs/ops/activations.md). Both
 passes run over cache-sized blocks of rows (R = the product of h's leading axes) on the CPU's
 threads (npdiffusion/parallel.py).
 """

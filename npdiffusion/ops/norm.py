@@ -88,18 +88,13 @@ def _moments(rows, eps):
 
 
 # --------------------------------------------------------------------------------- group norm
-# Samples per block: about this many entries (2 MB of float32, a core's L2 cache), so that after
-# the statistics pass reads a block from memory the passes that follow find much of it in cache.
-# Larger blocks also mean fewer GIL hand-offs between the threads, which cost more than the cache
-# misses on this 2-core VM: forward + backward of (16, 64, 32, 32) at two threads, 1.93-2.23x
-# torch with 512 K-entry blocks (one per thread), 2.22-2.58x with 256 K, 2.7-4.1x with 128 K or 64 K
-# (one-off comparisons of copies of this file in one process, alternating with torch).
+# Samples per block: about this many entries (2 MB of float32, a core's L2 cache), so that the
+# passes after the statistics pass find the block in cache; larger blocks also mean fewer GIL
+# hand-offs between the threads (docs/benchmarks.md, "2026-11-27: GIL hand-offs").
 _GROUP_NORM_BLOCK = 1 << 19
-# Within a block, the backward's four element-wise passes run per sub-block of samples of about
-# this many entries (512 KB of float32 per array), so that the temporary x * k + k0 and the pass
-# adding it stay in the L2 cache. Each sub-block costs four more ufunc calls, each a possible GIL
-# hand-off between the threads: sub-blocks of 64 K entries, and sub-blocks in the forward (two
-# passes), were no faster at two threads (docs/benchmarks.md, "2026-11-27, morning").
+# Within a block, the backward's element-wise passes run per sub-block of about this many entries
+# (512 KB of float32 per array), so that the temporary x * k + k0 stays in the L2 cache
+# (docs/benchmarks.md, "2026-11-27, morning").
 _CACHE_ENTRIES = 1 << 17
 
 
@@ -115,22 +110,23 @@ def _per_channel(per_group, cg):
 
 
 def _affine(mean, rstd, cg, gamma, beta):
-    """Per-(sample, channel) a, sh with y = x * a + sh: a = r * gamma, sh = beta - mu * a; (n, C)."""
+    """Per-(sample, channel) a, shift with y = x * a + shift: a = r * gamma, shift = beta - mu * a;
+    (n, C)."""
     a = _per_channel(rstd, cg)
     if gamma is not None:
         a *= gamma
-    sh = _per_channel(mean, cg)
-    sh *= a
-    xp.negative(sh, out=sh)
+    shift = _per_channel(mean, cg)
+    shift *= a
+    xp.negative(shift, out=shift)
     if beta is not None:
-        sh += beta
-    return a, sh
+        shift += beta
+    return a, shift
 
 
-def _scale_shift(x, a, sh, out):
-    """out = x * a + sh for x, out (n, C, S) and per-(sample, channel) a, sh (n, C)."""
+def _scale_shift(x, a, shift, out):
+    """out = x * a + shift for x, out (n, C, S) and per-(sample, channel) a, shift (n, C)."""
     xp.multiply(x, a[:, :, None], out=out)
-    out += sh[:, :, None]
+    out += shift[:, :, None]
 
 
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
@@ -139,7 +135,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     weight (gamma) and bias (beta) are per channel (C,), each optional. Equals
     torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype;
     cache = (x as (B, C, S) in the compute dtype (x - mu where |mu| >> sigma), mu (B, G), r (B, G),
-    weight, flags). Everything runs per block of samples (the statistics, then y = x * a + sh,
+    weight, flags). Everything runs per block of samples (the statistics, then y = x * a + shift,
     while the block is in cache), the blocks spread over the CPU's threads
     (npdiffusion/parallel.py). Derivation: docs/ops/normalization.md.
     """
@@ -158,29 +154,30 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     g, cg = num_groups, c // num_groups
     s = _prod(x.shape[2:])
     eps = float(eps)
-    xc = x.astype(cdt, copy=False).reshape(b, c, s)                    # (B, C, S), copy if strided
+    x_bcs = x.astype(cdt, copy=False).reshape(b, c, s)                 # (B, C, S), copy if strided
     gamma = None if weight is None else weight.astype(cdt, copy=False)
     beta = None if bias is None else bias.astype(cdt, copy=False)
     mean, rstd = xp.empty((b, g), dtype=cdt), xp.empty((b, g), dtype=cdt)
     y = xp.empty((b, c, s), dtype=cdt)
 
     def block(lo, hi):                                                 # samples [lo, hi)
-        m, r, cancels = _moments(xc[lo:hi].reshape((hi - lo) * g, cg * s), eps)
+        m, r, cancels = _moments(x_bcs[lo:hi].reshape((hi - lo) * g, cg * s), eps)
         mean[lo:hi], rstd[lo:hi] = m.reshape(hi - lo, g), r.reshape(hi - lo, g)
         if not cancels:
-            _scale_shift(xc[lo:hi], *_affine(mean[lo:hi], rstd[lo:hi], cg, gamma, beta), y[lo:hi])
+            _scale_shift(x_bcs[lo:hi], *_affine(mean[lo:hi], rstd[lo:hi], cg, gamma, beta), y[lo:hi])
         return cancels
 
     centered = any(parallel_for(block, b, c * s, _GROUP_NORM_BLOCK, row_length=s))
+    x_saved = x_bcs                                                    # what the backward reads
     if centered:
         # |mu| >> sigma somewhere: x * a - mu * a would cancel, so keep x - mu instead of x (one
         # more pass, only then); y, the backward's sums and its x * k + k0 all use it with mu = 0.
-        xc = xc - _per_channel(mean, cg)[:, :, None]
-        a, sh = _affine(xp.zeros_like(mean), rstd, cg, gamma, beta)   # (B, C)
-        parallel_for(lambda lo, hi: _scale_shift(xc[lo:hi], a[lo:hi], sh[lo:hi], y[lo:hi]),
+        x_saved = x_bcs - _per_channel(mean, cg)[:, :, None]
+        a, shift = _affine(xp.zeros_like(mean), rstd, cg, gamma, beta)   # (B, C)
+        parallel_for(lambda lo, hi: _scale_shift(x_saved[lo:hi], a[lo:hi], shift[lo:hi], y[lo:hi]),
                      b, c * s, row_length=s)
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
-    cache = (xc, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
+    cache = (x_saved, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
     return y, cache
 
 
@@ -194,32 +191,32 @@ def group_norm_backward(dy, cache):
     samples (the sums over S, then dx per sub-block while it is in cache), the blocks spread over
     the CPU's threads.
     """
-    xc, mean, rstd, centered, weight, has_bias, in_dtype, in_shape = cache
-    b, c, s = xc.shape
+    x_saved, mean, rstd, centered, weight, has_bias, in_dtype, in_shape = cache
+    b, c, s = x_saved.shape
     g = mean.shape[1]
     cg = c // g
     inv_m = 1.0 / max(cg * s, 1)
-    cdt = xc.dtype
-    if centered:                                                       # xc holds x - mu
+    cdt = x_saved.dtype
+    if centered:                                                       # x_saved holds x - mu
         mean = xp.zeros_like(mean)
     dyc = dy.astype(cdt, copy=False).reshape(b, c, s)                  # (B, C, S)
     gamma = None if weight is None else weight.astype(cdt, copy=False)
-    db = xp.empty((b, c), dtype=cdt)                                   # sum_S dy        (B, C)
-    ds = xp.empty((b, c), dtype=cdt)                                   # sum_S dy x      (B, C)
+    sum_dy = xp.empty((b, c), dtype=cdt)                               # sum_S dy        (B, C)
+    sum_dy_x = xp.empty((b, c), dtype=cdt)                             # sum_S dy x      (B, C)
     dx = xp.empty((b, c, s), dtype=cdt)
     rstd_c = _per_channel(rstd, cg)                                    # (B, C)
     a = rstd_c if gamma is None else rstd_c * gamma                    # dx = dy * a + ...
 
     def block(lo, hi):                                                 # samples [lo, hi)
         n = hi - lo
-        dyb, xb = dyc[lo:hi], xc[lo:hi]
-        db[lo:hi] = row_sum(dyb.reshape(n * c, s)).reshape(n, c)
-        ds[lo:hi] = row_dot(dyb.reshape(n * c, s), xb.reshape(n * c, s)).reshape(n, c)
+        dyb, xb = dyc[lo:hi], x_saved[lo:hi]
+        sum_dy[lo:hi] = row_sum(dyb.reshape(n * c, s)).reshape(n, c)
+        sum_dy_x[lo:hi] = row_dot(dyb.reshape(n * c, s), xb.reshape(n * c, s)).reshape(n, c)
         # Group sums of g = dy * gamma and of g * x, then the group means of g and g * xhat:
         # mean(g xhat) = r (sum g x - mu sum g) / M.                   (n, G)
-        gdb = db[lo:hi] if gamma is None else db[lo:hi] * gamma
-        gds = ds[lo:hi] if gamma is None else ds[lo:hi] * gamma
-        sum_g, sum_gx = gdb.reshape(n, g, cg).sum(axis=2), gds.reshape(n, g, cg).sum(axis=2)
+        sum_g_ch = sum_dy[lo:hi] if gamma is None else sum_dy[lo:hi] * gamma           # (n, C)
+        sum_gx_ch = sum_dy_x[lo:hi] if gamma is None else sum_dy_x[lo:hi] * gamma     # (n, C)
+        sum_g, sum_gx = sum_g_ch.reshape(n, g, cg).sum(axis=2), sum_gx_ch.reshape(n, g, cg).sum(axis=2)
         mu, r = mean[lo:hi], rstd[lo:hi]
         # dx = r*gamma*dy - r*mean(g) - r^2 (x - mu) mean(g xhat) = dy*a + x*k + k0, where k and
         # k0 are per group: x * k + k0 runs on the (n, G, Cg*S) view of x.
@@ -240,10 +237,10 @@ def group_norm_backward(dy, cache):
     # dgamma = sum_{B,S} dy xhat = sum_B r (sum_S dy x - mu sum_S dy); dbeta = sum_{B,S} dy.
     dweight = dbias = None
     if weight is not None:
-        dxhat = (ds - _per_channel(mean, cg) * db) * rstd_c
+        dxhat = (sum_dy_x - _per_channel(mean, cg) * sum_dy) * rstd_c
         dweight = dxhat.sum(axis=0).astype(weight.dtype, copy=False)
     if has_bias:
-        dbias = db.sum(axis=0).astype(in_dtype if weight is None else weight.dtype, copy=False)
+        dbias = sum_dy.sum(axis=0).astype(in_dtype if weight is None else weight.dtype, copy=False)
     dx = dx.reshape(in_shape).astype(in_dtype, copy=False)
     return dx, dweight, dbias
 

@@ -38,7 +38,6 @@ CONFIG = "config.json"
 #: Phases in file order: what a key is, and where it sits in the forward/backward story.
 PHASES = ("input", "weights", "forward", "output", "output_grad", "backward", "input_grad", "loss")
 FORWARD_PHASES = ("input", "weights", "forward", "output")
-BACKWARD_PHASES = ("output_grad", "backward", "input_grad", "loss")
 
 #: Tolerances (relative to the golden tensor's largest magnitude) a correct implementation meets:
 #: the floor of every key's recommended tolerance; keys whose float32 rounding is larger get more

@@ -44,7 +44,6 @@ __all__ = ["TorchGenerator", "torch_randn", "torch_rand", "randn_tensor", "DEFAU
 DEFAULT_SEED = 67280421310721  # at::default_rng_seed_val: the seed of a fresh torch.Generator()
 
 _MT_N = 624
-_MT_M = 397
 _MATRIX_A = numpy.uint32(0x9908B0DF)
 _UPPER = numpy.uint32(0x80000000)
 _LOWER = numpy.uint32(0x7FFFFFFF)

@@ -139,10 +139,6 @@ def module_generators(module) -> dict:
     return out
 
 
-def _finite(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
-
-
 class Trainer:
     """Runs ``stage`` on ``dataset`` with the ``[train]`` settings ``config`` (a ``TrainConfig``).
 

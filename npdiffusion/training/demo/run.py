@@ -73,9 +73,8 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
     blas_one = limit_blas_threads(1)
     from npdiffusion import parallel  # noqa: PLC0415
 
-    # One thread for element-wise work too: at the demo's sizes (arrays of 64 K-1 M entries) handing
-    # parts to a second thread cost more than it saved (U-Net step 199-243 ms with one, 276-287 ms
-    # with two; docs/benchmarks.md, "Training").
+    # One thread for element-wise work too: at the demo's sizes handing parts to a second thread
+    # costs more than it saves (docs/benchmarks.md, "Element-wise threads at the demo's size").
     parallel.set_num_threads(1)
     configs = stage_configs(out, quick, dataset)
     os.makedirs(os.path.join(out, "configs"), exist_ok=True)

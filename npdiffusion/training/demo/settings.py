@@ -9,17 +9,11 @@ from __future__ import annotations
 import copy
 import os
 
-# Classifier-free guidance for the report and pictures: on the demo's model, scales 1.5-3 follow the
-# prompts best (all three attributes right: 84.0 / 83.5 / 83.0 % at 1.5 / 2 / 3, 80.5 % at 4, 67 %
-# at 8; docs/studies.md, tools/study_guidance.py): past 3 the colour gets sharper but shapes break.
+# Guidance and sampler of the report: the settings that followed the prompts best in the studies
+# (docs/studies.md, "Guidance scale" and "Steps and samplers").
 GUIDANCE_SCALE = 2.0
 EVAL_PROMPTS = 50
 EVAL_SEEDS = 4
-# The report's sampler: DDPM's ancestral steps (fresh noise at every step), 25 of them. On the
-# demo's model the stochastic samplers follow the prompts better than the deterministic ones, which
-# keep a wrong early shape: all three right 86.5-91 % for DDPM and Euler-A at 10-25 steps against
-# 81.5-84 % for DPM-Solver++ 2M (the model folder's own sampler) at the same steps
-# (docs/studies.md, "Steps and samplers").
 EVAL_STEPS = 25
 EVAL_SCHEDULER = "DDPMScheduler"
 DIGIT_SEEDS = 20                       # digits demo: 10 prompts x 20 seeds, as many samples as 50 x 4
