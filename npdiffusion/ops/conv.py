@@ -33,6 +33,7 @@ Derivation and measurements: docs/ops/convolution.md, docs/benchmarks.md.
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 from npdiffusion.backend import get_backend, xp
 from npdiffusion.ops.reductions import row_sum
@@ -243,6 +244,15 @@ def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None, 
             xp.add(yt, bias4, out=out_view[:, b0:b1, r0:r1])
 
 
+class ConvCache(NamedTuple):
+    """What ``conv2d_backward`` needs from the forward (not the im2col matrix: it is rebuilt)."""
+    x: object             # (B, C, H, W)
+    weight: object        # (O, C, kh, kw)
+    has_bias: bool
+    stride: tuple         # (rows, columns)
+    padding: tuple        # (rows, columns)
+
+
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """y = conv2d(x, weight) + bias, torch's cross-correlation, NCHW.
 
@@ -258,7 +268,7 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     Ho, Wo = conv2d_output_size((H, W), (kh, kw), stride, padding)
     dtype = xp.result_type(x, weight)
     cdt = _compute_dtype(dtype)
-    cache = (x, weight, bias is not None, stride, padding)
+    cache = ConvCache(x, weight, bias is not None, stride, padding)
     if _is_pointwise(kh, kw, stride, padding):
         # 1x1: y[b] = W (O, C) @ x[b] (C, H*W), a batched matmul straight into NCHW.
         y = xp.matmul(weight.reshape(O, C).astype(cdt, copy=False),

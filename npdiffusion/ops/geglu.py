@@ -15,6 +15,7 @@ threads (npdiffusion/parallel.py).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from npdiffusion.backend import xp
 from npdiffusion.ops.activations import _phi_cdf
@@ -29,11 +30,19 @@ def _compute_dtype(dtype):
     return xp.float32 if dtype.itemsize < 4 else dtype
 
 
+class GegluCache(NamedTuple):
+    """What ``geglu_backward`` needs from the forward."""
+    rows: object          # h as (R, 2F) in the compute dtype: [value | gate]
+    cdf: object           # Phi(gate) (R, F)
+    in_dtype: object      # h's dtype (dh is cast back to it)
+    in_shape: tuple       # h's shape (..., 2F)
+
+
 def geglu_forward(h):
     """out = value * GELU_erf(gate) with [value | gate] = h split on the last axis.
 
-    h (..., 2F) -> out (..., F). Returns ``(out, cache)``; cache = (h, Phi(gate)) so the backward
-    does not evaluate erf again.
+    h (..., 2F) -> out (..., F). Returns ``(out, cache)``; cache a ``GegluCache`` (h and Phi(gate),
+    so the backward does not evaluate erf again).
     """
     if not hasattr(h, "shape") or not hasattr(h, "dtype"):
         raise TypeError(f"geglu: h must be an array, got {type(h).__name__}")
@@ -54,7 +63,7 @@ def geglu_forward(h):
 
     parallel_for(block, rows.shape[0], 2 * f, BLOCK_ENTRIES)
     shape = h.shape[:-1] + (f,)
-    return out.reshape(shape).astype(h.dtype, copy=False), (rows, cdf, h.dtype, h.shape)
+    return out.reshape(shape).astype(h.dtype, copy=False), GegluCache(rows, cdf, h.dtype, h.shape)
 
 
 def geglu_backward(dout, cache):

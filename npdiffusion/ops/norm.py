@@ -32,6 +32,8 @@ Numerics and speed:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy
 
 from npdiffusion.backend import xp
@@ -133,13 +135,24 @@ def _scale_shift(x, a, sh, out):
     out += sh[:, :, None]
 
 
+class GroupNormCache(NamedTuple):
+    """What ``group_norm_backward`` needs from the forward."""
+    x: object             # x as (B, C, S) in the compute dtype; x - mu when ``centered``
+    mean: object          # mu (B, G)
+    rstd: object          # r = 1/sqrt(var + eps) (B, G)
+    centered: bool        # x holds x - mu (some group had |mu| >> sigma)
+    weight: object        # gamma (C,) as given, or None
+    has_bias: bool
+    in_dtype: object      # x's dtype (dx is cast back to it)
+    in_shape: tuple       # x's shape (B, C, *spatial)
+
+
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Group normalization of x (B, C, *spatial) over groups of C/G consecutive channels.
 
     weight (gamma) and bias (beta) are per channel (C,), each optional. Equals
-    torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype;
-    cache = (x as (B, C, S) in the compute dtype (x - mu where |mu| >> sigma), mu (B, G), r (B, G),
-    weight, flags). Everything runs per block of samples (the statistics, then y = x * a + sh,
+    torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype and
+    cache a ``GroupNormCache``. Everything runs per block of samples (the statistics, then y = x * a + sh,
     while the block is in cache), the blocks spread over the CPU's threads
     (npdiffusion/parallel.py). Derivation: docs/ops/normalization.md.
     """
@@ -180,8 +193,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
         parallel_for(lambda lo, hi: _scale_shift(xc[lo:hi], a[lo:hi], sh[lo:hi], y[lo:hi]),
                      b, c * s, row_length=s)
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
-    cache = (xc, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
-    return y, cache
+    return y, GroupNormCache(xc, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
 
 
 def group_norm_backward(dy, cache):
@@ -268,13 +280,24 @@ def _normalized_ndim(x, normalized_shape, weight, bias, op):
     return normalized_shape
 
 
+class LayerNormCache(NamedTuple):
+    """What ``layer_norm_backward`` needs from the forward."""
+    xhat: object          # (x - mu) * r as (N, M) in the compute dtype
+    rstd: object          # r (N,)
+    weight: object        # gamma (normalized shape) as given, or None
+    has_bias: bool
+    normalized_shape: tuple
+    in_dtype: object      # x's dtype (dx is cast back to it)
+    in_shape: tuple       # x's shape (..., *normalized_shape)
+
+
 def layer_norm_forward(x, normalized_shape=None, weight=None, bias=None, eps=1e-5):
     """Layer normalization of x (..., *normalized_shape) over its last len(normalized_shape) axes.
 
     ``normalized_shape`` is an int or a tuple (default: the shape of weight, else of bias);
     weight (gamma) and bias (beta) have that shape, each optional. Equals
-    torch.nn.functional.layer_norm. Returns ``(y, cache)``; cache = (xhat (N, M), r (N,), weight,
-    flags). Derivation: docs/ops/normalization.md.
+    torch.nn.functional.layer_norm. Returns ``(y, cache)``; cache a ``LayerNormCache``.
+    Derivation: docs/ops/normalization.md.
     """
     op = "layer_norm"
     cdt = _compute_dtype(x, op)
@@ -293,7 +316,7 @@ def layer_norm_forward(x, normalized_shape=None, weight=None, bias=None, eps=1e-
     else:
         y = xhat.copy()
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
-    return y, (xhat, rstd, weight, bias is not None, shape, x.dtype, x.shape)
+    return y, LayerNormCache(xhat, rstd, weight, bias is not None, shape, x.dtype, x.shape)
 
 
 def layer_norm_backward(dy, cache):
