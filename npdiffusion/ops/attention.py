@@ -28,11 +28,8 @@ import numbers
 from typing import NamedTuple
 
 from npdiffusion.backend import xp
+from npdiffusion.checks import compute_dtype
 from npdiffusion.ops.reductions import row_dot
-
-
-def _compute_dtype(dtype):
-    return xp.float32 if dtype.itemsize < 4 else dtype
 
 
 def _check_inputs(q, k, v):
@@ -211,7 +208,7 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=N
     B, H, Tq, D = q.shape
     Tk, Dv = v.shape[2], v.shape[3]
     scale, causal = _check_options(scale, causal, chunk_size, D)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype, "attention", "q")
     mask = _prepare_mask(mask, (B, H, Tq, Tk), cdt)
     qs = xp.multiply(q, scale, dtype=cdt)                   # scale folded into q: (Tq, D), not (Tq, Tk)
     k = k.astype(cdt, copy=False)

@@ -20,7 +20,7 @@ import numpy
 from npdiffusion.backend import asarray, get_backend, scatter_add, xp
 
 
-def _check_ids(ids, num_embeddings, op):
+def check_ids(ids, num_embeddings, op):
     if not hasattr(ids, "dtype") or ids.dtype.kind not in "iu":
         got = getattr(ids, "dtype", type(ids).__name__)
         raise TypeError(f"{op}: ids must be an integer array, got {got}")
@@ -46,7 +46,7 @@ def embedding_forward(ids, weight):
     op = "embedding"
     if not hasattr(weight, "ndim") or weight.ndim != 2:
         raise ValueError(f"{op}: weight must have shape (V, D), got shape {getattr(weight, 'shape', None)}")
-    _check_ids(ids, weight.shape[0], op)
+    check_ids(ids, weight.shape[0], op)
     y = xp.take(weight, ids, axis=0)                                    # (..., D)
     return y, EmbeddingCache(ids, weight.shape, weight.dtype)
 

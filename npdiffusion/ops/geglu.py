@@ -18,16 +18,11 @@ import math
 from typing import NamedTuple
 
 from npdiffusion.backend import xp
-from npdiffusion.ops.activations import _phi_cdf
+from npdiffusion.checks import compute_dtype
+from npdiffusion.ops.activations import phi_cdf
 from npdiffusion.parallel import BLOCK_ENTRIES, parallel_for
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _compute_dtype(dtype):
-    if dtype.kind != "f":
-        raise TypeError(f"geglu: h must be a floating array, got dtype {dtype}")
-    return xp.float32 if dtype.itemsize < 4 else dtype
 
 
 class GegluCache(NamedTuple):
@@ -48,7 +43,7 @@ def geglu_forward(h):
         raise TypeError(f"geglu: h must be an array, got {type(h).__name__}")
     if h.ndim == 0 or h.shape[-1] % 2:
         raise ValueError(f"geglu: h must have an even number of entries on its last axis, got shape {tuple(h.shape)}")
-    cdt = _compute_dtype(h.dtype)
+    cdt = compute_dtype(h.dtype, "geglu", "h")
     f = h.shape[-1] // 2
     hc = h.astype(cdt, copy=False)
     rows = hc.reshape(-1, 2 * f)                            # (R, 2F), a copy only if strided
@@ -57,7 +52,7 @@ def geglu_forward(h):
 
     def block(lo, hi):
         value, gate = rows[lo:hi, :f], rows[lo:hi, f:]
-        _phi_cdf(gate, cdf[lo:hi])
+        phi_cdf(gate, cdf[lo:hi])
         xp.multiply(gate, cdf[lo:hi], out=out[lo:hi])       # GELU(gate)
         out[lo:hi] *= value
 

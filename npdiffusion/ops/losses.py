@@ -16,13 +16,9 @@ from typing import NamedTuple
 import numpy
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.checks import check_float_array
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_float(a, name, op):
-    if not hasattr(a, "dtype") or a.dtype.kind != "f":
-        raise TypeError(f"{op}: {name} must be a floating array, got {getattr(a, 'dtype', type(a).__name__)}")
 
 
 def _unbroadcast(g, shape):
@@ -42,8 +38,8 @@ def mse_loss_forward(pred, target, reduction: str = "mean"):
     squares ("none"), like torch.nn.functional.mse_loss. pred and target have the same shape.
     Returns ``(loss, cache)``; cache = (pred - target, reduction)."""
     op = "mse_loss"
-    _check_float(pred, "pred", op)
-    _check_float(target, "target", op)
+    check_float_array("pred", pred, op)
+    check_float_array("target", target, op)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if tuple(pred.shape) != tuple(target.shape):
@@ -91,7 +87,7 @@ def cross_entropy_forward(logits, labels, ignore_index: int = -100):
     array (NaN when no position is labelled, as torch); cache a ``CrossEntropyCache``.
     """
     op = "cross_entropy"
-    _check_float(logits, "logits", op)
+    check_float_array("logits", logits, op)
     if logits.ndim < 1 or logits.shape[-1] == 0:
         raise ValueError(f"{op}: logits must have a non-empty class axis (..., K), got shape {tuple(logits.shape)}")
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
@@ -162,7 +158,7 @@ def gaussian_kl_forward(mean1, logvar1, mean2, logvar2):
     for name, a in zip(_KL_NAMES, args):
         if isinstance(a, (int, float)) and not isinstance(a, bool):
             continue
-        _check_float(a, name, op)
+        check_float_array(name, a, op)
         dtype = dtype or a.dtype
     if dtype is None:
         raise TypeError(f"{op}: at least one of {', '.join(_KL_NAMES)} must be an array")

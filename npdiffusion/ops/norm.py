@@ -34,9 +34,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy
-
 from npdiffusion.backend import xp
+from npdiffusion.checks import check_float_array, check_int, compute_dtype
 from npdiffusion.ops.reductions import column_sum, row_dot, row_sum
 from npdiffusion.parallel import parallel_for
 
@@ -46,9 +45,8 @@ _ONE_PASS_MAX_RATIO = 16.0
 
 
 def _compute_dtype(x, op):
-    if not hasattr(x, "dtype") or x.dtype.kind != "f":
-        raise TypeError(f"{op}: x must be a floating array, got {getattr(x, 'dtype', type(x).__name__)}")
-    return numpy.dtype(numpy.float32) if x.dtype.itemsize < 4 else x.dtype
+    check_float_array("x", x, op)
+    return compute_dtype(x.dtype, op)
 
 
 def _check_param(op, name, p, shape):
@@ -160,8 +158,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     cdt = _compute_dtype(x, op)
     if x.ndim < 2:
         raise ValueError(f"{op}: x must have shape (B, C, *spatial), got shape {tuple(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
+    num_groups = check_int("num_groups", num_groups, where=op)
     b, c = x.shape[0], x.shape[1]
     if c % num_groups:
         raise ValueError(f"{op}: the {c} channels of x (shape {tuple(x.shape)}) are not divisible "

@@ -22,11 +22,12 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.checks import check_int, check_real
 from npdiffusion.nn.module import no_cache
 from npdiffusion.pipelines.image_utils import OUTPUT_TYPES, preprocess_image
 from npdiffusion.pipelines.noise import NoiseSource
 from npdiffusion.pipelines.output import StableDiffusionPipelineOutput
-from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline, _check_int, _check_real, _is_str_list
+from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline, _is_str_list
 
 
 def get_timesteps(scheduler, num_inference_steps: int, strength: float):
@@ -88,13 +89,13 @@ def img2img(pipe: StableDiffusionPipeline, image, prompt=None, strength: float =
     """
     if not isinstance(pipe, StableDiffusionPipeline):
         raise TypeError(f"img2img: pipe must be a StableDiffusionPipeline, got {type(pipe).__name__}")
-    strength = _check_real("strength", strength)
+    strength = check_real("strength", strength)
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0.0, 1.0], got {strength}")
-    steps = _check_int("num_inference_steps", num_inference_steps)
-    guidance_scale = _check_real("guidance_scale", guidance_scale)
-    eta = _check_real("eta", eta, minimum=0.0)
-    n = _check_int("num_images_per_prompt", num_images_per_prompt)
+    steps = check_int("num_inference_steps", num_inference_steps)
+    guidance_scale = check_real("guidance_scale", guidance_scale)
+    eta = check_real("eta", eta, minimum=0.0)
+    n = check_int("num_images_per_prompt", num_images_per_prompt)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if image is None:

@@ -31,6 +31,7 @@ import os
 import numpy
 
 from npdiffusion.backend import asarray, is_array, to_numpy, xp
+from npdiffusion.checks import check_int, check_real
 from npdiffusion.diffusion.guidance import classifier_free_guidance, rescale_noise_cfg
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import read_config
@@ -59,20 +60,6 @@ SIZE_MULTIPLE = 8
 
 def _is_str_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name, value, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not numpy.isfinite(float(value)):
-        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return float(value)
 
 
 def _version_tuple(text) -> tuple:
@@ -240,7 +227,7 @@ class StableDiffusionPipeline:
         list needs a list of the same length (diffusers' rules). ``clip_skip`` applies to the prompt
         only, not to the negative prompt, as in diffusers.
         """
-        n = _check_int("num_images_per_prompt", num_images_per_prompt)
+        n = check_int("num_images_per_prompt", num_images_per_prompt)
         if prompt is not None and isinstance(prompt, str):
             batch = 1
         elif prompt is not None and isinstance(prompt, list):
@@ -408,11 +395,11 @@ class StableDiffusionPipeline:
         if not height or not width:
             height, width = default_h, default_w
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        steps = _check_int("num_inference_steps", num_inference_steps)
-        guidance_scale = _check_real("guidance_scale", guidance_scale)
-        guidance_rescale = _check_real("guidance_rescale", guidance_rescale, minimum=0.0)
-        eta = _check_real("eta", eta, minimum=0.0)
-        n = _check_int("num_images_per_prompt", num_images_per_prompt)
+        steps = check_int("num_inference_steps", num_inference_steps)
+        guidance_scale = check_real("guidance_scale", guidance_scale)
+        guidance_rescale = check_real("guidance_rescale", guidance_rescale, minimum=0.0)
+        eta = check_real("eta", eta, minimum=0.0)
+        n = check_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         do_cfg = guidance_scale > 1.0
