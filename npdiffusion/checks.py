@@ -141,7 +141,9 @@ def read_json_object(path: str, where: str, error=ValueError) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise error(f"{_prefix(where)}{path!r} is not UTF-8 text ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
         raise error(f"{_prefix(where)}{path!r} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise error(f"{_prefix(where)}{path!r} must hold a JSON object, got a JSON {type(data).__name__}")
