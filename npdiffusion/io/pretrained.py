@@ -161,12 +161,7 @@ def _add_variant(name: str, variant: str | None) -> str:
 
 
 def _load_sharded(folder: str, index_path: str) -> dict:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"load_weights: shard index {index_path!r} is not valid JSON: {exc}") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json_object(index_path, "load_weights: shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise ValueError(f"load_weights: shard index {index_path!r} needs a 'weight_map' object of "
