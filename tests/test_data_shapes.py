@@ -119,8 +119,8 @@ def test_other_sizes_scale_the_geometry():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"num_images": 0}, "num_images must be an int >= 1, got 0"),
-    ({"num_images": 2.5}, "num_images must be an int >= 1, got 2.5"),
+    ({"num_images": 0}, "num_images must be a positive int, got 0"),
+    ({"num_images": 2.5}, "num_images must be a positive int, got 2.5"),
     ({"num_images": 3, "seed": -1}, "seed must be a non-negative int, got -1"),
     ({"num_images": 3, "size": 4}, "size must be an int >= 8, got 4"),
 ])

@@ -72,7 +72,7 @@ def test_clear_errors(backend):
         guided_prediction(x, 7.5)
     with pytest.raises(ValueError, match=r"eps_cond must have the shape of eps_uncond \(3, 4\), got \(2, 4\)"):
         classifier_free_guidance(x, asarray(np.zeros((2, 4))), 7.5)
-    with pytest.raises(TypeError, match="guidance_scale must be a number, got str"):
+    with pytest.raises(TypeError, match="guidance_scale must be a real number, got str"):
         classifier_free_guidance(x, x, "7.5")
     with pytest.raises(ValueError, match="noise_cfg must have at least 2 entries per sample"):
         rescale_noise_cfg(asarray(np.zeros((3, 1))), asarray(np.zeros((3, 1))), 0.5)

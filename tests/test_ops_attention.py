@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npdiffusion.backend import asarray, to_numpy
-from npdiffusion.ops.attention import _small_scores, attention_backward, attention_forward
+from npdiffusion.ops.attention import (ChunkedAttentionCache, PlainAttentionCache, _small_scores, attention_backward,
+                                       attention_forward)
 from npdiffusion.testing import gradcheck_op, noncontiguous, relative_error
 
 
@@ -59,7 +60,7 @@ def test_chunked_equals_plain(backend, chunk, kind):
     dout = asarray(rng.standard_normal((2, 3, 7, 5)))
     out_p, cache_p = attention_forward(q, k, v, mask=mask, causal=causal)
     out_c, cache_c = attention_forward(q, k, v, mask=mask, causal=causal, chunk_size=chunk)
-    assert cache_c[0] == "chunked" and cache_p[0] == "plain"
+    assert isinstance(cache_c, ChunkedAttentionCache) and isinstance(cache_p, PlainAttentionCache)
     assert relative_error(out_c, out_p) <= 1e-12
     for gc, gp in zip(attention_backward(dout, cache_c), attention_backward(dout, cache_p)):
         assert relative_error(gc, gp) <= 1e-12

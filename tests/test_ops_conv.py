@@ -150,10 +150,10 @@ def test_conv2d_output_size():
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(stride=0), ValueError, "stride must be >= 1"),
-    (dict(stride=(1, 2, 3)), TypeError, "stride must be an int or a pair of ints"),
-    (dict(padding=-1), ValueError, "padding must be >= 0"),
-    (dict(padding=1.5), TypeError, "padding must be an int or a pair of ints"),
+    (dict(stride=0), ValueError, "conv2d: stride must be a positive int or a pair of positive ints, got 0"),
+    (dict(stride=(1, 2, 3)), TypeError, r"stride must be a positive int or a pair of positive ints, got \(1, 2, 3\)"),
+    (dict(padding=-1), ValueError, "padding must be a non-negative int or a pair of non-negative ints, got -1"),
+    (dict(padding=1.5), TypeError, "padding must be a non-negative int or a pair of non-negative ints, got 1.5"),
 ])
 def test_conv2d_op_rejects_bad_hyperparameters(backend, kwargs, exc, match):
     x, w = asarray(np.zeros((1, 2, 4, 4))), asarray(np.zeros((3, 2, 3, 3)))

@@ -254,5 +254,5 @@ def test_bad_arguments_raise_clear_errors():
         torch_randn(2.5, 0)
     with pytest.raises(ValueError, match=r"kernel must be one of \['avx2', 'scalar'\], got 'sse'"):
         TorchGenerator(0, kernel="sse")
-    with pytest.raises(TypeError, match=r"dtype must be one of \['float16', 'float32', 'float64'\], got"):
+    with pytest.raises(TypeError, match=r"dtype must be one of \('float16', 'float32', 'float64'\), got"):
         torch_randn(3, 0, dtype=np.int32)

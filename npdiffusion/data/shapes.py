@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from npdiffusion.checks import check_int
 from npdiffusion.data.dataset import ArrayDataset
 
 COLORS = {
@@ -69,8 +70,8 @@ class ShapeParams:
 
 def draw_params(num_images: int, seed: int = 0, size: int = SIDE) -> ShapeParams:
     """Draw the attributes, centre and radius of ``num_images`` images from ``seed``."""
-    num_images = _check_int("num_images", num_images, 1)
-    size = _check_int("size", size, 8)
+    num_images = check_int("num_images", num_images, 1, "shapes")
+    size = check_int("size", size, 8, "shapes")
     if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0:
         raise ValueError(f"shapes: seed must be a non-negative int, got {seed!r}")
     # One row of uniforms per image, so image i depends only on (seed, i): a longer dataset of the same
@@ -135,9 +136,3 @@ class ShapesDataset(ArrayDataset):
     def attributes(self, i: int) -> tuple[str, str, str]:
         p = self.params
         return COLOR_NAMES[p.color[i]], SHAPES[p.shape[i]], POSITION_NAMES[p.position[i]]
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < minimum:
-        raise ValueError(f"shapes: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)

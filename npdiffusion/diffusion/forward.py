@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy
 
 from npdiffusion.backend import asarray, to_numpy
+from npdiffusion.checks import check_same_shape, check_sample
 
 __all__ = [
     "check_schedule", "check_timesteps", "gather", "q_step_mean_variance", "q_step",
@@ -85,20 +86,6 @@ def check_timesteps(t, T: int, batch=None):
     return arr.astype(numpy.int64)
 
 
-def _check_sample(name: str, x):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
-    if x.ndim < 1:
-        raise ValueError(f"{name} must have a batch axis, got shape {tuple(x.shape)}")
-
-
-def _check_same_shape(name_a, a, name_b, b):
-    if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
-
-
 def gather(values, t, like):
     """``values[t]`` shaped to broadcast over ``like`` (B, ...), in ``like``'s dtype.
 
@@ -117,7 +104,7 @@ def q_step_mean_variance(x_prev, t, betas):
 
     x_prev (B, ...); returns ``(mean (B, ...), variance)`` with the variance a float or (B, 1, ...).
     """
-    _check_sample("x_prev", x_prev)
+    check_sample("x_prev", x_prev)
     b = check_schedule("betas", betas)
     t = check_timesteps(t, b.size, x_prev.shape[0])
     return gather(numpy.sqrt(1.0 - b), t, x_prev) * x_prev, gather(b, t, x_prev)
@@ -125,8 +112,8 @@ def q_step_mean_variance(x_prev, t, betas):
 
 def q_step(x_prev, t, betas, noise):
     """One noising step: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) noise (the std, not beta_t)."""
-    _check_sample("noise", noise)
-    _check_same_shape("x_prev", x_prev, "noise", noise)
+    check_sample("noise", noise)
+    check_same_shape("x_prev", x_prev, "noise", noise)
     mean, _ = q_step_mean_variance(x_prev, t, betas)
     b = check_schedule("betas", betas)
     t = check_timesteps(t, b.size, x_prev.shape[0])
@@ -146,7 +133,7 @@ def q_mean_variance(x0, t, alphas_cumprod):
     Returns ``(mean (B, ...), variance, log_variance)``; variance and log-variance are floats or
     (B, 1, ..., 1) arrays. log(1 - abar_t) is -inf where abar_t = 1.
     """
-    _check_sample("x0", x0)
+    check_sample("x0", x0)
     a = check_schedule("alphas_cumprod", alphas_cumprod)
     t = check_timesteps(t, a.size, x0.shape[0])
     one_minus = 1.0 - a
@@ -157,9 +144,9 @@ def q_mean_variance(x0, t, alphas_cumprod):
 
 def q_sample(x0, t, alphas_cumprod, noise):
     """A draw of x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (noise ~ N(0, I))."""
-    _check_sample("x0", x0)
-    _check_sample("noise", noise)
-    _check_same_shape("x0", x0, "noise", noise)
+    check_sample("x0", x0)
+    check_sample("noise", noise)
+    check_same_shape("x0", x0, "noise", noise)
     s_a, s_1ma = marginal_coefficients(alphas_cumprod)
     t = check_timesteps(t, s_a.size, x0.shape[0])
     return gather(s_a, t, x0) * x0 + gather(s_1ma, t, noise) * noise
@@ -220,9 +207,9 @@ def q_posterior_mean_variance(x0, x_t, t, alphas_cumprod, alphas_cumprod_prev=No
 
     x0, x_t (B, ...); variance and clipped log-variance are floats or (B, 1, ..., 1) arrays.
     """
-    _check_sample("x0", x0)
-    _check_sample("x_t", x_t)
-    _check_same_shape("x0", x0, "x_t", x_t)
+    check_sample("x0", x0)
+    check_sample("x_t", x_t)
+    check_same_shape("x0", x0, "x_t", x_t)
     post = posterior_coefficients(alphas_cumprod, alphas_cumprod_prev)
     t = check_timesteps(t, post.betas.size, x0.shape[0])
     mean = gather(post.coef_x0, t, x0) * x0 + gather(post.coef_xt, t, x_t) * x_t

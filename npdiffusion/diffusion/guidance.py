@@ -15,23 +15,17 @@ cache or has a backward.
 from __future__ import annotations
 
 from npdiffusion.backend import xp
-from npdiffusion.diffusion.forward import _check_same_shape, _check_sample
+from npdiffusion.checks import check_real, check_same_shape, check_sample
 
 __all__ = ["classifier_free_guidance", "rescale_noise_cfg", "guided_prediction"]
 
 
-def _check_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
 def classifier_free_guidance(eps_uncond, eps_cond, guidance_scale: float):
     """eps_u + w (eps_c - eps_u) (B, ...); w = 1 gives eps_c, w = 0 gives eps_u."""
-    _check_sample("eps_uncond", eps_uncond)
-    _check_sample("eps_cond", eps_cond)
-    _check_same_shape("eps_uncond", eps_uncond, "eps_cond", eps_cond)
-    w = _check_number("guidance_scale", guidance_scale)
+    check_sample("eps_uncond", eps_uncond)
+    check_sample("eps_cond", eps_cond)
+    check_same_shape("eps_uncond", eps_uncond, "eps_cond", eps_cond)
+    w = check_real("guidance_scale", guidance_scale, finite=False)
     return eps_uncond + w * (eps_cond - eps_uncond)
 
 
@@ -40,10 +34,10 @@ def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale: float = 0.0)
 
     noise_cfg, noise_pred_text (B, ...) with at least two entries per sample (ddof = 1).
     """
-    _check_sample("noise_cfg", noise_cfg)
-    _check_sample("noise_pred_text", noise_pred_text)
-    _check_same_shape("noise_cfg", noise_cfg, "noise_pred_text", noise_pred_text)
-    phi = _check_number("guidance_rescale", guidance_rescale)
+    check_sample("noise_cfg", noise_cfg)
+    check_sample("noise_pred_text", noise_pred_text)
+    check_same_shape("noise_cfg", noise_cfg, "noise_pred_text", noise_pred_text)
+    phi = check_real("guidance_rescale", guidance_rescale, finite=False)
     if noise_cfg.ndim < 2 or noise_cfg.size // max(noise_cfg.shape[0], 1) < 2:
         raise ValueError(f"noise_cfg must have at least 2 entries per sample for an unbiased std, "
                          f"got shape {tuple(noise_cfg.shape)}")
@@ -60,13 +54,13 @@ def guided_prediction(model_output, guidance_scale: float, guidance_rescale: flo
     Mirrors StableDiffusionPipeline: ``chunk(2)``, CFG, then ``rescale_noise_cfg`` when
     ``guidance_rescale > 0``.
     """
-    _check_sample("model_output", model_output)
+    check_sample("model_output", model_output)
     if model_output.shape[0] % 2:
         raise ValueError(f"model_output must stack [uncond, cond] on axis 0 (an even batch), "
                          f"got shape {tuple(model_output.shape)}")
     half = model_output.shape[0] // 2
     eps_u, eps_c = model_output[:half], model_output[half:]
     out = classifier_free_guidance(eps_u, eps_c, guidance_scale)
-    if _check_number("guidance_rescale", guidance_rescale) > 0.0:
+    if check_real("guidance_rescale", guidance_rescale, finite=False) > 0.0:
         out = rescale_noise_cfg(out, eps_c, guidance_rescale)
     return out

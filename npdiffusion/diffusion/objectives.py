@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.backend import asarray, xp
-from npdiffusion.diffusion.forward import _check_same_shape, _check_sample, check_schedule, check_timesteps
+from npdiffusion.checks import check_same_shape, check_sample
+from npdiffusion.diffusion.forward import check_schedule, check_timesteps
 from npdiffusion.diffusion.parameterization import check_prediction_type, velocity
 
 __all__ = ["training_target", "snr_at", "min_snr_weights", "simple_loss"]
@@ -33,9 +34,9 @@ __all__ = ["training_target", "snr_at", "min_snr_weights", "simple_loss"]
 def training_target(x0, noise, t, alphas_cumprod, prediction_type: str = "epsilon"):
     """What the model should output for x_t = q_sample(x0, t, noise): noise, x0 or v (B, ...)."""
     check_prediction_type("prediction_type", prediction_type)
-    _check_sample("x0", x0)
-    _check_sample("noise", noise)
-    _check_same_shape("x0", x0, "noise", noise)
+    check_sample("x0", x0)
+    check_sample("noise", noise)
+    check_same_shape("x0", x0, "noise", noise)
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "sample":
@@ -76,9 +77,9 @@ def simple_loss(model_output, target, t=None, alphas_cumprod=None, prediction_ty
     ``t`` and ``alphas_cumprod`` are needed only with ``snr_gamma``. Returns ``(loss, grad)``: loss a
     0-d array, grad = dL/d model_output (B, ...).
     """
-    _check_sample("model_output", model_output)
-    _check_sample("target", target)
-    _check_same_shape("model_output", model_output, "target", target)
+    check_sample("model_output", model_output)
+    check_sample("target", target)
+    check_same_shape("model_output", model_output, "target", target)
     check_prediction_type("prediction_type", prediction_type)
     dtype = xp.float32 if model_output.dtype.itemsize < 4 else model_output.dtype
     diff = model_output.astype(dtype) - target.astype(dtype)

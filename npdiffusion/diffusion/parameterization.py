@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import numpy
 
+from npdiffusion.checks import check_same_shape, check_sample
 from npdiffusion.diffusion.forward import (
-    _check_same_shape, _check_sample, check_timesteps, gather, marginal_coefficients,
+    check_timesteps, gather, marginal_coefficients,
 )
 
 __all__ = ["PREDICTION_TYPES", "check_prediction_type", "conversion_coefficients", "convert_forward",
@@ -63,9 +64,9 @@ def convert_forward(model_output, x_t, t, alphas_cumprod, from_type: str, to_typ
 
     model_output, x_t (B, ...) -> y (B, ...). Returns ``(y, cache)``; cache = (A, Bx) gathered at t.
     """
-    _check_sample("model_output", model_output)
-    _check_sample("x_t", x_t)
-    _check_same_shape("x_t", x_t, "model_output", model_output)
+    check_sample("model_output", model_output)
+    check_sample("x_t", x_t)
+    check_same_shape("x_t", x_t, "model_output", model_output)
     coef_out, coef_x = conversion_coefficients(alphas_cumprod, from_type, to_type)
     t = check_timesteps(t, coef_out.size, x_t.shape[0])
     ca, cb = gather(coef_out, t, model_output), gather(coef_x, t, x_t)
@@ -85,9 +86,9 @@ def convert(model_output, x_t, t, alphas_cumprod, from_type: str, to_type: str):
 
 def velocity(x0, noise, t, alphas_cumprod):
     """The v-prediction target v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (diffusers' get_velocity)."""
-    _check_sample("x0", x0)
-    _check_sample("noise", noise)
-    _check_same_shape("x0", x0, "noise", noise)
+    check_sample("x0", x0)
+    check_sample("noise", noise)
+    check_same_shape("x0", x0, "noise", noise)
     a, s = marginal_coefficients(alphas_cumprod)
     t = check_timesteps(t, a.size, x0.shape[0])
     return gather(a, t, noise) * noise - gather(s, t, x0) * x0

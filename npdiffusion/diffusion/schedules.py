@@ -24,6 +24,8 @@ import math
 
 import numpy
 
+from npdiffusion.checks import check_int, check_real
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "exp", "laplace")
 #: the schedules built from beta_start .. beta_end (the others discretize a continuous abar(t) and ignore them)
 RANGE_SCHEDULES = ("linear", "scaled_linear", "sigmoid")
@@ -31,22 +33,6 @@ RANGE_SCHEDULES = ("linear", "scaled_linear", "sigmoid")
 BETA_RANGE_REASON = ("a beta is the variance of one noising step: 0 gives a zero noise level (log sigma = -inf), "
                      "1 or more leaves no signal, and both turn samples into NaN")
 ALPHA_TRANSFORMS = ("cosine", "exp", "laplace")
-
-
-def _check_steps(name: str, value, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < (0 if allow_zero else 1):
-        kind = "a non-negative int" if allow_zero else "a positive int"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
-    return int(value)
-
-
-def _check_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, numpy.integer, numpy.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
 
 
 def _fma_float32(a, b, c) -> numpy.ndarray:
@@ -82,9 +68,9 @@ def linspace_float32(start: float, end: float, steps: int, fused: bool = True) -
     reproduces that one. The two differ by one ulp in a few entries; ``np.linspace`` (float64, then
     rounded) differs from both.
     """
-    steps = _check_steps("steps", steps, allow_zero=True)
-    s = numpy.float32(_check_float("start", start))
-    e = numpy.float32(_check_float("end", end))
+    steps = check_int("steps", steps, minimum=0)
+    s = numpy.float32(check_real("start", start))
+    e = numpy.float32(check_real("end", end))
     if steps == 0:
         return numpy.zeros(0, dtype=numpy.float32)
     if steps == 1:
@@ -135,8 +121,8 @@ def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999,
     A Python loop over T scalars on purpose: ``math.cos`` is what diffusers calls, and NumPy's
     vectorized cosine may differ from it in the last bit.
     """
-    num_train_timesteps = _check_steps("num_train_timesteps", num_train_timesteps)
-    max_beta = _check_float("max_beta", max_beta)
+    num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps)
+    max_beta = check_real("max_beta", max_beta)
     if alpha_transform_type == "cosine":
         def abar(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -173,9 +159,9 @@ def betas_for(schedule: str, num_train_timesteps: int = 1000, beta_start: float 
     For the schedules that use them (``RANGE_SCHEDULES``), ``check_beta_range``: 0 < beta_start <=
     beta_end < 1, so every beta lies in (0, 1); the others ignore beta_start and beta_end.
     """
-    num_train_timesteps = _check_steps("num_train_timesteps", num_train_timesteps)
-    beta_start = _check_float("beta_start", beta_start)
-    beta_end = _check_float("beta_end", beta_end)
+    num_train_timesteps = check_int("num_train_timesteps", num_train_timesteps)
+    beta_start = check_real("beta_start", beta_start)
+    beta_end = check_real("beta_end", beta_end)
     if schedule in RANGE_SCHEDULES:
         check_beta_range(beta_start, beta_end)
     if schedule == "linear":
@@ -252,10 +238,10 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0 .. n-1,
     in float64 exactly as diffusers' ``_convert_to_karras`` (``ramp = np.linspace(0, 1, n)``).
     """
-    n = _check_steps("n", n)
-    sigma_min = _check_float("sigma_min", sigma_min)
-    sigma_max = _check_float("sigma_max", sigma_max)
-    rho = _check_float("rho", rho)
+    n = check_int("n", n)
+    sigma_min = check_real("sigma_min", sigma_min)
+    sigma_max = check_real("sigma_max", sigma_max)
+    rho = check_real("rho", rho)
     ramp = numpy.linspace(0, 1, n)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
@@ -264,9 +250,9 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
 
 def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> numpy.ndarray:
     """Log-uniform noise levels exp(linspace(log sigma_max, log sigma_min, n)). (n,) float64 (diffusers)."""
-    n = _check_steps("n", n)
-    return numpy.exp(numpy.linspace(math.log(_check_float("sigma_max", sigma_max)),
-                                    math.log(_check_float("sigma_min", sigma_min)), n))
+    n = check_int("n", n)
+    return numpy.exp(numpy.linspace(math.log(check_real("sigma_max", sigma_max)),
+                                    math.log(check_real("sigma_min", sigma_min)), n))
 
 
 def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> numpy.ndarray:
@@ -276,9 +262,9 @@ def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, 
     """
     import scipy.stats  # noqa: PLC0415 - only this option needs SciPy
 
-    n = _check_steps("n", n)
-    sigma_min = _check_float("sigma_min", sigma_min)
-    sigma_max = _check_float("sigma_max", sigma_max)
+    n = check_int("n", n)
+    sigma_min = check_real("sigma_min", sigma_min)
+    sigma_max = check_real("sigma_max", sigma_max)
     ppf = [scipy.stats.beta.ppf(t, alpha, beta) for t in 1 - numpy.linspace(0, 1, n)]
     return numpy.array([sigma_min + (p * (sigma_max - sigma_min)) for p in ppf])
 
@@ -288,7 +274,7 @@ def lu_lambdas(lambda_min: float, lambda_max: float, n: int) -> numpy.ndarray:
 
     Written as diffusers' ``_convert_to_lu`` (a Karras ramp with rho = 1).
     """
-    n = _check_steps("n", n)
+    n = check_int("n", n)
     ramp = numpy.linspace(0, 1, n)
     return lambda_max + ramp * (lambda_min - lambda_max)
 

@@ -36,8 +36,9 @@ import math
 import numpy
 
 from npdiffusion.backend import asarray, to_numpy, xp
+from npdiffusion.checks import check_same_shape, check_sample, compute_dtype
 from npdiffusion.diffusion.forward import (
-    _check_same_shape, _check_sample, check_schedule, check_timesteps, gather, posterior_coefficients,
+    check_schedule, check_timesteps, gather, posterior_coefficients,
     q_mean_variance, q_sample,
 )
 from npdiffusion.diffusion.objectives import training_target
@@ -61,11 +62,12 @@ _BIN = 1.0 / 255.0       # half a bin of 8-bit data scaled to [-1, 1]
 _FLOOR = 1e-12           # Improved DDPM's clamp before each log
 
 
-def _compute_dtype(*arrays):
-    for a in arrays:
-        if hasattr(a, "dtype"):
-            return xp.float32 if a.dtype.itemsize < 4 else a.dtype
-    return xp.float64
+def _arrays_dtype(*values):
+    """The compute dtype of the first array among ``values`` (Python floats may stand for some)."""
+    for v in values:
+        if hasattr(v, "dtype"):
+            return compute_dtype(v.dtype)
+    return numpy.dtype(numpy.float64)
 
 
 def _arr(v, dtype):
@@ -102,7 +104,7 @@ def normal_kl_forward(mean1, logvar1, mean2, logvar2):
 
     Returns ``(kl, cache)``; cache = (diff, inv_var2, ratio, the four inputs' shapes' holders).
     """
-    dtype = _compute_dtype(mean1, logvar1, mean2, logvar2)
+    dtype = _arrays_dtype(mean1, logvar1, mean2, logvar2)
     m1, lv1, m2, lv2 = (_arr(v, dtype) for v in (mean1, logvar1, mean2, logvar2))
     diff = m1 - m2
     inv_var2 = xp.exp(-lv2)
@@ -148,7 +150,7 @@ def discretized_gaussian_log_likelihood_forward(x, means, log_scales):
     lowest (x < -0.999) extends to -inf and the highest (x > 0.999) to +inf; probabilities are
     clamped at 1e-12 before the log, as in Improved DDPM. Returns ``(log_probs (B, ...), cache)``.
     """
-    dtype = _compute_dtype(means, x, log_scales)
+    dtype = _arrays_dtype(means, x, log_scales)
     x_, m, ls = (_arr(v, dtype) for v in (x, means, log_scales))
     centered = x_ - m
     inv_stdv = xp.exp(-ls)
@@ -184,7 +186,7 @@ def discretized_gaussian_log_likelihood_backward(dlogp, cache):
 
 def gaussian_log_likelihood_forward(x, means, log_scales):
     """Continuous log N(x; mean, e^{2 log_scale}) element-wise. Returns ``(log_probs, cache)``."""
-    dtype = _compute_dtype(means, x, log_scales)
+    dtype = _arrays_dtype(means, x, log_scales)
     x_, m, ls = (_arr(v, dtype) for v in (x, means, log_scales))
     inv_std = xp.exp(-ls)
     z = (x_ - m) * inv_std
@@ -221,7 +223,7 @@ def learned_range_forward(v, t, alphas_cumprod):
 
     v (B, ...) in about [-1, 1] (not clamped). Returns ``(log_variance (B, ...), cache)``.
     """
-    _check_sample("v", v)
+    check_sample("v", v)
     post = posterior_coefficients(alphas_cumprod)
     t = check_timesteps(t, post.betas.size, v.shape[0])
     max_log = numpy.log(post.betas)
@@ -247,7 +249,7 @@ def _split_output(model_output, x_t, variance_type):
                              f"(mean and variance halves on axis 1) for variance_type={variance_type!r}, "
                              f"got {tuple(model_output.shape)}")
         return model_output[:, :c], model_output[:, c:]
-    _check_same_shape("x_t", x_t, "model_output", model_output)
+    check_same_shape("x_t", x_t, "model_output", model_output)
     return model_output, None
 
 
@@ -260,15 +262,15 @@ def p_mean_variance_forward(model_output, x_t, t, alphas_cumprod, prediction_typ
     Returns ``((mean, log_variance, pred_x0), cache)``; log_variance is a float, a (B, 1, ...) array
     (fixed types) or (B, C, ...) (learned types).
     """
-    _check_sample("model_output", model_output)
-    _check_sample("x_t", x_t)
+    check_sample("model_output", model_output)
+    check_sample("x_t", x_t)
     check_prediction_type("prediction_type", prediction_type)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
     a = check_schedule("alphas_cumprod", alphas_cumprod)
     t = check_timesteps(t, a.size, x_t.shape[0])
     mean_out, var_out = _split_output(model_output, x_t, variance_type)
-    dtype = _compute_dtype(model_output)
+    dtype = compute_dtype(model_output.dtype)
     mean_out = mean_out.astype(dtype, copy=False)
     x_t = x_t.astype(dtype, copy=False)
     coef_out, coef_x = conversion_coefficients(a, prediction_type, "sample")
@@ -334,9 +336,9 @@ def vlb_terms_forward(model_output, x0, x_t, t, alphas_cumprod, prediction_type:
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    _check_sample("x0", x0)
-    _check_sample("x_t", x_t)
-    _check_same_shape("x0", x0, "x_t", x_t)
+    check_sample("x0", x0)
+    check_sample("x_t", x_t)
+    check_same_shape("x0", x0, "x_t", x_t)
     a = check_schedule("alphas_cumprod", alphas_cumprod)
     t = check_timesteps(t, a.size, x0.shape[0])
     (mean, log_var, _), pmv_cache = p_mean_variance_forward(
@@ -424,7 +426,7 @@ def bits_per_dim(model_fn, x0, alphas_cumprod, rng, prediction_type: str = "epsi
     both backends). Returns a dict of host float64 arrays: ``total_bpd`` (B,), ``prior_bpd`` (B,),
     ``vb`` (B, T) (column t is the term at t), and ``xstart_mse`` (B, T).
     """
-    _check_sample("x0", x0)
+    check_sample("x0", x0)
     if not isinstance(rng, numpy.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     a = check_schedule("alphas_cumprod", alphas_cumprod)
@@ -470,7 +472,7 @@ def hybrid_loss(model_output, x0, x_t, noise, t, alphas_cumprod, prediction_type
     t = check_timesteps(t, a.size, x0.shape[0])
     mean_out, _ = _split_output(model_output, x_t, variance_type)
     target = training_target(x0, noise, t, a, prediction_type)
-    dtype = _compute_dtype(model_output)
+    dtype = compute_dtype(model_output.dtype)
     batch = x0.shape[0]
     diff = mean_out.astype(dtype, copy=False) - target.astype(dtype, copy=False)
     mse = _flat_mean(diff * diff)                                   # (B,)

@@ -31,10 +31,10 @@ import numbers
 import numpy
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
 from npdiffusion.models.blocks.sampling import Downsample2D
 from npdiffusion.models.unet.embeddings import TimestepEmbedding, Timesteps
-from npdiffusion.nn.checks import check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.linear import Linear
 from npdiffusion.nn.module import Module, ModuleList

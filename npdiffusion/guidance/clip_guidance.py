@@ -30,7 +30,6 @@ so guidance can run with models that are being trained (as ``log_prob_grad`` doe
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -38,6 +37,7 @@ import os
 import numpy
 
 from npdiffusion.backend import asarray, to_numpy, xp
+from npdiffusion.checks import read_json_object
 from npdiffusion.guidance.classifier_guidance import abar_at
 from npdiffusion.models.clip.clip_model import CLIPModel
 from npdiffusion.models.clip.contrastive import l2_normalize_backward, l2_normalize_forward
@@ -167,13 +167,7 @@ def read_image_processor_config(folder) -> dict:
     path = os.path.join(os.fspath(folder), "preprocessor_config.json")
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable JSON image-processor config ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    cfg = read_json_object(path, "image-processor config")
     out = {}
     if cfg.get("do_normalize", True) is False:
         out.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

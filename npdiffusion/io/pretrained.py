@@ -30,6 +30,7 @@ from typing import Mapping
 import numpy
 
 from npdiffusion.backend import xp
+from npdiffusion.checks import read_json_object
 from npdiffusion.io.atomic import atomic_write_text
 from npdiffusion.io.safetensors import load_file, save_file
 
@@ -59,15 +60,7 @@ def read_config(folder, filename: str = "config.json") -> dict:
     if not os.path.isfile(path):
         present = sorted(os.listdir(folder))[:20]
         raise FileNotFoundError(f"read_config: no {filename} in model folder {folder!r} (it holds {present})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"read_config: {path!r} is not UTF-8 text ({exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"read_config: {path!r} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"read_config: {path!r} must hold a JSON object, got a JSON {type(config).__name__}")
+    config = read_json_object(path, "read_config")
     check_config_finite(config, path)
     return config
 
@@ -168,12 +161,7 @@ def _add_variant(name: str, variant: str | None) -> str:
 
 
 def _load_sharded(folder: str, index_path: str) -> dict:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"load_weights: shard index {index_path!r} is not valid JSON: {exc}") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json_object(index_path, "load_weights: shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise ValueError(f"load_weights: shard index {index_path!r} needs a 'weight_map' object of "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numbers
 
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.nn.dropout import Dropout
 from npdiffusion.nn.linear import Linear
 from npdiffusion.nn.module import Module, ModuleList

@@ -7,21 +7,10 @@ Op and derivation: npdiffusion/ops/conv.py, docs/ops/convolution.md.
 """
 from __future__ import annotations
 
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.checks import check_input, check_pair, check_positive_int
 from npdiffusion.nn.init import uniform_fan_in
 from npdiffusion.nn.module import Module
 from npdiffusion.ops.conv import conv2d_backward, conv2d_forward
-
-
-def _pair_arg(name: str, value, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each >= minimum, as a pair; otherwise a clear error."""
-    what = "positive" if minimum == 1 else "non-negative"
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
-        raise TypeError(f"Conv2d: {name} must be a {what} int or a pair of {what} ints, got {value!r}")
-    if any(v < minimum for v in pair):
-        raise ValueError(f"Conv2d: {name} must be a {what} int or a pair of {what} ints, got {value!r}")
-    return pair
 
 
 class Conv2d(Module):
@@ -37,9 +26,9 @@ class Conv2d(Module):
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
-        self.kernel_size = _pair_arg("kernel_size", kernel_size, 1)
-        self.stride = _pair_arg("stride", stride, 1)
-        self.padding = _pair_arg("padding", padding, 0)
+        self.kernel_size = check_pair("kernel_size", kernel_size, 1, "Conv2d")
+        self.stride = check_pair("stride", stride, 1, "Conv2d")
+        self.padding = check_pair("padding", padding, 0, "Conv2d")
         kh, kw = self.kernel_size
         fan_in = in_channels * kh * kw
         self.register_parameter("weight", uniform_fan_in((out_channels, in_channels, kh, kw), fan_in))

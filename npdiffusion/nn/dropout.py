@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy
 
+from npdiffusion.checks import check_probability
 from npdiffusion.nn.module import Module, _recording
-from npdiffusion.ops.dropout import _check_p, dropout_backward, dropout_forward
+from npdiffusion.ops.dropout import dropout_backward, dropout_forward
 from npdiffusion.random import default_rng
 
 
@@ -36,7 +37,7 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5, rng=None):
         super().__init__()
-        self.p = _check_p(p, "Dropout")
+        self.p = check_probability("p", p, "Dropout")
         if rng is not None and not isinstance(rng, numpy.random.Generator):
             raise TypeError(f"Dropout: rng must be a numpy.random.Generator or None, got {type(rng).__name__}")
         self.rng = rng if rng is not None else _spawn_generator()

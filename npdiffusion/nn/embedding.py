@@ -6,10 +6,10 @@ Ops and derivation: npdiffusion/ops/embedding.py, docs/ops/embeddings.md.
 from __future__ import annotations
 
 from npdiffusion.backend import asarray, is_array
-from npdiffusion.nn.checks import check_positive_int
+from npdiffusion.checks import check_positive_int
 from npdiffusion.nn.init import normal
 from npdiffusion.nn.module import Module
-from npdiffusion.ops.embedding import _check_ids, embedding_backward, embedding_forward
+from npdiffusion.ops.embedding import check_ids, embedding_backward, embedding_forward
 
 
 class Embedding(Module):
@@ -26,7 +26,7 @@ class Embedding(Module):
         if not is_array(ids):
             raise TypeError(f"Embedding: ids must be an integer array, got {type(ids).__name__}")
         ids = asarray(ids)                                    # host ids move to the backend
-        _check_ids(ids, self.num_embeddings, "Embedding")
+        check_ids(ids, self.num_embeddings, "Embedding")
         y, cache = embedding_forward(ids, self.weight)
         self.save_for_backward(cache)
         return y

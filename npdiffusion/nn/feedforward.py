@@ -13,7 +13,7 @@ Source mirrored: diffusers/models/attention.py (FeedForward), diffusers/models/a
 """
 from __future__ import annotations
 
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.nn.dropout import Dropout
 from npdiffusion.nn.linear import Linear
 from npdiffusion.nn.module import Module, ModuleList

@@ -4,7 +4,7 @@ Shapes: x (..., in_features) -> y (..., out_features); weight (out, in), bias (o
 """
 from __future__ import annotations
 
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.nn.init import uniform_fan_in
 from npdiffusion.nn.module import Module
 from npdiffusion.ops.linear import linear_backward, linear_forward

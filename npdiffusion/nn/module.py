@@ -38,6 +38,7 @@ from typing import Iterator
 import numpy
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.checks import check_dtype
 from npdiffusion.nn import recorder as _recorder
 
 DTYPES = {"float16": numpy.float16, "float32": numpy.float32, "float64": numpy.float64}
@@ -45,13 +46,7 @@ DTYPES = {"float16": numpy.float16, "float32": numpy.float32, "float64": numpy.f
 
 def canonical_dtype(dtype) -> numpy.dtype:
     """``dtype`` (a NumPy dtype or its name) as a NumPy float dtype, or a clear TypeError."""
-    try:
-        dt = numpy.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or dt.name not in DTYPES:
-        raise TypeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return dt
+    return check_dtype("dtype", dtype, DTYPES)
 
 
 _recording = {"on": True}

@@ -8,22 +8,9 @@ from __future__ import annotations
 
 import numpy
 
-from npdiffusion.backend import is_array
-from npdiffusion.nn.checks import check_positive_int
+from npdiffusion.checks import check_float_array, check_positive_int, check_real
 from npdiffusion.nn.module import Module
 from npdiffusion.ops.norm import group_norm_backward, group_norm_forward, layer_norm_backward, layer_norm_forward
-
-
-def _check_eps(name, eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{name}: eps must be a non-negative float, got {eps!r}")
-    return float(eps)
-
-
-def _check_array(module, x):
-    if not is_array(x) or x.dtype.kind != "f":
-        got = f"dtype {x.dtype}" if hasattr(x, "dtype") else type(x).__name__
-        raise TypeError(f"{module}: x must be a floating array, got {got}")
 
 
 class GroupNorm(Module):
@@ -40,14 +27,14 @@ class GroupNorm(Module):
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: num_channels ({num_channels}) must be divisible by "
                              f"num_groups ({num_groups})")
-        self.eps = _check_eps("GroupNorm", eps)
+        self.eps = check_real("eps", eps, minimum=0.0, where="GroupNorm")
         self.affine = bool(affine)
         if self.affine:
             self.register_parameter("weight", numpy.ones(num_channels, dtype=numpy.float32))
             self.register_parameter("bias", numpy.zeros(num_channels, dtype=numpy.float32))
 
     def forward(self, x):
-        _check_array("GroupNorm", x)
+        check_float_array("x", x, "GroupNorm")
         if x.ndim < 2:
             raise ValueError(f"GroupNorm: x must have shape (B, C, *spatial) with at least 2 dimensions, "
                              f"got shape {tuple(x.shape)}")
@@ -90,14 +77,14 @@ class LayerNorm(Module):
             raise ValueError(f"LayerNorm: normalized_shape must be a positive int or a non-empty tuple of "
                              f"positive ints, got {normalized_shape!r}")
         self.normalized_shape = tuple(int(s) for s in shape)
-        self.eps = _check_eps("LayerNorm", eps)
+        self.eps = check_real("eps", eps, minimum=0.0, where="LayerNorm")
         self.elementwise_affine = bool(elementwise_affine)
         if self.elementwise_affine:
             self.register_parameter("weight", numpy.ones(self.normalized_shape, dtype=numpy.float32))
             self.register_parameter("bias", numpy.zeros(self.normalized_shape, dtype=numpy.float32))
 
     def forward(self, x):
-        _check_array("LayerNorm", x)
+        check_float_array("x", x, "LayerNorm")
         k = len(self.normalized_shape)
         if x.ndim < k or tuple(x.shape[x.ndim - k:]) != self.normalized_shape:
             raise ValueError(f"LayerNorm: x must end with the normalized shape {self.normalized_shape}, "

@@ -144,7 +144,7 @@ def silu_backward(dy, cache):
 
 
 # --------------------------------------------------------------------------------- GELU
-def _phi_cdf(x, out):
+def phi_cdf(x, out):
     """Phi(x) = (1 + erf(x / sqrt 2)) / 2 into ``out`` (may be x)."""
     xp.multiply(x, _SQRT_HALF, out=out)
     _erf(out, out)
@@ -154,7 +154,7 @@ def _phi_cdf(x, out):
 
 
 def _gelu(x, out):
-    _phi_cdf(x, out)
+    phi_cdf(x, out)
     out *= x
 
 
@@ -164,7 +164,7 @@ def _gelu_grad(x, dy, out):
     xp.exp(t, out=t)
     t *= x
     t *= _INV_SQRT_2PI               # x phi(x)
-    _phi_cdf(x, out)
+    phi_cdf(x, out)
     out += t
     out *= dy
 

@@ -25,13 +25,11 @@ Numerics and memory:
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 from npdiffusion.backend import xp
+from npdiffusion.checks import compute_dtype
 from npdiffusion.ops.reductions import row_dot
-
-
-def _compute_dtype(dtype):
-    return xp.float32 if dtype.itemsize < 4 else dtype
 
 
 def _check_inputs(q, k, v):
@@ -168,6 +166,32 @@ def _reciprocal(l):
     return xp.where(empty, 0.0, xp.reciprocal(xp.where(empty, 1.0, l)))
 
 
+class PlainAttentionCache(NamedTuple):
+    """What ``attention_backward`` needs from the plain (one block) forward."""
+    qs: object            # scale * q (B, H, Tq, D) in the compute dtype
+    k: object             # (B, H, Tk, D)
+    v: object             # (B, H, Tk, Dv)
+    e: object             # E = exp(S - rowmax) (B, H, Tq, Tk), unnormalized: P = E * r
+    r: object             # 1 / rowsum(E) (B, H, Tq, 1), 0 for a fully masked row
+    out: object           # (B, H, Tq, Dv) in the compute dtype
+    scale: float
+    dtype: object         # q's dtype (the gradients are cast back to it)
+
+
+class ChunkedAttentionCache(NamedTuple):
+    """What ``attention_backward`` needs from the chunked forward (it recomputes P per block)."""
+    qs: object            # scale * q (B, H, Tq, D) in the compute dtype
+    k: object             # (B, H, Tk, D)
+    v: object             # (B, H, Tk, Dv)
+    out: object           # (B, H, Tq, Dv) in the compute dtype
+    lse: object           # row log-sum-exp of S (B, H, Tq, 1), +inf for a fully masked row
+    mask: object          # the additive mask in the compute dtype, or None
+    causal: bool
+    chunk_size: int
+    scale: float
+    dtype: object         # q's dtype (the gradients are cast back to it)
+
+
 def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=None):
     """out = softmax(scale * q k^T + mask) v over the keys, per batch item and head.
 
@@ -178,15 +202,14 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=N
     gradient. ``causal``: also removes every key j > query i. ``scale`` defaults to D**-0.5.
     ``chunk_size``: compute n query rows at a time (see the module docstring).
 
-    Returns ``(out, cache)``. Plain path cache: q*scale, k, v, E = exp(S - rowmax) (B, H, Tq, Tk),
-    r = 1/rowsum(E) (B, H, Tq, 1), out. Chunked cache: q*scale, k, v, out, the row log-sum-exp
-    (B, H, Tq, 1) and the mask. ``out`` itself is kept: do not modify it in place before backward.
+    Returns ``(out, cache)``: a ``PlainAttentionCache`` (keeps E and r), or with ``chunk_size`` a
+    ``ChunkedAttentionCache`` (keeps the row log-sum-exp and the mask instead). ``out`` itself is kept: do not modify it in place before backward.
     """
     _check_inputs(q, k, v)
     B, H, Tq, D = q.shape
     Tk, Dv = v.shape[2], v.shape[3]
     scale, causal = _check_options(scale, causal, chunk_size, D)
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype, "attention", "q")
     mask = _prepare_mask(mask, (B, H, Tq, Tk), cdt)
     qs = xp.multiply(q, scale, dtype=cdt)                   # scale folded into q: (Tq, D), not (Tq, Tk)
     k = k.astype(cdt, copy=False)
@@ -202,7 +225,7 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=N
         r = _reciprocal(l)
         out = xp.matmul(e, v)                               # (B, H, Tq, Dv)
         out *= r
-        cache = ("plain", qs, k, v, e, r, out, scale, q.dtype)
+        cache = PlainAttentionCache(qs, k, v, e, r, out, scale, q.dtype)
     else:
         out = xp.empty((B, H, Tq, Dv), dtype=cdt)
         lse = xp.empty((B, H, Tq, 1), dtype=cdt)
@@ -216,7 +239,7 @@ def attention_forward(q, k, v, mask=None, causal=False, scale=None, chunk_size=N
             lse_c = xp.log(xp.where(empty, 1.0, l))
             lse_c += m
             lse[:, :, r0:r1] = xp.where(empty, xp.inf, lse_c)   # exp(S - inf) = 0: the zero row again
-        cache = ("chunked", qs, k, v, out, lse, mask, causal, chunk_size, scale, q.dtype)
+        cache = ChunkedAttentionCache(qs, k, v, out, lse, mask, causal, chunk_size, scale, q.dtype)
     return out.astype(q.dtype, copy=False), cache
 
 
@@ -227,15 +250,14 @@ def attention_backward(dout, cache):
     dV = P^T dO, dP = dO V^T, dS = P * (dP - Dsum), dQ = scale dS K, dK = scale dS^T Q.
     Derivation: docs/ops/attention.md.
     """
-    kind = cache[0] if isinstance(cache, tuple) and cache else None
-    if kind not in ("plain", "chunked"):
-        raise ValueError(f"attention_backward: cache was not made by attention_forward (kind {kind!r})")
-    out = cache[6] if kind == "plain" else cache[4]
-    if tuple(getattr(dout, "shape", ())) != tuple(out.shape):
-        raise ValueError(f"attention_backward: dout must have the output's shape {tuple(out.shape)}, "
+    if not isinstance(cache, (PlainAttentionCache, ChunkedAttentionCache)):
+        raise ValueError("attention_backward: cache was not made by attention_forward "
+                         f"(got {type(cache).__name__})")
+    if tuple(getattr(dout, "shape", ())) != tuple(cache.out.shape):
+        raise ValueError(f"attention_backward: dout must have the output's shape {tuple(cache.out.shape)}, "
                          f"got {tuple(getattr(dout, 'shape', ()))}")
-    if kind == "plain":
-        _, qs, k, v, e, r, out, scale, dtype = cache
+    if isinstance(cache, PlainAttentionCache):
+        qs, k, v, e, r, out, scale, dtype = cache
         cdt = qs.dtype
         do = dout.astype(cdt, copy=False)
         dsum = _row_dots(do, out)                           # (B, H, Tq, 1) = rowsum(dP * P)
@@ -249,7 +271,7 @@ def attention_backward(dout, cache):
         dq *= scale
         dk = xp.matmul(ds.swapaxes(-1, -2), qs)             # dS^T (scale q)
     else:
-        _, qs, k, v, out, lse, mask, causal, chunk_size, scale, dtype = cache
+        qs, k, v, out, lse, mask, causal, chunk_size, scale, dtype = cache
         cdt = qs.dtype
         do = dout.astype(cdt, copy=False)
         dsum = _row_dots(do, out)                           # (B, H, Tq, 1)

@@ -32,8 +32,10 @@ Derivation and measurements: docs/ops/convolution.md, docs/benchmarks.md.
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 from npdiffusion.backend import get_backend, xp
+from npdiffusion.checks import check_pair, compute_dtype
 from npdiffusion.ops.reductions import row_sum
 
 #: Target size (bytes) of one im2col chunk, so that the GEMM reads the copies while they are in
@@ -49,21 +51,11 @@ _local = threading.local()
 
 
 # ----------------------------------------------------------------------------- arguments
-def _pair(name: str, value, minimum: int) -> tuple[int, int]:
-    """``value`` (an int or a pair of ints, each >= minimum) as a pair, or a clear error."""
-    pair = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
-        raise TypeError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
-    if any(v < minimum for v in pair):
-        raise ValueError(f"conv2d: {name} must be >= {minimum}, got {value!r}")
-    return pair
-
-
 def conv2d_output_size(size, kernel, stride=1, padding=0) -> tuple[int, int]:
     """(Ho, Wo) = floor((H + 2p - k) / s) + 1 per axis; a ValueError when the kernel does not fit."""
-    kh, kw = _pair("kernel_size", kernel, 1)
-    sh, sw = _pair("stride", stride, 1)
-    ph, pw = _pair("padding", padding, 0)
+    kh, kw = check_pair("kernel_size", kernel, 1, "conv2d")
+    sh, sw = check_pair("stride", stride, 1, "conv2d")
+    ph, pw = check_pair("padding", padding, 0, "conv2d")
     h, w = size
     if h + 2 * ph < kh or w + 2 * pw < kw:
         raise ValueError(
@@ -201,11 +193,6 @@ def _check_shapes(x, weight, bias):
         raise ValueError(f"conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def _compute_dtype(dtype):
-    """float16 is computed in float32 (NumPy has no float16 GEMM; torch's CPU ops upcast too)."""
-    return xp.dtype(xp.float32) if xp.dtype(dtype) == xp.float16 else xp.dtype(dtype)
-
-
 def _cast(a, dtype):
     return None if a is None else a.astype(dtype, copy=False)
 
@@ -241,6 +228,15 @@ def _conv_gemm(src, wmat, kh, kw, stride, padding, out_hw, out_view, bias=None, 
             xp.add(yt, bias4, out=out_view[:, b0:b1, r0:r1])
 
 
+class ConvCache(NamedTuple):
+    """What ``conv2d_backward`` needs from the forward (not the im2col matrix: it is rebuilt)."""
+    x: object             # (B, C, H, W)
+    weight: object        # (O, C, kh, kw)
+    has_bias: bool
+    stride: tuple         # (rows, columns)
+    padding: tuple        # (rows, columns)
+
+
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     """y = conv2d(x, weight) + bias, torch's cross-correlation, NCHW.
 
@@ -249,14 +245,14 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     the im2col matrix, which backward rebuilds). See docs/ops/convolution.md.
     """
     _check_shapes(x, weight, bias)
-    stride = _pair("stride", stride, 1)
-    padding = _pair("padding", padding, 0)
+    stride = check_pair("stride", stride, 1, "conv2d")
+    padding = check_pair("padding", padding, 0, "conv2d")
     B, C, H, W = x.shape
     O, _, kh, kw = weight.shape
     Ho, Wo = conv2d_output_size((H, W), (kh, kw), stride, padding)
     dtype = xp.result_type(x, weight)
-    cdt = _compute_dtype(dtype)
-    cache = (x, weight, bias is not None, stride, padding)
+    cdt = compute_dtype(dtype, "conv2d")
+    cache = ConvCache(x, weight, bias is not None, stride, padding)
     if _is_pointwise(kh, kw, stride, padding):
         # 1x1: y[b] = W (O, C) @ x[b] (C, H*W), a batched matmul straight into NCHW.
         y = xp.matmul(weight.reshape(O, C).astype(cdt, copy=False),
@@ -284,7 +280,7 @@ def conv2d_backward(dy, cache):
     O, _, kh, kw = weight.shape
     Ho, Wo = dy.shape[2], dy.shape[3]
     dtype = xp.result_type(x, dy, weight)
-    cdt = _compute_dtype(dtype)
+    cdt = compute_dtype(dtype, "conv2d")
     if _is_pointwise(kh, kw, stride, padding):
         dy3 = dy.reshape(B, O, H * W).astype(cdt, copy=False)
         w2 = weight.reshape(O, C).astype(cdt, copy=False)

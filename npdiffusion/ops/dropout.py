@@ -16,12 +16,7 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.backend import asarray, xp
-
-
-def _check_p(p, op="dropout"):
-    if isinstance(p, bool) or not isinstance(p, (int, float, numpy.floating, numpy.integer)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{op}: p must be a probability in [0, 1], got {p!r}")
-    return float(p)
+from npdiffusion.checks import check_probability
 
 
 def dropout_forward(x, p, rng):
@@ -31,7 +26,7 @@ def dropout_forward(x, p, rng):
     p = 1 returns zeros and draws nothing. Returns ``(y, cache)``; cache = the scaled mask m
     (x's shape and dtype), or None for p = 0, or 0.0 for p = 1.
     """
-    p = _check_p(p)
+    p = check_probability("p", p, "dropout")
     if not hasattr(x, "dtype") or x.dtype.kind != "f":
         raise TypeError(f"dropout: x must be a floating array, got {getattr(x, 'dtype', type(x).__name__)}")
     if p == 0.0:

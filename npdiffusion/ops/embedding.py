@@ -13,13 +13,14 @@ from run to run).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy
 
 from npdiffusion.backend import asarray, get_backend, scatter_add, xp
 
 
-def _check_ids(ids, num_embeddings, op):
+def check_ids(ids, num_embeddings, op):
     if not hasattr(ids, "dtype") or ids.dtype.kind not in "iu":
         got = getattr(ids, "dtype", type(ids).__name__)
         raise TypeError(f"{op}: ids must be an integer array, got {got}")
@@ -30,17 +31,24 @@ def _check_ids(ids, num_embeddings, op):
                              f"got values from {lo} to {hi}")
 
 
+class EmbeddingCache(NamedTuple):
+    """What ``embedding_backward`` needs from the forward."""
+    ids: object           # (...) integers in [0, V)
+    weight_shape: tuple   # (V, D)
+    weight_dtype: object
+
+
 def embedding_forward(ids, weight):
     """y = weight[ids]: ids (...) integers in [0, V), weight (V, D) -> y (..., D).
 
-    Returns ``(y, cache)``; cache = (ids, weight shape, weight dtype). ids receive no gradient.
+    Returns ``(y, cache)``; cache an ``EmbeddingCache``. ids receive no gradient.
     """
     op = "embedding"
     if not hasattr(weight, "ndim") or weight.ndim != 2:
         raise ValueError(f"{op}: weight must have shape (V, D), got shape {getattr(weight, 'shape', None)}")
-    _check_ids(ids, weight.shape[0], op)
+    check_ids(ids, weight.shape[0], op)
     y = xp.take(weight, ids, axis=0)                                    # (..., D)
-    return y, (ids, weight.shape, weight.dtype)
+    return y, EmbeddingCache(ids, weight.shape, weight.dtype)
 
 
 def embedding_backward(dy, cache):

@@ -15,31 +15,35 @@ threads (npdiffusion/parallel.py).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from npdiffusion.backend import xp
-from npdiffusion.ops.activations import _phi_cdf
+from npdiffusion.checks import compute_dtype
+from npdiffusion.ops.activations import phi_cdf
 from npdiffusion.parallel import BLOCK_ENTRIES, parallel_for
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _compute_dtype(dtype):
-    if dtype.kind != "f":
-        raise TypeError(f"geglu: h must be a floating array, got dtype {dtype}")
-    return xp.float32 if dtype.itemsize < 4 else dtype
+class GegluCache(NamedTuple):
+    """What ``geglu_backward`` needs from the forward."""
+    rows: object          # h as (R, 2F) in the compute dtype: [value | gate]
+    cdf: object           # Phi(gate) (R, F)
+    in_dtype: object      # h's dtype (dh is cast back to it)
+    in_shape: tuple       # h's shape (..., 2F)
 
 
 def geglu_forward(h):
     """out = value * GELU_erf(gate) with [value | gate] = h split on the last axis.
 
-    h (..., 2F) -> out (..., F). Returns ``(out, cache)``; cache = (h, Phi(gate)) so the backward
-    does not evaluate erf again.
+    h (..., 2F) -> out (..., F). Returns ``(out, cache)``; cache a ``GegluCache`` (h and Phi(gate),
+    so the backward does not evaluate erf again).
     """
     if not hasattr(h, "shape") or not hasattr(h, "dtype"):
         raise TypeError(f"geglu: h must be an array, got {type(h).__name__}")
     if h.ndim == 0 or h.shape[-1] % 2:
         raise ValueError(f"geglu: h must have an even number of entries on its last axis, got shape {tuple(h.shape)}")
-    cdt = _compute_dtype(h.dtype)
+    cdt = compute_dtype(h.dtype, "geglu", "h")
     f = h.shape[-1] // 2
     hc = h.astype(cdt, copy=False)
     rows = hc.reshape(-1, 2 * f)                            # (R, 2F), a copy only if strided
@@ -48,13 +52,13 @@ def geglu_forward(h):
 
     def block(lo, hi):
         value, gate = rows[lo:hi, :f], rows[lo:hi, f:]
-        _phi_cdf(gate, cdf[lo:hi])
+        phi_cdf(gate, cdf[lo:hi])
         xp.multiply(gate, cdf[lo:hi], out=out[lo:hi])       # GELU(gate)
         out[lo:hi] *= value
 
     parallel_for(block, rows.shape[0], 2 * f, BLOCK_ENTRIES)
     shape = h.shape[:-1] + (f,)
-    return out.reshape(shape).astype(h.dtype, copy=False), (rows, cdf, h.dtype, h.shape)
+    return out.reshape(shape).astype(h.dtype, copy=False), GegluCache(rows, cdf, h.dtype, h.shape)
 
 
 def geglu_backward(dout, cache):

@@ -5,17 +5,26 @@ Derivation: docs/ops/linear.md.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from npdiffusion.backend import xp
 from npdiffusion.ops.reductions import column_sum
 
 
+class LinearCache(NamedTuple):
+    """What ``linear_backward`` needs from the forward."""
+    x: object             # (..., I)
+    weight: object        # (O, I)
+    has_bias: bool
+
+
 def linear_forward(x, weight, bias=None):
-    """y = x @ weight.T + bias. Returns ``(y, cache)``; cache = (x, weight, has_bias)."""
+    """y = x @ weight.T + bias. Returns ``(y, cache)``; cache a ``LinearCache``."""
     x2 = x.reshape(-1, x.shape[-1])                          # (N, I)
     y = xp.matmul(x2, weight.T).reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         y += bias
-    return y, (x, weight, bias is not None)
+    return y, LinearCache(x, weight, bias is not None)
 
 
 def linear_backward(dy, cache):

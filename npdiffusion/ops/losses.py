@@ -11,16 +11,14 @@ integer labels). ``mse_loss``, ``cross_entropy`` and ``gaussian_kl`` are aliases
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.checks import check_float_array
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_float(a, name, op):
-    if not hasattr(a, "dtype") or a.dtype.kind != "f":
-        raise TypeError(f"{op}: {name} must be a floating array, got {getattr(a, 'dtype', type(a).__name__)}")
 
 
 def _unbroadcast(g, shape):
@@ -40,8 +38,8 @@ def mse_loss_forward(pred, target, reduction: str = "mean"):
     squares ("none"), like torch.nn.functional.mse_loss. pred and target have the same shape.
     Returns ``(loss, cache)``; cache = (pred - target, reduction)."""
     op = "mse_loss"
-    _check_float(pred, "pred", op)
-    _check_float(target, "target", op)
+    check_float_array("pred", pred, op)
+    check_float_array("target", target, op)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if tuple(pred.shape) != tuple(target.shape):
@@ -71,17 +69,25 @@ def mse_loss_backward(dloss, cache):
 
 
 # --------------------------------------------------------------------------------- cross-entropy
+class CrossEntropyCache(NamedTuple):
+    """What ``cross_entropy_backward`` needs from the forward."""
+    p: object             # softmax of the logits (N', K)
+    safe_labels: object   # labels (N',), ignored rows read class 0
+    keep: object          # bool (N',): the labelled rows
+    n: int                # number of labelled rows
+    logits_shape: tuple   # (..., K)
+
+
 def cross_entropy_forward(logits, labels, ignore_index: int = -100):
     """Mean over labelled positions of -log softmax(logits)[label], classes on the last axis.
 
     logits (..., K) floating, labels (...) integers in [0, K) or ``ignore_index`` (skipped, as in
     torch). Equals torch.nn.functional.cross_entropy(logits.reshape(-1, K), labels.reshape(-1)).
     Stable: log-sum-exp with the row maximum subtracted. Returns ``(loss, cache)`` with loss a 0-d
-    array (NaN when no position is labelled, as torch); cache = (softmax p (N', K), labels,
-    keep mask, N, logits shape).
+    array (NaN when no position is labelled, as torch); cache a ``CrossEntropyCache``.
     """
     op = "cross_entropy"
-    _check_float(logits, "logits", op)
+    check_float_array("logits", logits, op)
     if logits.ndim < 1 or logits.shape[-1] == 0:
         raise ValueError(f"{op}: logits must have a non-empty class axis (..., K), got shape {tuple(logits.shape)}")
     if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
@@ -108,7 +114,7 @@ def cross_entropy_forward(logits, labels, ignore_index: int = -100):
     nll = xp.log(s) - picked                                            # lse - z[label]
     total = xp.sum(xp.where(keep, nll, 0.0))
     loss = xp.asarray(total / n if n else float("nan"), dtype=logits.dtype)
-    return loss, (e, safe, keep, n, logits.shape)
+    return loss, CrossEntropyCache(e, safe, keep, n, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
@@ -127,6 +133,15 @@ def cross_entropy_backward(dloss, cache):
 _KL_NAMES = ("mean1", "logvar1", "mean2", "logvar2")
 
 
+class GaussianKLCache(NamedTuple):
+    """What ``gaussian_kl_backward`` needs from the forward."""
+    diff: object          # mean1 - mean2
+    ratio: object         # exp(logvar1 - logvar2) = var1 / var2
+    inv_var2: object      # exp(-logvar2)
+    shapes: tuple         # each argument's shape, None for a float
+    full_shape: tuple     # the broadcast shape (kl's)
+
+
 def gaussian_kl_forward(mean1, logvar1, mean2, logvar2):
     """Element-wise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) of diagonal Gaussians:
 
@@ -135,7 +150,7 @@ def gaussian_kl_forward(mean1, logvar1, mean2, logvar2):
     in nats (guided-diffusion's ``normal_kl``). The four arguments broadcast together; Python
     floats are accepted for a fixed distribution (mean2 = 0.0, logvar2 = 0.0 gives the VAE's KL
     to N(0, 1)). Returns ``(kl, cache)`` with kl of the broadcast shape in the arrays' dtype;
-    cache = (mean1 - mean2, exp(logvar1 - logvar2), exp(-logvar2), input shapes).
+    cache a ``GaussianKLCache``.
     """
     op = "gaussian_kl"
     args = (mean1, logvar1, mean2, logvar2)
@@ -143,7 +158,7 @@ def gaussian_kl_forward(mean1, logvar1, mean2, logvar2):
     for name, a in zip(_KL_NAMES, args):
         if isinstance(a, (int, float)) and not isinstance(a, bool):
             continue
-        _check_float(a, name, op)
+        check_float_array(name, a, op)
         dtype = dtype or a.dtype
     if dtype is None:
         raise TypeError(f"{op}: at least one of {', '.join(_KL_NAMES)} must be an array")
@@ -166,7 +181,7 @@ def gaussian_kl_forward(mean1, logvar1, mean2, logvar2):
     kl -= logvar1
     kl -= 1.0
     kl *= 0.5
-    return kl, (diff, ratio, inv_var2, shapes, full)
+    return kl, GaussianKLCache(diff, ratio, inv_var2, shapes, full)
 
 
 def gaussian_kl_backward(dkl, cache):

@@ -32,9 +32,10 @@ Numerics and speed:
 """
 from __future__ import annotations
 
-import numpy
+from typing import NamedTuple
 
 from npdiffusion.backend import xp
+from npdiffusion.checks import check_float_array, check_int, compute_dtype
 from npdiffusion.ops.reductions import column_sum, row_dot, row_sum
 from npdiffusion.parallel import parallel_for
 
@@ -44,9 +45,8 @@ _ONE_PASS_MAX_RATIO = 16.0
 
 
 def _compute_dtype(x, op):
-    if not hasattr(x, "dtype") or x.dtype.kind != "f":
-        raise TypeError(f"{op}: x must be a floating array, got {getattr(x, 'dtype', type(x).__name__)}")
-    return numpy.dtype(numpy.float32) if x.dtype.itemsize < 4 else x.dtype
+    check_float_array("x", x, op)
+    return compute_dtype(x.dtype, op)
 
 
 def _check_param(op, name, p, shape):
@@ -129,13 +129,24 @@ def _scale_shift(x, a, shift, out):
     out += shift[:, :, None]
 
 
+class GroupNormCache(NamedTuple):
+    """What ``group_norm_backward`` needs from the forward."""
+    x: object             # x as (B, C, S) in the compute dtype; x - mu when ``centered``
+    mean: object          # mu (B, G)
+    rstd: object          # r = 1/sqrt(var + eps) (B, G)
+    centered: bool        # x holds x - mu (some group had |mu| >> sigma)
+    weight: object        # gamma (C,) as given, or None
+    has_bias: bool
+    in_dtype: object      # x's dtype (dx is cast back to it)
+    in_shape: tuple       # x's shape (B, C, *spatial)
+
+
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     """Group normalization of x (B, C, *spatial) over groups of C/G consecutive channels.
 
     weight (gamma) and bias (beta) are per channel (C,), each optional. Equals
-    torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype;
-    cache = (x as (B, C, S) in the compute dtype (x - mu where |mu| >> sigma), mu (B, G), r (B, G),
-    weight, flags). Everything runs per block of samples (the statistics, then y = x * a + shift,
+    torch.nn.functional.group_norm. Returns ``(y, cache)`` with y of x's shape and dtype and
+    cache a ``GroupNormCache``. Everything runs per block of samples (the statistics, then y = x * a + shift,
     while the block is in cache), the blocks spread over the CPU's threads
     (npdiffusion/parallel.py). Derivation: docs/ops/normalization.md.
     """
@@ -143,8 +154,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
     cdt = _compute_dtype(x, op)
     if x.ndim < 2:
         raise ValueError(f"{op}: x must have shape (B, C, *spatial), got shape {tuple(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
+    num_groups = check_int("num_groups", num_groups, where=op)
     b, c = x.shape[0], x.shape[1]
     if c % num_groups:
         raise ValueError(f"{op}: the {c} channels of x (shape {tuple(x.shape)}) are not divisible "
@@ -177,8 +187,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
         parallel_for(lambda lo, hi: _scale_shift(x_saved[lo:hi], a[lo:hi], shift[lo:hi], y[lo:hi]),
                      b, c * s, row_length=s)
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
-    cache = (x_saved, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
-    return y, cache
+    return y, GroupNormCache(x_saved, mean, rstd, centered, weight, bias is not None, x.dtype, x.shape)
 
 
 def group_norm_backward(dy, cache):
@@ -265,13 +274,24 @@ def _normalized_ndim(x, normalized_shape, weight, bias, op):
     return normalized_shape
 
 
+class LayerNormCache(NamedTuple):
+    """What ``layer_norm_backward`` needs from the forward."""
+    xhat: object          # (x - mu) * r as (N, M) in the compute dtype
+    rstd: object          # r (N,)
+    weight: object        # gamma (normalized shape) as given, or None
+    has_bias: bool
+    normalized_shape: tuple
+    in_dtype: object      # x's dtype (dx is cast back to it)
+    in_shape: tuple       # x's shape (..., *normalized_shape)
+
+
 def layer_norm_forward(x, normalized_shape=None, weight=None, bias=None, eps=1e-5):
     """Layer normalization of x (..., *normalized_shape) over its last len(normalized_shape) axes.
 
     ``normalized_shape`` is an int or a tuple (default: the shape of weight, else of bias);
     weight (gamma) and bias (beta) have that shape, each optional. Equals
-    torch.nn.functional.layer_norm. Returns ``(y, cache)``; cache = (xhat (N, M), r (N,), weight,
-    flags). Derivation: docs/ops/normalization.md.
+    torch.nn.functional.layer_norm. Returns ``(y, cache)``; cache a ``LayerNormCache``.
+    Derivation: docs/ops/normalization.md.
     """
     op = "layer_norm"
     cdt = _compute_dtype(x, op)
@@ -290,7 +310,7 @@ def layer_norm_forward(x, normalized_shape=None, weight=None, bias=None, eps=1e-
     else:
         y = xhat.copy()
     y = y.reshape(x.shape).astype(x.dtype, copy=False)
-    return y, (xhat, rstd, weight, bias is not None, shape, x.dtype, x.shape)
+    return y, LayerNormCache(xhat, rstd, weight, bias is not None, shape, x.dtype, x.shape)
 
 
 def layer_norm_backward(dy, cache):

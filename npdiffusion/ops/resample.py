@@ -15,6 +15,8 @@ Derivations: docs/ops/convolution.md.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy
 
 from npdiffusion.backend import asarray, xp
@@ -50,23 +52,31 @@ def nearest_indices(in_size: int, out_size: int) -> numpy.ndarray:
     return numpy.minimum(src, in_size - 1)
 
 
+class UpsampleNearestCache(NamedTuple):
+    """What ``upsample_nearest_backward`` needs from the forward."""
+    in_shape: tuple       # x's shape (B, C, H, W)
+    ih: object            # source row of each output row (Ho,)
+    iw: object            # source column of each output column (Wo,)
+
+
 def upsample_nearest2x_forward(x, output_size=None):
     """Nearest-neighbour upsampling of x (B, C, H, W) to (B, C, 2H, 2W), or to ``output_size``
-    (Ho, Wo) when given (then ``upsample_nearest_forward``). Returns ``(y, cache)``."""
+    (Ho, Wo) when given (then ``upsample_nearest_forward``). Returns ``(y, cache)``; the cache is
+    x's shape (or an ``UpsampleNearestCache``)."""
     if output_size is not None:
         return upsample_nearest_forward(x, output_size)
     _check_nchw("upsample_nearest2x", x)
     B, C, H, W = x.shape
     y = xp.empty((B, C, H, 2, W, 2), dtype=x.dtype)
     y[...] = x[:, :, :, None, :, None]                       # one broadcast copy
-    return y.reshape(B, C, 2 * H, 2 * W), ("2x", x.shape)
+    return y.reshape(B, C, 2 * H, 2 * W), x.shape
 
 
 def upsample_nearest2x_backward(dy, cache):
     """dx (B, C, H, W): the sum of each 2x2 block of dy (B, C, 2H, 2W) (or the general backward)."""
-    if cache[0] != "2x":
+    if isinstance(cache, UpsampleNearestCache):
         return upsample_nearest_backward(dy, cache)
-    B, C, H, W = cache[1]
+    B, C, H, W = cache
     d = dy.reshape(B, C, H, 2, W, 2)
     dx = d[:, :, :, 0, :, 0] + d[:, :, :, 0, :, 1]
     dx += d[:, :, :, 1, :, 0]
@@ -77,7 +87,7 @@ def upsample_nearest2x_backward(dy, cache):
 def upsample_nearest_forward(x, output_size):
     """Nearest-neighbour resize of x (B, C, H, W) to (B, C, Ho, Wo), torch's index rule.
 
-    Returns ``(y, cache)``; the cache holds the input shape and the two index vectors.
+    Returns ``(y, cache)``; cache an ``UpsampleNearestCache``.
     """
     _check_nchw("upsample_nearest", x)
     Ho, Wo = _check_size("upsample_nearest", output_size)
@@ -85,14 +95,14 @@ def upsample_nearest_forward(x, output_size):
     ih = asarray(nearest_indices(H, Ho))
     iw = asarray(nearest_indices(W, Wo))
     y = x[:, :, ih[:, None], iw[None, :]]                    # (B, C, Ho, Wo) gather
-    return y, ("size", x.shape, ih, iw)
+    return y, UpsampleNearestCache(x.shape, ih, iw)
 
 
 def upsample_nearest_backward(dy, cache):
     """dx = P_h^T dy P_w, where P_h (Ho, H) and P_w (Wo, W) have P[i, ih[i]] = 1: every dx entry is
     the sum of the dy entries that copied it."""
-    _, shape, ih, iw = cache
-    H, W = shape[2], shape[3]
+    _, _, H, W = cache.in_shape
+    ih, iw = cache.ih, cache.iw
     ph = (ih[:, None] == xp.arange(H)[None, :]).astype(dy.dtype)       # (Ho, H)
     pw = (iw[:, None] == xp.arange(W)[None, :]).astype(dy.dtype)       # (Wo, W)
     return xp.matmul(ph.T, xp.matmul(dy, pw))                           # (B, C, H, W)
@@ -112,5 +122,5 @@ def pad_right_bottom_forward(x):
 
 def pad_right_bottom_backward(dy, cache):
     """dx = dy[:, :, :H, :W] (a fresh array): the padded entries are constants."""
-    H, W = cache[2], cache[3]
+    _, _, H, W = cache
     return dy[:, :, :H, :W].copy()

@@ -16,13 +16,7 @@ Numerics:
 from __future__ import annotations
 
 from npdiffusion.backend import xp
-
-
-def _compute_dtype(dtype):
-    """float16 is upcast to float32; float32 and float64 compute in their own precision."""
-    if dtype.kind != "f":
-        raise TypeError(f"softmax: x must be a floating array, got dtype {dtype}")
-    return xp.float32 if dtype.itemsize < 4 else dtype
+from npdiffusion.checks import compute_dtype
 
 
 def _normalize_axis(axis, ndim):
@@ -34,7 +28,7 @@ def _normalize_axis(axis, ndim):
 def _shifted(x, axis):
     """``(z, m)``: z = x - m (a fresh array in the compute dtype), m = max over ``axis`` (kept),
     with the maximum of an all ``-inf`` row replaced by 0 so that z stays ``-inf`` instead of NaN."""
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype, "softmax")
     m = xp.max(x, axis=axis, keepdims=True).astype(cdt, copy=False)
     m = xp.where(m == -xp.inf, 0.0, m)
     z = xp.subtract(x, m, dtype=cdt)
@@ -61,7 +55,7 @@ def softmax_forward(x, axis: int = -1):
 def softmax_backward(dy, cache):
     """dx = y * (dy - sum(dy * y, axis)). Returns dx (a fresh array of y's dtype)."""
     y, axis = cache
-    cdt = _compute_dtype(y.dtype)
+    cdt = compute_dtype(y.dtype, "softmax")
     yc = y.astype(cdt, copy=False)
     dx = xp.multiply(dy, yc, dtype=cdt)                # dy * y
     s = xp.sum(dx, axis=axis, keepdims=True)           # sum_k dy_k y_k
@@ -87,7 +81,7 @@ def log_softmax_forward(x, axis: int = -1):
 def log_softmax_backward(dy, cache):
     """dx = dy - exp(y) * sum(dy, axis). Returns dx (a fresh array of y's dtype)."""
     y, axis = cache
-    cdt = _compute_dtype(y.dtype)
+    cdt = compute_dtype(y.dtype, "softmax")
     p = xp.exp(y.astype(cdt, copy=False))              # the softmax; 0 on fully masked rows
     p *= xp.sum(dy, axis=axis, keepdims=True, dtype=cdt)
     dx = xp.subtract(dy, p, dtype=cdt)

@@ -50,6 +50,7 @@ from collections import OrderedDict
 import numpy
 
 from npdiffusion.backend import to_numpy, xp
+from npdiffusion.checks import check_dtype, check_positive_int
 from npdiffusion.optim.optimizer import check_float, check_module
 
 #: Compute dtypes ``MasterWeights`` accepts (float32 = masters and module agree: a plain run).
@@ -67,13 +68,7 @@ def _compute_dtype(dtype) -> numpy.dtype:
         raise ValueError("MasterWeights: compute_dtype 'bfloat16' is not available: NumPy has no bfloat16 type, "
                          "and CuPy's experimental one is not supported by cupyx.scipy.special, which the "
                          "activations use; use 'float16' (docs/gpu.md, 'Mixed precision')")
-    try:
-        dt = numpy.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or dt.name not in COMPUTE_DTYPES:
-        raise ValueError(f"MasterWeights: compute_dtype must be one of {COMPUTE_DTYPES}, got {dtype!r}")
-    return dt
+    return check_dtype("compute_dtype", dtype, COMPUTE_DTYPES, "MasterWeights", error=ValueError)
 
 
 # ============================================================================ master weights
@@ -210,12 +205,6 @@ def _f32(x) -> float:
         return float(numpy.float32(x))
 
 
-def _check_positive_int(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < 1:
-        raise ValueError(f"DynamicLossScaler: {name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 class DynamicLossScaler:
     """Dynamic loss scaling with torch.amp.GradScaler's schedule and a bounded run of skips.
 
@@ -250,8 +239,8 @@ class DynamicLossScaler:
         self.growth_factor = growth
         self.backoff_factor = check_float("DynamicLossScaler", "backoff_factor", hp["backoff_factor"], 0.0, 1.0,
                                           low_open=True, high_open=True)
-        self.growth_interval = _check_positive_int("growth_interval", hp["growth_interval"])
-        self.max_consecutive_skips = _check_positive_int("max_consecutive_skips", hp["max_consecutive_skips"])
+        self.growth_interval = check_positive_int("growth_interval", hp["growth_interval"], "DynamicLossScaler")
+        self.max_consecutive_skips = check_positive_int("max_consecutive_skips", hp["max_consecutive_skips"], "DynamicLossScaler")
 
     # ----------------------------------------------------------------- per step
     def get_scale(self) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import json
 import math
 import os
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from typing import Callable
 import numpy
 
 from npdiffusion.backend import asarray, is_array
+from npdiffusion.checks import read_json_object
 from npdiffusion.nn.module import Module
 
 #: U-Net timesteps whose float32 sinusoidal features torch computes bit-identically (a torch
@@ -139,16 +139,9 @@ def _load_config(config) -> dict | None:
     if config is None or isinstance(config, dict):
         return copy.deepcopy(config)
     path = os.fspath(config)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--config: no such file {path!r}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--config: {path!r} is not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--config: {path!r} must hold a JSON object, got a JSON {type(value).__name__}")
-    return value
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no such file {path!r}")
+    return read_json_object(path, "--config")
 
 
 def _json_ready(value):

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 
+from npdiffusion.checks import read_json_object
 from npdiffusion.io.atomic import atomic_write_text
 from npdiffusion.io.pretrained import DIFFUSERS_VERSION, read_config
 from npdiffusion.models.clip.tokenizer import AddedToken, CLIPTokenizer
@@ -160,12 +161,8 @@ def tokenizer_from_tokenizer_json(folder) -> CLIPTokenizer:
     (it no longer writes vocab.json and merges.txt)."""
     folder = os.fspath(folder)
     path = os.path.join(folder, "tokenizer.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PipelineFolderError(f"{path!r} is not valid JSON: {exc}") from None
-    model = data.get("model") if isinstance(data, dict) else None
+    data = read_json_object(path, None, error=PipelineFolderError)
+    model = data.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) \
             or not isinstance(model.get("merges"), list):
         raise PipelineFolderError(f"{path!r} must hold a BPE model with 'vocab' and 'merges' (a CLIP tokenizer)")

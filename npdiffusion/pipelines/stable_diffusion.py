@@ -31,6 +31,7 @@ import os
 import numpy
 
 from npdiffusion.backend import asarray, is_array, to_numpy, xp
+from npdiffusion.checks import check_int, check_real
 from npdiffusion.diffusion.guidance import guided_prediction
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import read_config
@@ -62,20 +63,6 @@ SIZE_MULTIPLE = 8
 
 def _is_str_list(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_real(name, value, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not numpy.isfinite(float(value)):
-        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return float(value)
 
 
 def _version_tuple(text) -> tuple:
@@ -243,7 +230,7 @@ class StableDiffusionPipeline:
         list needs a list of the same length (diffusers' rules). ``clip_skip`` applies to the prompt
         only, not to the negative prompt, as in diffusers.
         """
-        n = _check_int("num_images_per_prompt", num_images_per_prompt)
+        n = check_int("num_images_per_prompt", num_images_per_prompt)
         if prompt is not None and isinstance(prompt, str):
             batch = 1
         elif prompt is not None and isinstance(prompt, list):
@@ -335,10 +322,10 @@ class StableDiffusionPipeline:
     @staticmethod
     def _check_call_options(num_inference_steps, guidance_scale, eta, num_images_per_prompt, output_type):
         """(S, w, eta, n) checked: S and n ints >= 1, w a finite number, eta >= 0, a known output_type."""
-        steps = _check_int("num_inference_steps", num_inference_steps)
-        guidance_scale = _check_real("guidance_scale", guidance_scale)
-        eta = _check_real("eta", eta, minimum=0.0)
-        n = _check_int("num_images_per_prompt", num_images_per_prompt)
+        steps = check_int("num_inference_steps", num_inference_steps)
+        guidance_scale = check_real("guidance_scale", guidance_scale)
+        eta = check_real("eta", eta, minimum=0.0)
+        n = check_int("num_images_per_prompt", num_images_per_prompt)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         return steps, guidance_scale, eta, n
@@ -448,7 +435,7 @@ class StableDiffusionPipeline:
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds)
         steps, guidance_scale, eta, n = self._check_call_options(num_inference_steps, guidance_scale, eta,
                                                                  num_images_per_prompt, output_type)
-        guidance_rescale = _check_real("guidance_rescale", guidance_rescale, minimum=0.0)
+        guidance_rescale = check_real("guidance_rescale", guidance_rescale, minimum=0.0)
         batch = self._num_prompts(prompt, prompt_embeds)
         self.check_memory(batch * n, height, width, guidance_scale > 1.0)
         source = NoiseSource(noise, seed, batch * n)
@@ -497,7 +484,7 @@ class StableDiffusionPipeline:
         arguments are those of ``__call__`` (no ``guidance_rescale``, as in diffusers). Returns a
         StableDiffusionPipelineOutput.
         """
-        strength = _check_real("strength", strength)
+        strength = check_real("strength", strength)
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must lie in [0.0, 1.0], got {strength}")
         steps, guidance_scale, eta, n = self._check_call_options(num_inference_steps, guidance_scale, eta,

@@ -39,6 +39,8 @@ import operator
 
 import numpy
 
+from npdiffusion.checks import check_dtype
+
 __all__ = ["TorchGenerator", "torch_randn", "torch_rand", "randn_tensor", "DEFAULT_SEED"]
 
 DEFAULT_SEED = 67280421310721  # at::default_rng_seed_val: the seed of a fresh torch.Generator()
@@ -299,16 +301,6 @@ def _check_shape(shape) -> tuple:
     return dims
 
 
-def _check_dtype(dtype) -> numpy.dtype:
-    try:
-        dt = numpy.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or dt.name not in _DTYPES:
-        raise TypeError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return dt
-
-
 # ------------------------------------------------------------------------------------------ generator
 class TorchGenerator:
     """A NumPy twin of a CPU ``torch.Generator``: the same seed gives the same stream.
@@ -438,7 +430,7 @@ class TorchGenerator:
 
         dtype: float32 (default), float64 or float16. Returns a new NumPy array of ``shape``.
         """
-        shape, dt = _check_shape(shape), _check_dtype(dtype)
+        shape, dt = _check_shape(shape), check_dtype("dtype", dtype, _DTYPES)
         n = math.prod(shape)
         if n < 16:  # torch's serial kernel: one double normal per value, cast
             values = numpy.array([self._normal_double() for _ in range(n)], dtype=numpy.float64)
@@ -465,7 +457,7 @@ class TorchGenerator:
         float32 and float16 take one 24-bit uniform per value, float64 one 53-bit uniform; a float16
         value that rounds up to 1 becomes 0, as in torch.
         """
-        shape, dt = _check_shape(shape), _check_dtype(dtype)
+        shape, dt = _check_shape(shape), check_dtype("dtype", dtype, _DTYPES)
         n = math.prod(shape)
         if dt == numpy.float64:
             return self._uniform_double(n).reshape(shape)

@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 
+from npdiffusion.checks import read_json_object
 from npdiffusion.io.atomic import _pid_alive, atomic_write_text, check_writable, fsync_dir, remove_stale_temps
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(?P<step>\d+)$")
@@ -161,11 +162,4 @@ class CheckpointManager:
     def read_state(folder: str) -> dict:
         """The trainer_state.json of checkpoint ``folder``."""
         path = os.path.join(folder, STATE_FILE)
-        try:
-            with open(path, encoding="utf-8") as f:
-                state = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return state
+        return read_json_object(path, "read_state")

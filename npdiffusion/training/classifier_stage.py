@@ -19,6 +19,7 @@ import os
 import numpy
 
 from npdiffusion.backend import asarray, to_numpy
+from npdiffusion.checks import read_json_object
 from npdiffusion.diffusion.forward import q_sample
 from npdiffusion.guidance.classifier import NoiseAwareClassifier
 from npdiffusion.io.atomic import atomic_write_text
@@ -108,8 +109,7 @@ def load_classifier(folder) -> tuple[NoiseAwareClassifier, str | None]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_classifier: {folder!r} has no config.json (not a classifier folder)")
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_json_object(path, "load_classifier")
     attribute = cfg.pop("attribute", None)
     clf = NoiseAwareClassifier(**cfg)
     clf.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numbers
 
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.models.blocks.caches import release_caches
-from npdiffusion.nn.checks import check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.dropout import Dropout
 from npdiffusion.nn.linear import Linear

@@ -21,8 +21,8 @@ State-dict keys as in diffusers (built with name="op" by the U-Net and VAE block
 from __future__ import annotations
 
 from npdiffusion.backend import xp
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.models.blocks.caches import release_caches
-from npdiffusion.nn.checks import check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module
 from npdiffusion.ops.resample import (

@@ -17,7 +17,7 @@ docs/ops/attention.md. Source mirrored: transformers/models/clip/modeling_clip.p
 """
 from __future__ import annotations
 
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.nn.linear import Linear
 from npdiffusion.nn.module import Module
 from npdiffusion.ops.attention import attention_backward, attention_forward

@@ -20,6 +20,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from npdiffusion.checks import check_positive_int, check_real
+
 #: hidden_act values and the activation each one means (transformers' ACT2FN names).
 ACTIVATIONS = {
     "quick_gelu": "quick_gelu",     # x sigmoid(1.702 x)
@@ -31,21 +33,6 @@ ACTIVATIONS = {
 }
 
 LOGIT_SCALE_MAX = math.log(100.0)   # open_clip's training clamp (4.6052)
-
-
-def _int(cls, name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{cls}: {name} must be {what}, got {value!r}")
-    return int(value)
-
-
-def _float(cls, name, value, lo=0.0, hi=math.inf, hi_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not lo <= value <= hi \
-            or (hi_open and value == hi):
-        bound = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
-        raise ValueError(f"{cls}: {name} must be a number in {bound}, got {value!r}")
-    return float(value)
 
 
 def _token_id(cls, name, value):
@@ -65,6 +52,21 @@ def _check_act(cls, value):
 def _check_heads(cls, hidden_size, heads):
     if hidden_size % heads:
         raise ValueError(f"{cls}: hidden_size ({hidden_size}) must be a multiple of num_attention_heads ({heads})")
+
+
+def _check_tower(config, sizes):
+    """Check and normalize the fields the text and vision configs share, and the ``sizes``."""
+    c = type(config).__name__
+    for name in sizes:
+        setattr(config, name, check_positive_int(name, getattr(config, name), c))
+    if config.projection_dim is not None:
+        config.projection_dim = check_positive_int("projection_dim", config.projection_dim, c)
+    _check_heads(c, config.hidden_size, config.num_attention_heads)
+    config.hidden_act = _check_act(c, config.hidden_act)
+    for name in ("layer_norm_eps", "initializer_range", "initializer_factor"):
+        setattr(config, name, check_real(name, getattr(config, name), 0.0, math.inf, c, finite=False))
+    config.attention_dropout = check_real("attention_dropout", config.attention_dropout, 0.0, 1.0, c,
+                                          exclusive_maximum=True)
 
 
 class _Config:
@@ -115,17 +117,8 @@ class CLIPTextConfig(_Config):
 
     def __post_init__(self):
         c = type(self).__name__
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
-            setattr(self, name, _int(c, name, getattr(self, name)))
-        if self.projection_dim is not None:
-            self.projection_dim = _int(c, "projection_dim", self.projection_dim)
-        _check_heads(c, self.hidden_size, self.num_attention_heads)
-        self.hidden_act = _check_act(c, self.hidden_act)
-        self.layer_norm_eps = _float(c, "layer_norm_eps", self.layer_norm_eps)
-        self.attention_dropout = _float(c, "attention_dropout", self.attention_dropout, hi=1.0, hi_open=True)
-        self.initializer_range = _float(c, "initializer_range", self.initializer_range)
-        self.initializer_factor = _float(c, "initializer_factor", self.initializer_factor)
+        _check_tower(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                            "num_attention_heads", "max_position_embeddings"))
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             setattr(self, name, _token_id(c, name, getattr(self, name)))
 
@@ -152,20 +145,11 @@ class CLIPVisionConfig(_Config):
     initializer_factor: float = 1.0
 
     def __post_init__(self):
-        c = type(self).__name__
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_channels", "image_size", "patch_size"):
-            setattr(self, name, _int(c, name, getattr(self, name)))
-        if self.projection_dim is not None:
-            self.projection_dim = _int(c, "projection_dim", self.projection_dim)
+        _check_tower(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_channels", "image_size", "patch_size"))
         if self.patch_size > self.image_size:
-            raise ValueError(f"{c}: patch_size ({self.patch_size}) must be at most image_size ({self.image_size})")
-        _check_heads(c, self.hidden_size, self.num_attention_heads)
-        self.hidden_act = _check_act(c, self.hidden_act)
-        self.layer_norm_eps = _float(c, "layer_norm_eps", self.layer_norm_eps)
-        self.attention_dropout = _float(c, "attention_dropout", self.attention_dropout, hi=1.0, hi_open=True)
-        self.initializer_range = _float(c, "initializer_range", self.initializer_range)
-        self.initializer_factor = _float(c, "initializer_factor", self.initializer_factor)
+            raise ValueError(f"{type(self).__name__}: patch_size ({self.patch_size}) must be at most "
+                             f"image_size ({self.image_size})")
 
     @property
     def num_patches(self) -> int:
@@ -211,12 +195,12 @@ class CLIPConfig(_Config):
         c = type(self).__name__
         self.text_config = _sub_config(CLIPTextConfig, self.text_config, None)
         self.vision_config = _sub_config(CLIPVisionConfig, self.vision_config, None)
-        self.projection_dim = _int(c, "projection_dim", self.projection_dim)
+        self.projection_dim = check_positive_int("projection_dim", self.projection_dim, c)
         v = self.logit_scale_init_value
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise ValueError(f"{c}: logit_scale_init_value must be a finite number, got {v!r}")
         self.logit_scale_init_value = float(v)
-        self.initializer_factor = _float(c, "initializer_factor", self.initializer_factor)
+        self.initializer_factor = check_real("initializer_factor", self.initializer_factor, 0.0, math.inf, c, finite=False)
 
     @classmethod
     def from_dict(cls, config):

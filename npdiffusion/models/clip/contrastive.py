@@ -24,20 +24,14 @@ Source mirrored: transformers/models/clip/modeling_clip.py (``clip_loss``, ``_ge
 from __future__ import annotations
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.checks import check_float_array
 from npdiffusion.ops.losses import cross_entropy_backward, cross_entropy_forward
-
-
-def _check_float(a, name, op, ndim=None):
-    if not hasattr(a, "dtype") or not hasattr(a, "shape") or a.dtype.kind != "f":
-        raise TypeError(f"{op}: {name} must be a floating array, got {getattr(a, 'dtype', type(a).__name__)}")
-    if ndim is not None and a.ndim != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
 
 
 # ------------------------------------------------------------------------------ normalization
 def l2_normalize_forward(x):
     """u = x / ||x|| over the last axis (x (..., E)). Returns ``(u, cache)``; cache = (u, ||x||)."""
-    _check_float(x, "x", "l2_normalize")
+    check_float_array("x", x, "l2_normalize")
     if x.ndim == 0:
         raise ValueError("l2_normalize: x must have at least one dimension, got a 0-d array")
     norm = xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True))              # (..., 1)
@@ -61,8 +55,8 @@ def clip_logits_forward(text_embeds, image_embeds, logit_scale):
     gradient) -> Z (N, M). Returns ``(Z, cache)``; cache = (t, v, s, Z).
     """
     op = "clip_logits"
-    _check_float(text_embeds, "text_embeds", op, 2)
-    _check_float(image_embeds, "image_embeds", op, 2)
+    check_float_array("text_embeds", text_embeds, op, 2)
+    check_float_array("image_embeds", image_embeds, op, 2)
     if text_embeds.shape[1] != image_embeds.shape[1]:
         raise ValueError(f"{op}: text_embeds and image_embeds must have the same width, got shapes "
                          f"{tuple(text_embeds.shape)} and {tuple(image_embeds.shape)}")
@@ -95,7 +89,7 @@ def symmetric_cross_entropy_forward(logits_per_text):
     Returns ``(loss, cache)`` with loss a 0-d array.
     """
     op = "symmetric_cross_entropy"
-    _check_float(logits_per_text, "logits_per_text", op, 2)
+    check_float_array("logits_per_text", logits_per_text, op, 2)
     n, m = logits_per_text.shape
     if n != m or n == 0:
         raise ValueError(f"{op}: logits_per_text must be square and non-empty (N texts paired with N images), "

@@ -22,9 +22,9 @@ import inspect
 import numbers
 
 from npdiffusion.backend import xp
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.models.clip.attention import CLIPAttention
 from npdiffusion.models.clip.config import ACTIVATIONS
-from npdiffusion.nn.checks import check_input, check_positive_int
 from npdiffusion.nn.init import normal
 from npdiffusion.nn.linear import Linear
 from npdiffusion.nn.module import Module, ModuleList

@@ -28,11 +28,11 @@ from __future__ import annotations
 import numbers
 
 from npdiffusion.backend import asarray, is_array, xp
+from npdiffusion.checks import check_positive_int
 from npdiffusion.memory import check_model, clip_text_parameters
 from npdiffusion.models.clip.config import CLIPConfig, CLIPTextConfig
 from npdiffusion.models.clip.encoder import CLIPEncoder, check_grad, init_encoder_weights_, keyword_backward
 from npdiffusion.models.clip.pretrained import read_folder, strip_prefix, write_folder
-from npdiffusion.nn.checks import check_positive_int
 from npdiffusion.nn.embedding import Embedding
 from npdiffusion.nn.init import normal
 from npdiffusion.nn.module import Module, canonical_dtype

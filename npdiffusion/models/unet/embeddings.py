@@ -15,7 +15,7 @@ Source mirrored: diffusers/models/embeddings.py (Timesteps, TimestepEmbedding).
 """
 from __future__ import annotations
 
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.nn.linear import Linear
 from npdiffusion.nn.module import Module
 from npdiffusion.ops.activations import silu_backward, silu_forward

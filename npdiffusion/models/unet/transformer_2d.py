@@ -26,9 +26,9 @@ diffusers/models/transformers/transformer_2d.py (Transformer2DModel).
 from __future__ import annotations
 
 from npdiffusion.backend import xp
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.nn.attention import Attention
-from npdiffusion.nn.checks import check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.feedforward import FeedForward
 from npdiffusion.nn.linear import Linear

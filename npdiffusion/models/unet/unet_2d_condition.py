@@ -31,6 +31,7 @@ import os
 import numpy
 
 from npdiffusion.backend import asarray, is_array, xp
+from npdiffusion.checks import check_batch, check_input, check_positive_int
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
 from npdiffusion.memory import check_model, unet_parameters
@@ -46,7 +47,6 @@ from npdiffusion.models.unet.unet_blocks import (
     UpBlock2D,
 )
 from npdiffusion.nn.attention import Attention
-from npdiffusion.nn.checks import check_batch, check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList, canonical_dtype
 from npdiffusion.nn.norm import GroupNorm
@@ -141,12 +141,6 @@ def _per_block(name: str, value, n: int, kind=int) -> list:
     return [value] * n
 
 
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < minimum:
-        raise ValueError(f"{CLASS_NAME}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 class UNet2DConditionModel(Module):
     """diffusers' conditional U-Net (see the module docstring), built from diffusers config keys.
 
@@ -164,7 +158,7 @@ class UNet2DConditionModel(Module):
         cfg = self._resolve_config(config)
         object.__setattr__(self, "config", cfg)
 
-        boc = [_check_int("block_out_channels entry", c) for c in cfg["block_out_channels"]]
+        boc = [check_positive_int("block_out_channels entry", c, CLASS_NAME) for c in cfg["block_out_channels"]]
         down_types, up_types = list(cfg["down_block_types"]), list(cfg["up_block_types"])
         n = len(down_types)
         if n == 0:
@@ -185,7 +179,7 @@ class UNet2DConditionModel(Module):
             raise ValueError(f"{CLASS_NAME}: mid_block_type {cfg['mid_block_type']!r} is not supported; "
                              f"supported: {MID_BLOCK_TYPES}")
         act_fn = check_act_fn(CLASS_NAME, cfg["act_fn"])
-        groups = _check_int("norm_num_groups", cfg["norm_num_groups"]) if cfg["norm_num_groups"] is not None else None
+        groups = check_positive_int("norm_num_groups", cfg["norm_num_groups"], CLASS_NAME) if cfg["norm_num_groups"] is not None else None
         if groups is None:
             raise ValueError(f"{CLASS_NAME}: norm_num_groups=None is not supported (the resnets need GroupNorm "
                              "groups), got None")
@@ -194,7 +188,7 @@ class UNet2DConditionModel(Module):
         heads = _per_block("attention_head_dim" if cfg["num_attention_heads"] is None else "num_attention_heads",
                            heads, n)
         cross_dims = _per_block("cross_attention_dim", cfg["cross_attention_dim"], n)
-        layers = [_check_int("layers_per_block", v) for v in _per_block("layers_per_block", cfg["layers_per_block"], n)]
+        layers = [check_positive_int("layers_per_block", v, CLASS_NAME) for v in _per_block("layers_per_block", cfg["layers_per_block"], n)]
         only_cross = _per_block("only_cross_attention", cfg["only_cross_attention"], n, kind=bool)
         tlpb = cfg["transformer_layers_per_block"]
         tlpb = _per_block("transformer_layers_per_block", tlpb, n) if not isinstance(tlpb, (list, tuple)) else list(tlpb)
@@ -212,7 +206,8 @@ class UNet2DConditionModel(Module):
                              f"({n}), got {reverse_tlpb}")
         dropout = cfg["dropout"]
         use_linear, upcast = bool(cfg["use_linear_projection"]), bool(cfg["upcast_attention"])
-        k_in, k_out = _check_int("conv_in_kernel", cfg["conv_in_kernel"]), _check_int("conv_out_kernel", cfg["conv_out_kernel"])
+        k_in = check_positive_int("conv_in_kernel", cfg["conv_in_kernel"], CLASS_NAME)
+        k_out = check_positive_int("conv_out_kernel", cfg["conv_out_kernel"], CLASS_NAME)
         for name, k in (("conv_in_kernel", k_in), ("conv_out_kernel", k_out)):
             if k % 2 == 0:
                 raise ValueError(f"{CLASS_NAME}: {name} must be odd (the convolution keeps the size), got {k}")
@@ -221,10 +216,10 @@ class UNet2DConditionModel(Module):
                     "block_out_channels")                         # before any parameter is allocated
 
         # input and time embedding
-        self.conv_in = Conv2d(_check_int("in_channels", cfg["in_channels"]), boc[0], k_in, padding=(k_in - 1) // 2)
+        self.conv_in = Conv2d(check_positive_int("in_channels", cfg["in_channels"], CLASS_NAME), boc[0], k_in, padding=(k_in - 1) // 2)
         self.time_proj = Timesteps(boc[0], bool(cfg["flip_sin_to_cos"]), float(cfg["freq_shift"]))
-        temb_dim = boc[0] * 4 if cfg["time_embedding_dim"] is None else _check_int("time_embedding_dim",
-                                                                                     cfg["time_embedding_dim"])
+        temb_dim = boc[0] * 4 if cfg["time_embedding_dim"] is None else check_positive_int(
+            "time_embedding_dim", cfg["time_embedding_dim"], CLASS_NAME)
         self.time_embedding = TimestepEmbedding(boc[0], temb_dim, act_fn=act_fn)
 
         # down
@@ -279,7 +274,7 @@ class UNet2DConditionModel(Module):
 
         # out
         self.conv_norm_out = GroupNorm(groups, boc[0], eps=eps)
-        self.conv_out = Conv2d(boc[0], _check_int("out_channels", cfg["out_channels"]), k_out,
+        self.conv_out = Conv2d(boc[0], check_positive_int("out_channels", cfg["out_channels"], CLASS_NAME), k_out,
                                padding=(k_out - 1) // 2)
 
     # ----------------------------------------------------------------- config

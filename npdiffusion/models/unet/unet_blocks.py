@@ -23,11 +23,11 @@ Source mirrored: diffusers/models/unets/unet_2d_blocks.py.
 from __future__ import annotations
 
 from npdiffusion.backend import xp
+from npdiffusion.checks import check_positive_int
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
 from npdiffusion.models.blocks.sampling import Downsample2D, Upsample2D
 from npdiffusion.models.unet.embeddings import check_act_fn
 from npdiffusion.models.unet.transformer_2d import Transformer2DModel
-from npdiffusion.nn.checks import check_positive_int
 from npdiffusion.nn.module import Module, ModuleList
 
 

@@ -33,6 +33,7 @@ import warnings
 import numpy
 
 from npdiffusion.backend import to_numpy, xp
+from npdiffusion.checks import check_batch, check_input, check_positive_int
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
 from npdiffusion.memory import check_model, vae_parameters
@@ -40,7 +41,6 @@ from npdiffusion.models.vae.decoder import Decoder
 from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
 from npdiffusion.models.vae.encoder import Encoder
 from npdiffusion.models.vae.vae_blocks import MidBlockAttention
-from npdiffusion.nn.checks import check_batch, check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, canonical_dtype
 

@@ -14,10 +14,10 @@ docs/vae.md. Source mirrored: diffusers/models/autoencoders/vae.py (Decoder, nor
 """
 from __future__ import annotations
 
+from npdiffusion.checks import check_batch, check_input, check_positive_int
 from npdiffusion.models.vae.encoder import check_block_config
 from npdiffusion.models.vae.vae_blocks import UNetMidBlock2D, UpDecoderBlock2D
 from npdiffusion.nn.activations import SiLU
-from npdiffusion.nn.checks import check_batch, check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.nn.norm import GroupNorm

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy
 
 from npdiffusion.backend import xp
-from npdiffusion.nn.checks import check_input, check_positive_int
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.random import default_rng

@@ -16,9 +16,9 @@ reverse. Architecture and derivations: docs/vae.md. Source mirrored: diffusers/m
 """
 from __future__ import annotations
 
+from npdiffusion.checks import check_batch, check_input, check_positive_int
 from npdiffusion.models.vae.vae_blocks import DownEncoderBlock2D, UNetMidBlock2D
 from npdiffusion.nn.activations import SiLU
-from npdiffusion.nn.checks import check_batch, check_input, check_positive_int
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.nn.norm import GroupNorm

@@ -21,10 +21,10 @@ State-dict keys equal diffusers'.
 """
 from __future__ import annotations
 
+from npdiffusion.checks import check_input, check_positive_int
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
 from npdiffusion.models.blocks.sampling import Downsample2D, Upsample2D
 from npdiffusion.nn.attention import Attention
-from npdiffusion.nn.checks import check_input, check_positive_int
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.nn.norm import GroupNorm
 
