@@ -63,10 +63,17 @@ class ufunc:  # noqa: N801 - CuPy's name
         return f"<ufunc 'cupy_{self.name}' (CuPy stand-in)>"
 
 
+# Functions that only read dtypes or shapes: CuPy hands host arrays to NumPy there, so do we.
+_METADATA = frozenset({"result_type", "can_cast", "min_scalar_type", "common_type", "ndim", "shape",
+                       "size", "iscomplexobj", "isrealobj", "isscalar"})
+
+
 def _function(name, fn, where=None):
     where = where or f"cupy.{name}"
 
     def wrapped(*args, **kwargs):
+        if name in _METADATA:
+            return fn(*_array.unwrap_host_data(args), **kwargs)
         return _array.call(fn, where, args, kwargs)
 
     wrapped.__name__ = wrapped.__qualname__ = name
