@@ -129,3 +129,13 @@ def test_copies_and_pickles_stay_on_the_device(cupy):
     for other in (copy.copy(dev), copy.deepcopy(dev), pickle.loads(pickle.dumps(dev))):
         assert isinstance(other, cupy.ndarray)
         np.testing.assert_array_equal(other.get(), [0.0, 1.0, 2.0])
+
+
+def test_inf_and_nan_come_without_warnings_as_in_cupy(cupy):
+    import warnings
+
+    dev = cupy.asarray(np.array([0.0, 1.0, -1.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = cupy.log(dev) + 1.0 / dev + (dev * 1e308 * 10).sum()
+    assert not np.isfinite(out.get()).any()

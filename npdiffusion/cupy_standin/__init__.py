@@ -17,6 +17,7 @@ A device array (``cupy.ndarray``) wraps a NumPy array. As with real CuPy:
 * NumPy functions called on device arrays dispatch to the stand-in (``__array_function__``,
   ``__array_ufunc__``), so ``numpy.sum(dev)`` is a device array;
 * reductions and scalar indexing give 0-d device arrays, not NumPy scalars;
+* overflow, division by zero and invalid values give inf/NaN without a warning;
 * ``dev.get()``, ``cupy.asnumpy(dev)``, ``float()``/``int()``/``bool()``/``complex()`` of a device
   array, ``operator.index``, ``.item()``, ``.tolist()`` and ``repr``/``str``/``format`` are host
   synchronizations: each is logged with its call site (``count_syncs()``);

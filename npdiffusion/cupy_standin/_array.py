@@ -132,8 +132,10 @@ def wrap(value):
 
 
 def call(fn, where: str, args, kwargs):
-    """``fn`` on unwrapped arguments, its result wrapped."""
-    return wrap(fn(*unwrap(args, where), **unwrap(kwargs, where)))
+    """``fn`` on unwrapped arguments, its result wrapped (no floating-point warnings, as in CuPy)."""
+    args, kwargs = unwrap(args, where), unwrap(kwargs, where)
+    with numpy.errstate(all="ignore"):
+        return wrap(fn(*args, **kwargs))
 
 
 # ---------------------------------------------------------------- the array

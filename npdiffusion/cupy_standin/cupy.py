@@ -41,7 +41,8 @@ class ufunc:  # noqa: N801 - CuPy's name
                 if not isinstance(o, ndarray):
                     raise TypeError(f"Output arrays of cupy.{self.name} must be cupy.ndarray, got {type(o)}")
             kwargs["out"] = tuple(o._a for o in outs) if isinstance(out, tuple) else out._a
-        result = self._u(*args, **kwargs)
+        with _numpy.errstate(all="ignore"):  # CuPy's kernels never warn about inf/NaN
+            result = self._u(*args, **kwargs)
         if out is not None:
             return out
         return _array.wrap(result)
