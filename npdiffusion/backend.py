@@ -8,6 +8,8 @@ which forwards every attribute to the active array module::
 
 The backend is chosen once, by ``set_backend("numpy" | "cupy")`` or the environment variable
 ``NPDIFFUSION_BACKEND``, before models are built. CuPy is imported only when it is asked for.
+``NPDIFFUSION_CUPY_STANDIN=1`` makes "cupy" the strict CPU stand-in of ``npdiffusion.cupy_standin``
+(for tests without a GPU).
 
 Also here: moving arrays between host and device (``asarray``, ``to_numpy``) and ``scatter_add``,
 an unbuffered indexed add that is correct with repeated indices on both backends.
@@ -24,6 +26,11 @@ _state = {"name": None, "module": None}
 
 
 def _import_cupy():
+    if os.environ.get("NPDIFFUSION_CUPY_STANDIN") == "1":  # tests: the CPU stand-in (npdiffusion/cupy_standin)
+        from npdiffusion import cupy_standin  # noqa: PLC0415
+
+        if not cupy_standin.is_installed():
+            cupy_standin.install()
     try:
         import cupy  # noqa: PLC0415 - imported lazily on purpose
     except ImportError as exc:

@@ -111,7 +111,7 @@ def test_conv2d_op_float16_is_computed_in_float32(backend, k, s, p):
     x = rng.standard_normal((2, 4, 6, 6)).astype(np.float16)
     w = (rng.standard_normal((3, 4, *k)) * 0.3).astype(np.float16)
     b = rng.standard_normal(3).astype(np.float16)
-    dy = rng.standard_normal(conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, s, p)[0].shape)
+    dy = rng.standard_normal(conv2d_forward(asarray(x.astype(np.float32)), asarray(w.astype(np.float32)), None, s, p)[0].shape)
     y16, c16 = conv2d_forward(asarray(x), asarray(w), asarray(b), s, p)
     y32, c32 = conv2d_forward(*(asarray(a.astype(np.float32)) for a in (x, w, b)), s, p)
     g16 = conv2d_backward(asarray(dy.astype(np.float16)), c16)

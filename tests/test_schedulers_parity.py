@@ -134,7 +134,7 @@ def _loop(scheduler, n, *, torch_side, model="rich", step_kwargs=None, dtype=np.
                 scales.append(np.max([np.abs(unwrap(a)) for a in (x_in, x, out[:, :SHAPE[1]], x0 if x0 is not None else x)],
                                      axis=0))
             if site == "step_output" and index == k:
-                x = x + delta
+                x = x + asarray(delta)
     sigmas = getattr(scheduler, "sigmas", None)
     if torch_side and sigmas is not None:
         sigmas = sigmas.numpy()

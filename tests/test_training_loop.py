@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from npdiffusion.backend import asarray, to_numpy
+from npdiffusion.backend import asarray, to_numpy, xp
 from npdiffusion.data.shapes import make_shapes
 from npdiffusion.io.pretrained import load_weights, save_weights, write_config
 from npdiffusion.io.safetensors import load_file
@@ -55,8 +55,8 @@ class ToyNet(Module):
 
     def backward(self, dy):
         dpool = self.drop.backward(self.head.backward(dy))           # (B, 4)
-        dh = np.broadcast_to((dpool / self._hw)[:, :, None, None], self._hshape)
-        return self.conv.backward(self.act.backward(asarray(np.ascontiguousarray(dh))))
+        dh = xp.broadcast_to((dpool / self._hw)[:, :, None, None], self._hshape)
+        return self.conv.backward(self.act.backward(xp.ascontiguousarray(dh)))
 
 
 class ToyStage(Stage):

@@ -152,7 +152,7 @@ def guided_sample(model_fn, scheduler, shape, num_inference_steps: int, rng, gui
     scheduler.set_timesteps(n)
     if latents is None:
         latents = rng.standard_normal(tuple(shape))
-    x = asarray(numpy.asarray(latents, dtype=dtype) * float(scheduler.init_noise_sigma))
+    x = asarray(latents, dtype=dtype) * float(scheduler.init_noise_sigma)  # host or device latents
     step_kwargs = {"rng": rng} if "rng" in inspect.signature(scheduler.step).parameters else {}
     timesteps = to_numpy(scheduler.timesteps).tolist()
     for i, t in enumerate(timesteps):

@@ -52,7 +52,7 @@ def diffusion_png(pipe, dataset, path: str, guidance_scale: float, steps: int = 
         x = asarray(to_model_input(dataset.get_images(numpy.arange(1))), dtype=numpy.float32)
         z0 = pipe.vae.encode(x).mean * sf
         noise = asarray(numpy.random.default_rng(0).standard_normal((len(ts),) + tuple(z0.shape[1:])), dtype=numpy.float32)
-        zt = q_sample(numpy.repeat(to_numpy(z0), len(ts), axis=0), numpy.asarray(ts), ac, noise)
+        zt = q_sample(asarray(numpy.repeat(to_numpy(z0), len(ts), axis=0)), numpy.asarray(ts), ac, noise)
         row1 = to_uint8(to_numpy(pipe.vae.decode(asarray(zt, dtype=numpy.float32) / sf)))
     prompt = dataset.captions[0]
     kept = []
