@@ -33,7 +33,6 @@ import numpy
 from npdiffusion.backend import asarray, is_array, xp
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
-from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
 from npdiffusion.models.unet.embeddings import TimestepEmbedding, Timesteps, check_act_fn
 from npdiffusion.models.unet.transformer_2d import BasicTransformerBlock
@@ -402,8 +401,6 @@ class UNet2DConditionModel(Module):
         parameter gradient (the time MLP's included). Derivation: docs/unet.md."""
         act_cache, spans, up_spans, n_skips, ctx_shape, ctx_dtype = self.saved()
         g = self.conv_norm_out.backward(silu_backward(self.conv_out.backward(grad), act_cache))
-        release_caches(self.conv_out)
-        release_caches(self.conv_norm_out)
         dskips = [None] * n_skips
         dtemb = dctx = None
 
@@ -416,27 +413,20 @@ class UNet2DConditionModel(Module):
             return total
 
         for block, (start, end) in zip(reversed(list(self.up_blocks)), reversed(up_spans)):
-            r = block.backward(g)
-            g, dstates, dt = r[0], r[1], r[2]
-            dtemb = acc(dtemb, dt)
-            if block.has_cross_attention:
-                dctx = acc(dctx, r[3])
+            g, dstates, dt, dc = block.backward(g)                           # an UpBlockGrads
+            dtemb, dctx = acc(dtemb, dt), acc(dctx, dc)
             dskips[start:end] = dstates
         if self.has_mid_block:
-            g, dt, dc = self.mid_block.backward(g)
+            g, dt, dc = self.mid_block.backward(g)                           # a BlockGrads
             dtemb, dctx = acc(dtemb, dt), acc(dctx, dc)
         for block, (start, end) in zip(reversed(list(self.down_blocks)), reversed(spans)):
-            r = block.backward(g, dskips[start:end])
-            g, dt = r[0], r[1]
-            dtemb = acc(dtemb, dt)
-            if block.has_cross_attention:
-                dctx = acc(dctx, r[2])
+            g, dt, dc = block.backward(g, dskips[start:end])
+            dtemb, dctx = acc(dtemb, dt), acc(dctx, dc)
         g = g + dskips[0]                                   # conv_in's output fed block 0 and skip 0
         dsample = self.conv_in.backward(g)
         if self.config["center_input_sample"]:
             dsample *= 2.0
         self.time_embedding.backward(dtemb)                 # parameter gradients; timesteps get none
-        release_caches(self)                                # every block already freed its own
         if dctx is None:
             dctx = xp.zeros(ctx_shape, dtype=ctx_dtype)
         return dsample, dctx

@@ -74,5 +74,5 @@ class Decoder(Module):
         g = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(grad)))
         for block in reversed(list(self.up_blocks)):
             g = block.backward(g)
-        g = self.mid_block.backward(g)
+        g, _ = self.mid_block.backward(g)                 # no temb: d temb is None
         return self.conv_in.backward(g)

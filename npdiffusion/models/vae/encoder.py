@@ -113,7 +113,7 @@ class Encoder(Module):
     def backward(self, grad):
         """grad (B, 2L, H', W') -> dx (B, in_channels, H, W); accumulates every parameter gradient."""
         g = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(grad)))
-        g = self.mid_block.backward(g)
+        g, _ = self.mid_block.backward(g)                 # no temb: d temb is None
         for block in reversed(list(self.down_blocks)):
             g = block.backward(g)
         return self.conv_in.backward(g)
