@@ -30,8 +30,7 @@ import numbers
 
 from npdiffusion.backend import asarray, xp
 from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
-from npdiffusion.nn.module import Module
-from npdiffusion.ops.conv import conv2d_backward
+from npdiffusion.nn.module import Module, frozen
 
 RECONSTRUCTIONS = ("l1", "l2")
 REDUCTIONS = ("batchmean", "mean", "sum")
@@ -195,16 +194,6 @@ def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: flo
     return weight if global_step >= threshold else value
 
 
-def _snapshot_grads(module):
-    return [(m, {k: None if g is None else g.copy() for k, g in m._grads.items()}) for m in module.modules()]
-
-
-def _restore_grads(snapshot):
-    for m, grads in snapshot:
-        m._grads.clear()
-        m._grads.update(grads)
-
-
 class KLAutoencoderGANLoss(Module):
     """OPTIONAL. Latent diffusion's autoencoder objective with a PatchGAN (no perceptual term).
 
@@ -245,12 +234,6 @@ class KLAutoencoderGANLoss(Module):
         self.terms = {}
         self.noise = None
 
-    def _last_layer_grad(self, d_recon):
-        """d loss / d decoder.conv_out.weight for an upstream d_recon, without accumulating."""
-        conv = self.vae.decoder.conv_out
-        _, dw, _ = conv2d_backward(d_recon, conv.saved())
-        return dw
-
     def forward(self, x, noise=None, global_step: int = 0, generator=None):
         """The generator loss (0-d). x (B, C, H, W) with sides multiples of the VAE's factor."""
         f = self.vae.downsample_factor
@@ -269,17 +252,17 @@ class KLAutoencoderGANLoss(Module):
         kl, kl_cache = kl_loss_forward(posterior, "batchmean")
         factor = adopt_weight(self.disc_factor, global_step, self.disc_start)
 
-        # adversarial term: g = -mean(D(x_hat)); d g / d x_hat via D's backward (D's grads restored)
-        logits = self.discriminator(x_hat)
-        g = -logits.mean()
-        snapshot = _snapshot_grads(self.discriminator)
-        d_xhat_g = self.discriminator.backward(xp.full(logits.shape, -1.0 / logits.size, dtype=logits.dtype))
-        _restore_grads(snapshot)
+        # adversarial term: g = -mean(D(x_hat)); d g / d x_hat via D's backward, D frozen
+        with frozen(self.discriminator):
+            logits = self.discriminator(x_hat)
+            g = -logits.mean()
+            d_xhat_g = self.discriminator.backward(xp.full(logits.shape, -1.0 / logits.size, dtype=logits.dtype))
         d_xhat_nll = xp.sign(d) * (inv_var / b)
         lam = 0.0
-        if self.disc_factor > 0.0:
-            norm_nll = float(xp.linalg.norm(self._last_layer_grad(d_xhat_nll)))
-            norm_g = float(xp.linalg.norm(self._last_layer_grad(d_xhat_g)))
+        if self.disc_factor > 0.0:                       # |grad_W| at W = decoder.conv_out.weight, not accumulated
+            last_layer = self.vae.decoder.conv_out
+            norm_nll = float(xp.linalg.norm(last_layer.weight_grad(d_xhat_nll)))
+            norm_g = float(xp.linalg.norm(last_layer.weight_grad(d_xhat_g)))
             lam = min(max(norm_nll / (norm_g + 1e-4), 0.0), 1e4) * self.disc_weight
         loss = xp.asarray(nll + self.kl_weight * kl + (lam * factor) * g, dtype=x.dtype)
         self.terms = {"nll": nll, "kl": kl, "g": g, "d_weight": lam, "disc_factor": factor, "loss": loss,
