@@ -115,12 +115,6 @@ FIXED_KEYS = ("encoder_hid_dim", "encoder_hid_dim_type", "dual_cross_attention",
               "projection_class_embeddings_input_dim", "attention_type", "class_embeddings_concat",
               "cross_attention_norm")
 
-#: Keys diffusers itself ignores for the block types supported here (they configure other block
-#: types or embeddings): accepted with any value, and kept in ``config``.
-IGNORED_KEYS = ("resnet_skip_time_act", "resnet_out_scale_factor", "mid_block_only_cross_attention",
-                "addition_embed_type_num_heads")
-
-
 def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
