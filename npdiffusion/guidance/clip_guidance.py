@@ -25,7 +25,8 @@ and / a for x_t. Each sample depends only on its own x_t, so one backward of sum
 every per-sample gradient. ``clip_gradient_fn`` plugs this into ``guided_sample`` as the term
 eps_hat = eps - S s grad_x sim.
 
-The modules' parameter gradients and train/eval modes are saved and restored around each gradient,
+The modules run frozen (input gradients only: their parameter gradients are untouched and no
+weight-gradient product is computed) and their train/eval modes are restored around each gradient,
 so guidance can run with models that are being trained (as ``log_prob_grad`` does).
 """
 from __future__ import annotations
