@@ -59,6 +59,17 @@ def _heads(block: str, channels: int, num_attention_heads: int) -> int:
     return channels // num_attention_heads
 
 
+def _transformers(block: str, channels: int, num_attention_heads: int, transformer_layers_per_block,
+                  num_layers: int, resnet_groups: int, **options) -> ModuleList:
+    """``num_layers`` Transformer2DModels over ``channels`` (heads of width channels / heads), the k-th
+    with transformer_layers_per_block[k] BasicTransformerBlocks; ``options`` (dropout,
+    cross_attention_dim, use_linear_projection, only_cross_attention, upcast_attention) go to each."""
+    layers = _per_layer("transformer_layers_per_block", transformer_layers_per_block, num_layers)
+    head_dim = _heads(block, channels, num_attention_heads)
+    return ModuleList([Transformer2DModel(num_attention_heads, head_dim, in_channels=channels, num_layers=n,
+                                          norm_num_groups=resnet_groups, **options) for n in layers])
+
+
 class BlockGrads(NamedTuple):
     """A down or mid block's backward: the gradients of ``forward(hidden_states, temb,
     encoder_hidden_states)``'s inputs (None for one no resnet / attention of the block read)."""
@@ -174,21 +185,17 @@ class CrossAttnDownBlock2D(_DownBase):
         super().__init__()
         check_act_fn("CrossAttnDownBlock2D", resnet_act_fn)
         check_positive_int("num_layers", num_layers)
-        layers = _per_layer("transformer_layers_per_block", transformer_layers_per_block, num_layers)
-        head_dim = _heads("CrossAttnDownBlock2D", out_channels, num_attention_heads)
         self.resnets = ModuleList([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
                           groups=resnet_groups, eps=resnet_eps, dropout=dropout,
                           output_scale_factor=output_scale_factor)
             for i in range(num_layers)
         ])
-        self.attentions = ModuleList([
-            Transformer2DModel(num_attention_heads, head_dim, in_channels=out_channels, num_layers=layers[i],
-                               dropout=dropout, norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
-                               only_cross_attention=only_cross_attention, upcast_attention=upcast_attention)
-            for i in range(num_layers)
-        ])
+        self.attentions = _transformers(
+            "CrossAttnDownBlock2D", out_channels, num_attention_heads, transformer_layers_per_block, num_layers,
+            resnet_groups, dropout=dropout, cross_attention_dim=cross_attention_dim,
+            use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention,
+            upcast_attention=upcast_attention)
         self._build_down(out_channels, add_downsample, downsample_padding)
 
 
@@ -207,20 +214,15 @@ class UNetMidBlock2DCrossAttn(Module):
         check_act_fn("UNetMidBlock2DCrossAttn", resnet_act_fn)
         check_positive_int("num_layers", num_layers)
         resnet_groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
-        layers = _per_layer("transformer_layers_per_block", transformer_layers_per_block, num_layers)
-        head_dim = _heads("UNetMidBlock2DCrossAttn", in_channels, num_attention_heads)
 
         def resnet():
             return ResnetBlock2D(in_channels, in_channels, temb_channels=temb_channels, groups=resnet_groups,
                                  eps=resnet_eps, dropout=dropout, output_scale_factor=output_scale_factor)
 
-        self.attentions = ModuleList([
-            Transformer2DModel(num_attention_heads, head_dim, in_channels=in_channels, num_layers=layers[i],
-                               dropout=dropout, norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
-                               upcast_attention=upcast_attention)
-            for i in range(num_layers)
-        ])
+        self.attentions = _transformers(
+            "UNetMidBlock2DCrossAttn", in_channels, num_attention_heads, transformer_layers_per_block, num_layers,
+            resnet_groups, dropout=dropout, cross_attention_dim=cross_attention_dim,
+            use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
         self.resnets = ModuleList([resnet() for _ in range(num_layers + 1)])
 
     def forward(self, hidden_states, temb=None, encoder_hidden_states=None):
@@ -338,17 +340,13 @@ class CrossAttnUpBlock2D(_UpBase):
         super().__init__()
         check_act_fn("CrossAttnUpBlock2D", resnet_act_fn)
         check_positive_int("num_layers", num_layers)
-        layers = _per_layer("transformer_layers_per_block", transformer_layers_per_block, num_layers)
-        head_dim = _heads("CrossAttnUpBlock2D", out_channels, num_attention_heads)
         self._build_resnets(in_channels, prev_output_channel, out_channels, temb_channels, num_layers,
                             resnet_groups, resnet_eps, dropout, output_scale_factor, add_upsample)
-        self.attentions = ModuleList([
-            Transformer2DModel(num_attention_heads, head_dim, in_channels=out_channels, num_layers=layers[i],
-                               dropout=dropout, norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
-                               only_cross_attention=only_cross_attention, upcast_attention=upcast_attention)
-            for i in range(num_layers)
-        ])
+        self.attentions = _transformers(
+            "CrossAttnUpBlock2D", out_channels, num_attention_heads, transformer_layers_per_block, num_layers,
+            resnet_groups, dropout=dropout, cross_attention_dim=cross_attention_dim,
+            use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention,
+            upcast_attention=upcast_attention)
 
     def forward(self, hidden_states, res_hidden_states_tuple, temb=None, encoder_hidden_states=None,
                 upsample_size=None):
