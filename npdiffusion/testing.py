@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from npdiffusion.backend import asarray, to_numpy, xp
+from npdiffusion.nn.recorder import given_input_grads
 
 
 def relative_error(actual, expected, floor: float = 1e-30) -> float:
@@ -120,10 +121,7 @@ def gradcheck(module, *inputs, grad_inputs=None, directions: int = 3, eps: float
     module.zero_grad()
     module.forward(*inputs, **kwargs)
     result = module.backward(*upstream)
-    if isinstance(result, tuple):
-        input_grads = list(result)
-    else:
-        input_grads = [] if result is None and not grad_inputs else [result]
+    input_grads = given_input_grads(result)          # None entries: inputs that were not given
     if len(input_grads) != len(grad_inputs):
         raise AssertionError(f"backward returned {len(input_grads)} gradients for {len(grad_inputs)} inputs")
     named_grads = {f"input[{i}]": g for i, g in zip(grad_inputs, input_grads)}

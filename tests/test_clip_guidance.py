@@ -207,7 +207,7 @@ def test_per_sample_gradients_and_state_restored(backend):
         s1, g1 = clip_similarity_grad(clip, te[i:i + 1], asarray(x0[i:i + 1]), vae)
         assert relative_error(s1, sim[i:i + 1]) < 1e-12 and relative_error(g1, grad[i:i + 1]) < 1e-10
     assert not clip.training and not vae.training
-    assert all(m._cache is None for root in (clip, vae) for m in root.modules())
+    assert all(not m._caches for root in (clip, vae) for m in root.modules())
     assert all(g is None for root in (clip, vae) for m in root.modules() for g in m._grads.values())
 
 

@@ -91,7 +91,8 @@ def test_self_attention_sums_qkv_gradients(backend):
     x = asarray(rng.standard_normal((2, 3, 4)))
     g = asarray(rng.standard_normal((2, 3, 4)))
     y_self = m(x)
-    dx_self = m.backward(g)
+    dx_self, no_context = m.backward(g)
+    assert no_context is None                                  # self-attention: no context input
     y_cross = m(x, x)
     dx, dctx = m.backward(g)
     assert relative_error(y_self, y_cross) == 0.0
@@ -123,12 +124,12 @@ def test_dropout_masks_the_output_projection(backend):
                   rescale_output_factor=2.0).to("float64")
     m.to_out[1].rng = np.random.default_rng(0)
     keep = asarray((np.random.default_rng(0).random((2, 5, 4)) >= 0.5) * 2.0)
-    y, dx = m(x), m.backward(g)
+    y, (dx, _) = m(x), m.backward(g)
     ref = Attention(4, heads=2, dim_head=2, rescale_output_factor=2.0).to("float64")
     ref.load_state_dict(m.state_dict())
     branch = ref(x)                                            # to_out.0(...) / 2
     assert relative_error(y, branch * keep + x / 2.0) <= 1e-14
-    dx_branch = ref.backward(g * keep)
+    dx_branch, _ = ref.backward(g * keep)
     assert relative_error(dx, dx_branch + g / 2.0) <= 1e-14   # plus the residual's g / 2
     for (name, a), (_, b) in zip(m.named_grads(), ref.named_grads()):
         assert relative_error(a, b) <= 1e-14, name

@@ -66,7 +66,7 @@ def test_to_casts_parameters_and_gradients(backend):
 def test_eval_keeps_nothing_and_backward_then_fails(backend):
     m = TwoLayer().eval()
     m(asarray(np.ones((2, 3), dtype=np.float32)))
-    assert all(sub._cache is None for sub in m.modules())
+    assert all(not sub._caches for sub in m.modules())
     with pytest.raises(RuntimeError, match="forward in training mode"):
         m.backward(asarray(np.ones((2, 2), dtype=np.float32)))
 
@@ -75,7 +75,7 @@ def test_no_cache_context_keeps_nothing_in_training_mode(backend):
     m = TwoLayer()
     with no_cache():
         m(asarray(np.ones((2, 3), dtype=np.float32)))
-    assert all(sub._cache is None for sub in m.modules())
+    assert all(not sub._caches for sub in m.modules())
 
 
 def test_gradients_accumulate_and_zero_grad_clears(backend):
@@ -113,7 +113,7 @@ def test_gradient_checkpointing_is_exact(backend, where):
         ckpt.blocks[0].gradient_checkpointing = True
     y0, y1 = plain(x), ckpt(x)
     if where in ("outer", "both"):
-        assert all(sub._cache is None for sub in ckpt.modules())
+        assert all(not sub._caches for sub in ckpt.modules())
     dx0, dx1 = plain.backward(dy), ckpt.backward(dy)
     np.testing.assert_array_equal(to_numpy(y0), to_numpy(y1))
     np.testing.assert_allclose(to_numpy(dx1), to_numpy(dx0), rtol=1e-12, atol=0)

@@ -212,7 +212,7 @@ def test_checkpointing_keeps_only_block_inputs(backend):
     ours(asarray(sample.astype("float32")), t, asarray(ctx.astype("float32")))
     blocks = [m for m in ours.modules() if m.gradient_checkpointing]
     assert blocks and all(m._checkpoint_inputs is not None for m in blocks)
-    assert all(c._cache is None for m in blocks for c in m.modules())
+    assert all(not c._caches for m in blocks for c in m.modules())
 
 
 # ----------------------------------------------------------------------------- model folders

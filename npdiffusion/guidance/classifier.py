@@ -37,7 +37,7 @@ from npdiffusion.models.blocks.sampling import Downsample2D
 from npdiffusion.models.unet.embeddings import TimestepEmbedding, Timesteps
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.linear import Linear
-from npdiffusion.nn.module import Module, ModuleList
+from npdiffusion.nn.module import Module, ModuleList, frozen
 from npdiffusion.nn.norm import GroupNorm
 from npdiffusion.ops.activations import silu_backward, silu_forward
 from npdiffusion.ops.softmax import log_softmax_forward
@@ -173,28 +173,26 @@ def _check_labels(y, batch: int, num_classes: int):
 def log_prob_grad(classifier: NoiseAwareClassifier, x, t, y):
     """log p(y | x, t) (B,) and its gradient with respect to x (B, C, H, W) (docs/guidance.md).
 
-    The classifier's parameter gradients are left untouched (saved and restored) and its mode is
-    restored, so this can run in the middle of a training loop.
+    The classifier runs frozen (``nn.module.frozen``: input gradients only, no weight-gradient
+    products), so its parameter gradients are untouched, and its mode is restored: this can run in
+    the middle of a training loop.
     """
     if not isinstance(classifier, NoiseAwareClassifier):
         raise TypeError(f"classifier must be a NoiseAwareClassifier, got {type(classifier).__name__}")
     check_input("log_prob_grad", "x", x, ndim=4, axis=1, size=classifier.in_channels)
     labels = _check_labels(y, x.shape[0], classifier.num_classes)
     was_training = classifier.training
-    saved = [(m, dict(m._grads)) for m in classifier.modules()]
-    classifier.zero_grad()           # so the backward below stores fresh arrays, not += into the saved ones
     classifier.train()
     try:
-        logits = classifier(x, t)
-        logp, _ = log_softmax_forward(logits, axis=-1)
-        rows = numpy.arange(x.shape[0])
-        onehot = xp.zeros_like(logp)
-        onehot[rows, asarray(labels)] = 1.0
-        dlogits = onehot - xp.exp(logp)                                     # d log p_y / d logits
-        grad = classifier.backward(dlogits)
-        out = logp[rows, asarray(labels)]
+        with frozen(classifier):
+            logits = classifier(x, t)
+            logp, _ = log_softmax_forward(logits, axis=-1)
+            rows = numpy.arange(x.shape[0])
+            onehot = xp.zeros_like(logp)
+            onehot[rows, asarray(labels)] = 1.0
+            dlogits = onehot - xp.exp(logp)                                 # d log p_y / d logits
+            grad = classifier.backward(dlogits)
+            out = logp[rows, asarray(labels)]
     finally:
-        for m, grads in saved:
-            m._grads.update(grads)
         classifier.train(was_training)
     return out, grad

@@ -25,7 +25,8 @@ and / a for x_t. Each sample depends only on its own x_t, so one backward of sum
 every per-sample gradient. ``clip_gradient_fn`` plugs this into ``guided_sample`` as the term
 eps_hat = eps - S s grad_x sim.
 
-The modules' parameter gradients and train/eval modes are saved and restored around each gradient,
+The modules run frozen (input gradients only: their parameter gradients are untouched and no
+weight-gradient product is computed) and their train/eval modes are restored around each gradient,
 so guidance can run with models that are being trained (as ``log_prob_grad`` does).
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from npdiffusion.guidance.classifier_guidance import abar_at
 from npdiffusion.models.clip.clip_model import CLIPModel
 from npdiffusion.models.clip.contrastive import l2_normalize_backward, l2_normalize_forward
 from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
+from npdiffusion.nn.module import frozen
 
 __all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "CLIPImageInput", "resize_matrix", "clip_text_embeds",
            "clip_similarity_forward", "clip_similarity_backward", "clip_similarity_grad", "predicted_x0",
@@ -256,7 +258,8 @@ def clip_similarity_forward(x0, clip_model: CLIPModel, text_embeds, vae: Autoenc
 
 
 def clip_similarity_backward(grad_sim, cache):
-    """d sim (B,) -> d x0 (B, C, H, W) (accumulates the parameter gradients it passes)."""
+    """d sim (B,) -> d x0 (B, C, H, W) (accumulates the parameter gradients it passes, unless the
+    models are frozen, as ``clip_similarity_grad`` does)."""
     clip_model, vae, image_input, c_in, c_norm, te, dtype, shape = cache
     g = asarray(grad_sim).astype(te.dtype, copy=False)
     if tuple(g.shape) != shape[:1]:
@@ -278,15 +281,11 @@ def clip_similarity_grad(clip_model: CLIPModel, text_embeds, x0, vae: Autoencode
     _check_models(clip_model, vae)
     mods = [clip_model] + ([vae] if vae is not None else [])
     modes = [m.training for m in mods]
-    saved = [(m, dict(m._grads)) for root in mods for m in root.modules()]
-    for m in mods:
-        m.zero_grad()            # so the backward stores fresh arrays instead of adding into the saved ones
     try:
-        sim, cache = clip_similarity_forward(x0, clip_model, text_embeds, vae, image_input)
-        grad = clip_similarity_backward(xp.ones(sim.shape, dtype=sim.dtype), cache)
+        with frozen(*mods):                               # input gradients only: no weight-gradient products
+            sim, cache = clip_similarity_forward(x0, clip_model, text_embeds, vae, image_input)
+            grad = clip_similarity_backward(xp.ones(sim.shape, dtype=sim.dtype), cache)
     finally:
-        for m, grads in saved:
-            m._grads.update(grads)
         for m, was in zip(mods, modes):
             m.train(was)                                  # eval() also drops the caches this call left
     return sim, grad

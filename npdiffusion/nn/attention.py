@@ -122,8 +122,8 @@ class Attention(Module):
         return y
 
     def backward(self, grad):
-        """grad (B, Tq, query_dim) -> d hidden_states, or (d hidden_states, d encoder_hidden_states)
-        after a cross-attention forward. Accumulates every parameter gradient."""
+        """grad (B, Tq, query_dim) -> (d hidden_states, d encoder_hidden_states), the latter None after a
+        self-attention forward (no encoder_hidden_states). Accumulates every parameter gradient."""
         cache, b, tq, tk, cross, dropout = self.saved()
         g = grad / self.rescale_output_factor if self.rescale_output_factor != 1.0 else grad
         dz = self.to_out[1].backward(g) if dropout else g
@@ -137,7 +137,7 @@ class Attention(Module):
         if cross:
             return dx, dctx
         dx += dctx                                                  # x fed q, k and v
-        return dx
+        return dx, None
 
     def extra_repr(self):
         return (f"query_dim={self.query_dim}, cross_attention_dim={self.cross_attention_dim}, "

@@ -53,11 +53,17 @@ class Conv2d(Module):
 
     def backward(self, dy):
         """dy (B, out_channels, Ho, Wo) -> dx (B, in_channels, H, W); accumulates weight/bias grads."""
-        dx, dw, db = conv2d_backward(dy, self.saved())
+        dx, dw, db = conv2d_backward(dy, self.saved(), weight_grad=self.requires_grad)  # frozen: no dW GEMM
         self.accumulate_grad("weight", dw)
         if self.has_bias:
             self.accumulate_grad("bias", db)
         return dx
+
+    def weight_grad(self, dy):
+        """d <dy, y> / d weight for the last forward's input, returned and not accumulated, and the
+        cache kept (torch's ``autograd.grad(y, weight, dy)``; the GAN loss's adaptive weight)."""
+        _, dw, _ = conv2d_backward(dy, self.saved())
+        return dw
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -32,6 +32,10 @@ class Embedding(Module):
         return y
 
     def backward(self, dy):
+        """dy (..., embedding_dim) -> None (integer ids get no gradient); accumulates the weight's."""
+        if not self.requires_grad:                            # frozen: nothing to compute
+            self.saved()
+            return None
         _, dweight = embedding_backward(dy, self.saved())
         self.accumulate_grad("weight", dweight)
         return None

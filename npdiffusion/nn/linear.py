@@ -27,7 +27,7 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
-        dx, dw, db = linear_backward(dy, self.saved())
+        dx, dw, db = linear_backward(dy, self.saved(), weight_grad=self.requires_grad)  # frozen: no dW GEMM
         self.accumulate_grad("weight", dw)
         if self.has_bias:
             self.accumulate_grad("bias", db)

@@ -9,9 +9,21 @@ The protocol:
 * ``forward(*inputs)`` (also ``__call__``). In training mode (``train()``, the default) a module
   keeps what its backward needs from the *last* forward; in ``eval()`` mode it keeps nothing, so a
   50-step sampler never grows memory.
-* ``backward(*grad_outputs)`` returns the gradient of each array input of the last forward: one
-  array when there was one input, a tuple in input order otherwise; integer inputs (token ids,
-  timesteps) get none. Parameter gradients are *accumulated* (``+=``); ``zero_grad()`` clears them.
+* ``backward(*grad_outputs)`` takes one gradient per output array of the last forward and returns
+  the gradients of forward's *array parameters*, in signature order, always in the same shape:
+  one array when forward has one array parameter, otherwise a tuple (or a NamedTuple named after
+  the parameters) with one entry per array parameter, ``None`` for an input that was not given
+  (``temb=None``, a self-attention's absent context). Whatever forward was given, the length is
+  the same. Parameters that are never differentiated (token ids, timesteps, masks, sizes) get no
+  entry. Parameter gradients are *accumulated* (``+=``); ``zero_grad()`` clears them.
+* Cache lifetime: a backward consumes its cache (torch's ``retain_graph=False``): once it returns,
+  what its forward kept is freed, so a model's backward holds the activations of the layers not yet
+  differentiated plus the temporaries of one layer. A second backward needs a new forward (or
+  raises the clear "needs a forward" error).
+* Frozen parameters: ``module.requires_grad_(False)`` (or ``with frozen(module):``) makes backward
+  compute input gradients only: layers skip their weight-gradient products and accumulate nothing.
+  This is what guidance and the GAN's adaptive weight need (a gradient with respect to an image,
+  the model's own gradients untouched).
 * ``named_parameters()`` / ``named_grads()`` yield ``(dotted_name, array)`` with state-dict names;
   after a backward every parameter has a gradient (zeros for one the forward did not use).
 * ``state_dict()`` / ``load_state_dict(d, strict=True)``; ``to(dtype)``; ``train()`` / ``eval()``.
@@ -22,16 +34,23 @@ The protocol:
 * Recording: ``with npdiffusion.nn.recorder.record(root) as rec:`` captures every named
   descendant's inputs, outputs and gradients by dotted name (docs/oracle.md); it costs one
   ``is None`` test per call when no recorder is active.
+* More than one forward/backward pair: a module may define ``NAME(...)`` / ``NAME_backward(...)``
+  besides forward/backward (``AutoencoderKL.encode`` / ``encode_backward``). Each pair has its
+  own cache slot, ``save_for_backward(..., slot="NAME")`` / ``saved("NAME")``, freed when
+  ``NAME_backward`` returns like backward's; the recorder records ``NAME_backward`` as it does
+  ``backward`` (under the label ``<module>:NAME``).
 
 A subclass registers parameters with ``register_parameter`` (or ``register_buffer`` for
 non-trainable state), stores its cache with ``self.save_for_backward(...)`` in ``forward`` and
 reads it back with ``self.saved()`` in ``backward``, and hands parameter gradients over with
-``self.accumulate_grad(name, grad)``.
+``self.accumulate_grad(name, grad)``; a layer whose backward computes a weight gradient by a
+product asks ``self.requires_grad`` first, so a frozen layer skips it.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections import OrderedDict
 from typing import Iterator
 
@@ -50,6 +69,20 @@ def canonical_dtype(dtype) -> numpy.dtype:
 
 
 _recording = {"on": True}
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Within this block, ``modules`` compute input gradients only (``requires_grad_(False)``);
+    each descendant's previous setting is restored afterwards."""
+    previous = [(m, m.requires_grad) for root in modules for m in root.modules()]
+    try:
+        for root in modules:
+            root.requires_grad_(False)
+        yield
+    finally:
+        for m, flag in previous:
+            object.__setattr__(m, "requires_grad", flag)
 
 
 @contextlib.contextmanager
@@ -76,15 +109,19 @@ class Module:
         object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_persistent", set())
         object.__setattr__(self, "_modules", OrderedDict())
-        object.__setattr__(self, "_cache", None)
+        object.__setattr__(self, "_caches", {})
         object.__setattr__(self, "_checkpoint_inputs", None)
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "requires_grad", True)
         object.__setattr__(self, "gradient_checkpointing", False)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "backward" in cls.__dict__:
-            cls.backward = _recompute_if_checkpointed(cls.__dict__["backward"])
+        for name, method in list(cls.__dict__.items()):
+            pair = name[:-len("_backward")]
+            if name == "backward" or (name.endswith("_backward") and pair.isidentifier() and not name.startswith("_")
+                                      and inspect.isfunction(method) and callable(getattr(cls, pair, None))):
+                setattr(cls, name, _protocol_backward(method, name))
 
     # ----------------------------------------------------------------- registration
     def __setattr__(self, name, value):
@@ -153,26 +190,48 @@ class Module:
     def backward(self, *grad_outputs):
         raise NotImplementedError(f"{type(self).__name__} does not define backward")
 
-    def save_for_backward(self, *cache) -> None:
-        """Keep ``cache`` for the next backward, only in training mode."""
-        object.__setattr__(self, "_cache", cache if self.training and _recording["on"] else None)
+    def save_for_backward(self, *cache, slot: str = "forward") -> None:
+        """Keep ``cache`` for the next backward (of the pair named ``slot``), only in training mode."""
+        if self.training and _recording["on"]:
+            self._caches[slot] = cache
+        else:
+            self._caches.pop(slot, None)
 
-    def saved(self):
-        """What the last training-mode forward kept (one object or a tuple), or a clear error."""
-        cache = self._cache
+    def saved(self, slot: str = "forward"):
+        """What the last training-mode forward (or ``slot`` method) kept, one object or a tuple, or a
+        clear error."""
+        cache = self._caches.get(slot)
         if cache is None:
+            method, call = ("backward", "a forward") if slot == "forward" else \
+                (f"{slot}_backward", f"{'an' if slot[0] in 'aeiou' else 'a'} {slot} call")
             raise RuntimeError(
-                f"{type(self).__name__}.backward needs a forward in training mode first "
-                "(call .train() before forward; eval() mode keeps nothing for backward)"
+                f"{type(self).__name__}.{method} needs {call} in training mode first, and one per backward "
+                "(call .train() before it; eval() mode keeps nothing, and a backward frees what its forward kept)"
             )
         return cache[0] if len(cache) == 1 else cache
 
+    def free_caches(self) -> None:
+        """Drop every cache of this module and its descendants (parameters and gradients stay)."""
+        for m in self.modules():
+            m._caches.clear()
+            object.__setattr__(m, "_checkpoint_inputs", None)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Module":
+        """Whether backward computes parameter gradients here and in every descendant (False: input
+        gradients only, as torch's ``requires_grad_(False)``). Returns self."""
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"requires_grad must be a bool, got {requires_grad!r}")
+        for m in self.modules():
+            object.__setattr__(m, "requires_grad", requires_grad)
+        return self
+
     def accumulate_grad(self, name: str, grad) -> None:
-        """``grad_name += grad`` (the first gradient after ``zero_grad`` is stored as given).
+        """``grad_name += grad`` (the first gradient after ``zero_grad`` is stored as given); nothing
+        when the module is frozen (``requires_grad_(False)``).
 
         Op backwards return freshly allocated arrays, so the first one is taken without a copy.
         """
-        if grad is None:
+        if grad is None or not self.requires_grad:
             return
         param = self._parameters[name]
         if grad.shape != param.shape:
@@ -231,7 +290,7 @@ class Module:
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
             if not mode:
-                object.__setattr__(m, "_cache", None)
+                m._caches.clear()
                 object.__setattr__(m, "_checkpoint_inputs", None)
         return self
 
@@ -256,7 +315,7 @@ class Module:
             for name, b in m._buffers.items():
                 if b is not None and b.dtype.kind == "f":
                     m._buffers[name] = b.astype(dt, copy=False)
-            object.__setattr__(m, "_cache", None)
+            m._caches.clear()
         return self
 
     def half(self):
@@ -330,19 +389,25 @@ class Module:
         return ""
 
 
-def _recompute_if_checkpointed(backward):
-    """Wrap a subclass's backward: a checkpointed call first recomputes its forward with caches."""
+def _protocol_backward(backward, name):
+    """Wrap a subclass's ``backward`` (or ``NAME_backward``): record it when a recorder wants it,
+    recompute a checkpointed call's forward first, and free the pair's cache slot when it returns."""
+    slot = "forward" if name == "backward" else name[:-len("_backward")]
+    label = None if name == "backward" else slot
 
     @functools.wraps(backward)
     def wrapper(self, *grad_outputs, **kwargs):
         if _recorder.active is not None and _recorder.active.wants_backward(self):
-            return _recorder.active.call_backward(self, wrapper, grad_outputs, kwargs)  # re-enters, unrecorded
-        pending = self.__dict__.get("_checkpoint_inputs")
-        if pending is not None:
-            object.__setattr__(self, "_checkpoint_inputs", None)
-            forward_args, forward_kwargs = pending
-            self.forward(*forward_args, **forward_kwargs)
-        return backward(self, *grad_outputs, **kwargs)
+            return _recorder.active.call_backward(self, wrapper, grad_outputs, kwargs, method=label)  # re-enters
+        if slot == "forward":
+            pending = self.__dict__.get("_checkpoint_inputs")
+            if pending is not None:
+                object.__setattr__(self, "_checkpoint_inputs", None)
+                forward_args, forward_kwargs = pending
+                self.forward(*forward_args, **forward_kwargs)
+        result = backward(self, *grad_outputs, **kwargs)
+        self._caches.pop(slot, None)
+        return result
 
     return wrapper
 

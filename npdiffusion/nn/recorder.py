@@ -23,8 +23,11 @@ names"), chosen so a torch implementation can reproduce them with hooks on same-
   otherwise each array at tuple path (i, j, ...) is ``output.i.j``; ``None`` entries are skipped.
 * output gradients: the arguments of ``backward`` follow the output's structure (``grad/.../output``
   for a single array, ``output.<i>...`` otherwise); ``None`` gradients are skipped.
-* input gradients: the k-th array (or tuple) a backward returns belongs to the k-th floating
-  input of the forward (``grad/<name>/input.<i>``); a bare array belongs to the first one.
+* input gradients: the k-th non-None entry a backward returns (an array or a tuple) belongs to the
+  k-th floating input of the forward (``grad/<name>/input.<i>``); a bare array to the first one.
+  (``None`` entries stand for inputs that were not given, which are not floating inputs.)
+* ``NAME_backward`` of a module with a second forward/backward pair (``encode_backward``) is
+  labelled ``<name>:NAME``, its output gradients ``output.<i>``, its results ``returned.<k>``.
 * ``param_grad/<name>.<param>`` for each parameter the module owns directly, when its backward
   returns (so gradients sit in backward order next to the layer that finished them).
 * a module called more than once while recording gets ``<name>#1``, ``<name>#2``... for its
@@ -57,6 +60,14 @@ def leaves(value, path=()):
     elif isinstance(value, (tuple, list)):
         for i, v in enumerate(value):
             yield from leaves(v, path + (i,))
+
+
+def given_input_grads(result) -> list:
+    """The gradients a backward returned for the inputs that were given: ``result``'s entries
+    without the ``None`` ones (absent inputs), a bare array as a one-element list."""
+    if isinstance(result, tuple):
+        return [g for g in result if g is not None]
+    return [] if result is None else [result]
 
 
 def _has_float(value) -> bool:
@@ -122,12 +133,15 @@ class Recorder:
         self.layers.append(label)
         return out
 
-    def call_backward(self, module, backward, grad_outputs, kwargs=None):
+    def call_backward(self, module, backward, grad_outputs, kwargs=None, method=None):
         """Record ``backward(module, *grad_outputs, **kwargs)``: output gradients, then input and
-        parameter ones (keyword gradients are passed through unrecorded)."""
+        parameter ones (keyword gradients are passed through unrecorded). ``method``: the pair's
+        name for a ``NAME_backward`` (labelled ``<module>:NAME``, its inputs ``returned.<k>``)."""
         name = self._names[id(module)]
-        label = self._label(name, self._bwd_calls)
-        grad_inputs, single_path, tuple_out = self._signature.get(id(module), ([], None, False))
+        label = self._label(name if method is None else f"{name}:{method}", self._bwd_calls)
+        no_signature = ([], None, False)
+        grad_inputs, single_path, tuple_out = (self._signature.get(id(module), no_signature) if method is None
+                                               else no_signature)
         for path, g in leaves(grad_outputs if tuple_out else grad_outputs[:1]):
             if not tuple_out:
                 path = path[1:]                  # backward(g) for a single returned array
@@ -140,7 +154,7 @@ class Recorder:
         finally:
             self._in_backward -= 1
             self._busy.discard(id(module))
-        returned = list(result) if isinstance(result, tuple) else ([] if result is None else [result])
+        returned = given_input_grads(result)
         names = grad_inputs if len(returned) <= len(grad_inputs) else [f"returned.{k}" for k in range(len(returned))]
         for input_name, g in zip(names, returned):
             self._put_tree(self.backward, f"grad/{label}/{input_name}", g)

@@ -267,8 +267,9 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
     return y, cache
 
 
-def conv2d_backward(dy, cache):
-    """Returns ``(dx, dweight, dbias)`` for dy (B, O, Ho, Wo); dbias is None without a bias.
+def conv2d_backward(dy, cache, weight_grad: bool = True):
+    """Returns ``(dx, dweight, dbias)`` for dy (B, O, Ho, Wo); dbias is None without a bias, and
+    dweight and dbias are None with ``weight_grad=False`` (frozen parameters: no dW product).
 
     db = sum of dy over B, Ho, Wo. Stride 1 with B*H*W >= C: dx = full convolution of dy with the
     flipped, transposed kernel, and dW from that convolution's im2col matrix cols(dy) and x (no
@@ -285,6 +286,8 @@ def conv2d_backward(dy, cache):
         dy3 = dy.reshape(B, O, H * W).astype(cdt, copy=False)
         w2 = weight.reshape(O, C).astype(cdt, copy=False)
         dx = xp.matmul(w2.T, dy3).reshape(B, C, H, W)
+        if not weight_grad:
+            return _cast(dx, dtype), None, None
         x3 = x.reshape(B, C, H * W).astype(cdt, copy=False)
         # One GEMM over all images (tensordot), not B small ones and a sum: 2x at 4x4 maps.
         dweight = xp.tensordot(dy3, x3, axes=([0, 2], [0, 2])).reshape(O, C, 1, 1)
@@ -296,7 +299,7 @@ def conv2d_backward(dy, cache):
     # dy_t (O, B, Ho, Wo): one transposing copy makes every dy operand a plain 2-D matrix.
     dy_t = xp.empty((O, B, Ho, Wo), dtype=cdt)
     dy_t[...] = dy.transpose(1, 0, 2, 3)
-    dbias = row_sum(dy_t.reshape(O, -1)) if has_bias else None
+    dbias = row_sum(dy_t.reshape(O, -1)) if has_bias and weight_grad else None
 
     itemsize = xp.dtype(cdt).itemsize
     if stride == (1, 1) and B * H * W >= C:
@@ -310,14 +313,16 @@ def conv2d_backward(dy, cache):
         x_t[...] = x.transpose(1, 0, 2, 3)
         acc = xp.zeros((O * kh * kw, C), dtype=cdt)
 
-        def weight_grad(cols, b0, b1, r0, r1):                                # G += cols x_c^T
+        def accumulate_dw(cols, b0, b1, r0, r1):                              # G += cols x_c^T
             part = _workspace("gemm_dw", acc.shape, cdt)
             xp.matmul(cols, x_t[:, b0:b1, r0:r1].reshape(C, -1).T, out=part)
             xp.add(acc, part, out=acc)
 
         wflip = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), dtype=cdt)
         _conv_gemm(dy_t, wflip.reshape(C, O * kh * kw), kh, kw, (1, 1), (kh - 1 - ph, kw - 1 - pw),
-                   (H, W), dx.transpose(1, 0, 2, 3), on_cols=weight_grad)
+                   (H, W), dx.transpose(1, 0, 2, 3), on_cols=accumulate_dw if weight_grad else None)
+        if not weight_grad:
+            return _cast(dx, dtype), None, None
         dweight = xp.ascontiguousarray(
             acc.reshape(O, kh, kw, C)[:, ::-1, ::-1].transpose(0, 3, 1, 2))   # (O, C, kh, kw)
         return _cast(dx, dtype), _cast(dweight, dtype), _cast(dbias, dtype)
@@ -329,7 +334,7 @@ def conv2d_backward(dy, cache):
     # many channels that copy would cost as much as the GEMM, so dW is computed directly.
     transposed = B * Ho * Wo >= TRANSPOSED_DW_MIN_POSITIONS
     acc = xp.zeros((K, O) if transposed else (O, K), dtype=cdt)
-    for b0, b1, r0, r1 in _chunks(B, Ho, K * Wo * itemsize):
+    for b0, b1, r0, r1 in (_chunks(B, Ho, K * Wo * itemsize) if weight_grad else ()):
         nb, R = b1 - b0, r1 - r0
         cols = _workspace("cols", (K, nb * R * Wo), cdt)
         _im2col(src[:, b0:b1], kh, kw, sh, sw, ph, pw, r0, r1, Wo, cols.reshape(C, kh, kw, nb, R, Wo))
@@ -340,7 +345,7 @@ def conv2d_backward(dy, cache):
         else:
             xp.matmul(dyc, cols.T, out=part)
         acc += part
-    dweight = (xp.ascontiguousarray(acc.T) if transposed else acc).reshape(O, C, kh, kw)
+    dweight = (xp.ascontiguousarray(acc.T) if transposed else acc).reshape(O, C, kh, kw) if weight_grad else None
 
     # dx = col2im(W_col^T dy_t): each chunk's dcols (K, n) is scattered back by slice adds.
     # Used for stride > 1, and for stride 1 when there are fewer input positions B*H*W than

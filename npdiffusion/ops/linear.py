@@ -27,11 +27,14 @@ def linear_forward(x, weight, bias=None):
     return y, LinearCache(x, weight, bias is not None)
 
 
-def linear_backward(dy, cache):
-    """Returns ``(dx, dweight, dbias)``: dx = dy W, dW = dy^T x (summed over N), db = sum_N dy."""
+def linear_backward(dy, cache, weight_grad: bool = True):
+    """Returns ``(dx, dweight, dbias)``: dx = dy W, dW = dy^T x (summed over N), db = sum_N dy.
+    ``weight_grad=False`` (frozen parameters): dx only, dweight and dbias are None."""
     x, weight, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])                      # (N, O)
     dx = xp.matmul(dy2, weight).reshape(x.shape)            # (..., I)
+    if not weight_grad:
+        return dx, None, None
     dweight = xp.matmul(dy2.T, x.reshape(-1, x.shape[-1]))  # (O, I)
     dbias = column_sum(dy2) if has_bias else None
     return dx, dweight, dbias

@@ -26,6 +26,7 @@ import numpy
 from npdiffusion.backend import asarray, is_array
 from npdiffusion.checks import read_json_object
 from npdiffusion.nn.module import Module
+from npdiffusion.nn.recorder import given_input_grads
 
 #: U-Net timesteps whose float32 sinusoidal features torch computes bit-identically (a torch
 #: candidate then sees exactly our time features; see tests/test_unet_model.py).
@@ -111,7 +112,7 @@ def _name_outputs(out) -> "OrderedDict":
 
 def _positional_backward(model, grads, float_names):
     result = model.backward(*grads.values())
-    returned = list(result) if isinstance(result, tuple) else ([] if result is None else [result])
+    returned = given_input_grads(result)
     return {n: g for n, g in zip(float_names, returned) if is_array(g)}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import numbers
 
 from npdiffusion.checks import check_input, check_positive_int
-from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.dropout import Dropout
 from npdiffusion.nn.linear import Linear
@@ -110,7 +109,7 @@ class ResnetBlock2D(Module):
         return y
 
     def backward(self, grad):
-        """grad (B, out_channels, H, W) -> dx, or (dx, d temb) after a forward with temb.
+        """grad (B, out_channels, H, W) -> (dx, d temb), d temb None without a time projection.
         Accumulates every parameter gradient. Derivation: docs/unet.md ("ResnetBlock2D")."""
         c1, ct, c2 = self.saved()
         g = grad / self.output_scale_factor if self.output_scale_factor != 1.0 else grad
@@ -124,8 +123,7 @@ class ResnetBlock2D(Module):
             dtemb = silu_backward(self.time_emb_proj.backward(dproj), ct)
         dx = self.norm1.backward(silu_backward(self.conv1.backward(dh), c1))
         dx += self.conv_shortcut.backward(g) if self.use_in_shortcut else g
-        release_caches(self)                                             # see blocks/caches.py
-        return dx if dtemb is None else (dx, dtemb)
+        return dx, dtemb
 
     def extra_repr(self):
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from npdiffusion.backend import xp
 from npdiffusion.checks import check_input, check_positive_int
-from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module
 from npdiffusion.ops.resample import (
@@ -107,7 +106,6 @@ class Downsample2D(Module):
         if not self.use_conv:
             return avg_pool2x2_backward(grad, cache)
         dx = self.conv.backward(grad)
-        release_caches(self)
         return pad_right_bottom_backward(dx, cache) if self.padding == 0 else dx
 
     def extra_repr(self):
@@ -144,7 +142,6 @@ class Upsample2D(Module):
         """grad (B, out_channels, Ho, Wo) -> dx (B, channels, H, W); accumulates conv's gradients."""
         cache = self.saved()
         dup = self.conv.backward(grad) if self.use_conv else grad
-        release_caches(self)
         return upsample_nearest2x_backward(dup, cache)
 
     def extra_repr(self):

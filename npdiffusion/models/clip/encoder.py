@@ -83,6 +83,31 @@ def check_hidden_grads(module, grads, count, had_states, shape):
     return list(grads)
 
 
+def check_no_attention_dropout(owner: str, tower) -> None:
+    """A tower in training mode must have config.attention_dropout 0 (npdiffusion has none)."""
+    if tower.training and tower.config.attention_dropout != 0.0:
+        raise ValueError(f"{owner}: attention_dropout must be 0.0 in training mode (npdiffusion has no "
+                         f"attention dropout), got {tower.config.attention_dropout}; set it to 0.0 or call eval()")
+
+
+def tower_outputs(last, pooled, states, output_hidden_states: bool):
+    """A tower's return value: ``(last, pooled)``, plus ``states`` when ``output_hidden_states``."""
+    return (last, pooled, states) if output_hidden_states else (last, pooled)
+
+
+def last_hidden_grad(owner: str, grad_last_hidden_state, grad_pooler_output, grad_hidden_states, shape,
+                     had_states: bool, dtype):
+    """The checked start of a tower's backward: a fresh (B, T, D) array holding the gradient of
+    last_hidden_state (zeros when None), for the tower to add its pooler gradient into."""
+    check_grad(owner, "grad_last_hidden_state", grad_last_hidden_state, shape)
+    check_grad(owner, "grad_pooler_output", grad_pooler_output, (shape[0], shape[2]))
+    if grad_hidden_states is not None and not had_states:
+        raise ValueError(f"{owner}: grad_hidden_states needs a forward with output_hidden_states=True")
+    if grad_last_hidden_state is None:
+        return xp.zeros(shape, dtype=dtype)
+    return grad_last_hidden_state.astype(dtype, copy=True)
+
+
 class CLIPMLP(Module):
     """fc1 (D -> I), the activation named by ``hidden_act``, fc2 (I -> D)."""
 

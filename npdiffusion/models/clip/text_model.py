@@ -31,7 +31,14 @@ from npdiffusion.backend import asarray, is_array, xp
 from npdiffusion.checks import check_positive_int
 from npdiffusion.memory import check_model, clip_text_parameters
 from npdiffusion.models.clip.config import CLIPConfig, CLIPTextConfig
-from npdiffusion.models.clip.encoder import CLIPEncoder, check_grad, init_encoder_weights_, keyword_backward
+from npdiffusion.models.clip.encoder import (
+    CLIPEncoder,
+    check_no_attention_dropout,
+    init_encoder_weights_,
+    keyword_backward,
+    last_hidden_grad,
+    tower_outputs,
+)
 from npdiffusion.models.clip.pretrained import read_folder, strip_prefix, write_folder
 from npdiffusion.nn.embedding import Embedding
 from npdiffusion.nn.init import normal
@@ -153,11 +160,6 @@ class CLIPTextModel(Module):
         dt = self.final_layer_norm.weight.dtype
         return xp.where(m.astype(bool), 0.0, -xp.inf).astype(dt)[:, None, None, :]
 
-    def _check_dropout(self):
-        if self.training and self.config.attention_dropout != 0.0:
-            raise ValueError(f"CLIPTextModel: attention_dropout must be 0.0 in training mode (npdiffusion has no "
-                             f"attention dropout), got {self.config.attention_dropout}; set it to 0.0 or call eval()")
-
     def forward(self, input_ids, attention_mask=None, output_hidden_states: bool = False, clip_skip=None):
         """input_ids (B, T) -> ``(last_hidden_state (B, T, D), pooler_output (B, D))``, and
         ``hidden_states`` (a tuple of (B, T, D): the embeddings, then each layer's output) when
@@ -168,7 +170,7 @@ class CLIPTextModel(Module):
         layers, so last_hidden_state = final_layer_norm(hidden_states[-(k + 1)]) of the full model
         and hidden_states holds the L - k + 1 states computed.
         """
-        self._check_dropout()
+        check_no_attention_dropout("CLIPTextModel", self)
         ids = self._check_ids(input_ids)
         n_layers = len(self.encoder.layers)
         if clip_skip is None:
@@ -185,24 +187,15 @@ class CLIPTextModel(Module):
         rows = xp.arange(ids.shape[0])
         pooled = last[rows, pos]                                          # (B, D), a copy
         self.save_for_backward(rows, pos, tuple(last.shape), bool(output_hidden_states))
-        if output_hidden_states:
-            return last, pooled, states
-        return last, pooled
+        return tower_outputs(last, pooled, states, output_hidden_states)
 
     def backward(self, grad_last_hidden_state, grad_pooler_output=None, grad_hidden_states=None):
         """Gradients of last_hidden_state (B, T, D) (or None), pooler_output (B, D) (or None) and,
         after an ``output_hidden_states`` forward, of each hidden state (a sequence of arrays or
         None) -> None. Accumulates every parameter gradient."""
         rows, pos, shape, had_states = self.saved()
-        check_grad("CLIPTextModel", "grad_last_hidden_state", grad_last_hidden_state, shape)
-        check_grad("CLIPTextModel", "grad_pooler_output", grad_pooler_output, (shape[0], shape[2]))
-        if grad_hidden_states is not None and not had_states:
-            raise ValueError("CLIPTextModel: grad_hidden_states needs a forward with output_hidden_states=True")
-        dt = self.final_layer_norm.weight.dtype
-        if grad_last_hidden_state is None:
-            g = xp.zeros(shape, dtype=dt)
-        else:
-            g = grad_last_hidden_state.astype(dt, copy=True)
+        g = last_hidden_grad("CLIPTextModel", grad_last_hidden_state, grad_pooler_output, grad_hidden_states,
+                             shape, had_states, self.final_layer_norm.weight.dtype)
         if grad_pooler_output is not None:
             g[rows, pos] += grad_pooler_output                            # one position per row
         g = self.final_layer_norm.backward(g)

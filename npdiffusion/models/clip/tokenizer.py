@@ -58,7 +58,6 @@ MERGES_HEADER = "#version: 0.2"
 WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
               "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 _WHITESPACE_RUN = re.compile("[" + re.escape(WHITESPACE) + "]+")
-_SPECIAL_LITERALS = ("<|startoftext|>", "<|endoftext|>")
 # The reference runs a second, GPT-2 style split after CLIP's; on every piece CLIP's pattern yields it is
 # the identity, except on the two special-token literals (reachable as text, e.g. "<|ENDOFTEXT|>"
 # lowercased), which it cuts into three pieces.

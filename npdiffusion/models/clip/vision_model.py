@@ -22,7 +22,14 @@ from __future__ import annotations
 
 from npdiffusion.backend import asarray, is_array, xp
 from npdiffusion.models.clip.config import CLIPConfig, CLIPVisionConfig
-from npdiffusion.models.clip.encoder import CLIPEncoder, check_grad, init_encoder_weights_, keyword_backward
+from npdiffusion.models.clip.encoder import (
+    CLIPEncoder,
+    check_no_attention_dropout,
+    init_encoder_weights_,
+    keyword_backward,
+    last_hidden_grad,
+    tower_outputs,
+)
 from npdiffusion.models.clip.pretrained import read_folder, strip_prefix, write_folder
 from npdiffusion.models.clip.text_model import _make_config
 from npdiffusion.nn.conv import Conv2d
@@ -109,30 +116,19 @@ class CLIPVisionModel(Module):
     def forward(self, pixel_values, output_hidden_states: bool = False):
         """pixel_values (B, C, S, S) -> ``(last_hidden_state (B, N + 1, D), pooler_output (B, D))``,
         plus the hidden states (embeddings after pre_layrnorm, then each layer's output) when asked."""
-        if self.training and self.config.attention_dropout != 0.0:
-            raise ValueError(f"CLIPVisionModel: attention_dropout must be 0.0 in training mode (npdiffusion has no "
-                             f"attention dropout), got {self.config.attention_dropout}; set it to 0.0 or call eval()")
+        check_no_attention_dropout("CLIPVisionModel", self)
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         last, states = self.encoder(x, None, False, None, output_hidden_states)
         pooled = self.post_layernorm(last[:, 0])                          # (B, D)
         self.save_for_backward(tuple(last.shape), bool(output_hidden_states))
-        if output_hidden_states:
-            return last, pooled, states
-        return last, pooled
+        return tower_outputs(last, pooled, states, output_hidden_states)
 
     def backward(self, grad_last_hidden_state, grad_pooler_output=None, grad_hidden_states=None):
         """Gradients of last_hidden_state (or None), pooler_output (or None) and the hidden states
         (after an ``output_hidden_states`` forward) -> d pixel_values (B, C, S, S)."""
         shape, had_states = self.saved()
-        check_grad("CLIPVisionModel", "grad_last_hidden_state", grad_last_hidden_state, shape)
-        check_grad("CLIPVisionModel", "grad_pooler_output", grad_pooler_output, (shape[0], shape[2]))
-        if grad_hidden_states is not None and not had_states:
-            raise ValueError("CLIPVisionModel: grad_hidden_states needs a forward with output_hidden_states=True")
-        dt = self.post_layernorm.weight.dtype
-        if grad_last_hidden_state is None:
-            g = xp.zeros(shape, dtype=dt)
-        else:
-            g = grad_last_hidden_state.astype(dt, copy=True)
+        g = last_hidden_grad("CLIPVisionModel", grad_last_hidden_state, grad_pooler_output, grad_hidden_states,
+                             shape, had_states, self.post_layernorm.weight.dtype)
         if grad_pooler_output is not None:
             g[:, 0] += self.post_layernorm.backward(grad_pooler_output)
         g = self.encoder.backward(g, grad_hidden_states)

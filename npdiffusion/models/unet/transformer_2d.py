@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from npdiffusion.backend import xp
 from npdiffusion.checks import check_input, check_positive_int
-from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.nn.attention import Attention
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.feedforward import FeedForward
@@ -84,13 +83,11 @@ class BasicTransformerBlock(Module):
             y = z
         out = self.ff(self.norm3(y))
         out += y
-        self.save_for_backward(ctx is not None)
         return out
 
     def backward(self, grad):
-        """grad (B, T, dim) -> d hidden_states, or (d hidden_states, d encoder_hidden_states) after a
-        forward with a context. Accumulates every parameter gradient."""
-        had_ctx = self.saved()
+        """grad (B, T, dim) -> (d hidden_states, d encoder_hidden_states), the latter None when no
+        attention read the context. Accumulates every parameter gradient."""
         g = self.norm3.backward(self.ff.backward(grad))
         g += grad                                              # d y after the feed-forward residual
         dctx = None
@@ -99,16 +96,11 @@ class BasicTransformerBlock(Module):
             dy = self.norm2.backward(dn)
             dy += g
             g = dy
-        if self.only_cross_attention:
-            dn, dctx1 = self.attn1.backward(g)
+        dn, dctx1 = self.attn1.backward(g)                     # dctx1 None unless only_cross_attention
+        if dctx1 is not None:
             dctx = dctx1 if dctx is None else dctx + dctx1
-        else:
-            dn = self.attn1.backward(g)
         dx = self.norm1.backward(dn)
         dx += g
-        release_caches(self)                                   # see models/blocks/caches.py
-        if not had_ctx:
-            return dx
         return dx, dctx
 
     def extra_repr(self):
@@ -182,35 +174,29 @@ class Transformer2DModel(Module):
         else:
             out = self.proj_out(tokens.reshape(b, hh, ww, self.inner_dim).transpose(0, 3, 1, 2))
             out += x
-        self.save_for_backward(x.shape, encoder_hidden_states is not None)
+        self.save_for_backward(x.shape)
         return out
 
     def backward(self, grad):
-        """grad (B, C, H, W) -> d hidden_states, or (d hidden_states, d encoder_hidden_states) after a
-        forward with a context. Accumulates every parameter gradient."""
-        (b, c, hh, ww), had_ctx = self.saved()
+        """grad (B, C, H, W) -> (d hidden_states, d encoder_hidden_states), the latter None when no
+        block read the context. Accumulates every parameter gradient."""
+        b, c, hh, ww = self.saved()
         if self.use_linear_projection:
             dtok = self.proj_out.backward(grad.transpose(0, 2, 3, 1).reshape(b, hh * ww, c))
         else:
             dtok = self.proj_out.backward(grad).transpose(0, 2, 3, 1).reshape(b, hh * ww, self.inner_dim)
         dctx = None
         for block in reversed(list(self.transformer_blocks)):
-            r = block.backward(dtok)
-            if isinstance(r, tuple):
-                dtok, dc = r
+            dtok, dc = block.backward(dtok)
+            if dc is not None:
                 dctx = dc if dctx is None else dctx + dc
-            else:
-                dtok = r
         if self.use_linear_projection:
             dn = self.proj_in.backward(dtok).reshape(b, hh, ww, c).transpose(0, 3, 1, 2)
         else:
             dn = self.proj_in.backward(dtok.reshape(b, hh, ww, self.inner_dim).transpose(0, 3, 1, 2))
         dx = self.norm.backward(dn)
         dx += grad
-        release_caches(self)
-        if not had_ctx:
-            return dx
-        return dx, dctx                                         # dctx None: no block reads the context
+        return dx, dctx
 
     def extra_repr(self):
         return (f"in_channels={self.in_channels}, inner_dim={self.inner_dim}, "

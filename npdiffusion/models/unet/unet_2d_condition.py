@@ -35,7 +35,6 @@ from npdiffusion.checks import check_batch, check_input, check_positive_int
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
 from npdiffusion.memory import check_model, unet_parameters
-from npdiffusion.models.blocks.caches import release_caches
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
 from npdiffusion.models.unet.embeddings import TimestepEmbedding, Timesteps, check_act_fn
 from npdiffusion.models.unet.transformer_2d import BasicTransformerBlock
@@ -116,12 +115,6 @@ FIXED_KEYS = ("encoder_hid_dim", "encoder_hid_dim_type", "dual_cross_attention",
               "time_embedding_type", "time_embedding_act_fn", "timestep_post_act", "time_cond_proj_dim",
               "projection_class_embeddings_input_dim", "attention_type", "class_embeddings_concat",
               "cross_attention_norm")
-
-#: Keys diffusers itself ignores for the block types supported here (they configure other block
-#: types or embeddings): accepted with any value, and kept in ``config``.
-IGNORED_KEYS = ("resnet_skip_time_act", "resnet_out_scale_factor", "mid_block_only_cross_attention",
-                "addition_embed_type_num_heads")
-
 
 def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else value
@@ -401,8 +394,6 @@ class UNet2DConditionModel(Module):
         parameter gradient (the time MLP's included). Derivation: docs/unet.md."""
         act_cache, spans, up_spans, n_skips, ctx_shape, ctx_dtype = self.saved()
         g = self.conv_norm_out.backward(silu_backward(self.conv_out.backward(grad), act_cache))
-        release_caches(self.conv_out)
-        release_caches(self.conv_norm_out)
         dskips = [None] * n_skips
         dtemb = dctx = None
 
@@ -415,27 +406,20 @@ class UNet2DConditionModel(Module):
             return total
 
         for block, (start, end) in zip(reversed(list(self.up_blocks)), reversed(up_spans)):
-            r = block.backward(g)
-            g, dstates, dt = r[0], r[1], r[2]
-            dtemb = acc(dtemb, dt)
-            if block.has_cross_attention:
-                dctx = acc(dctx, r[3])
+            g, dstates, dt, dc = block.backward(g)                           # an UpBlockGrads
+            dtemb, dctx = acc(dtemb, dt), acc(dctx, dc)
             dskips[start:end] = dstates
         if self.has_mid_block:
-            g, dt, dc = self.mid_block.backward(g)
+            g, dt, dc = self.mid_block.backward(g)                           # a BlockGrads
             dtemb, dctx = acc(dtemb, dt), acc(dctx, dc)
         for block, (start, end) in zip(reversed(list(self.down_blocks)), reversed(spans)):
-            r = block.backward(g, dskips[start:end])
-            g, dt = r[0], r[1]
-            dtemb = acc(dtemb, dt)
-            if block.has_cross_attention:
-                dctx = acc(dctx, r[2])
+            g, dt, dc = block.backward(g, dskips[start:end])
+            dtemb, dctx = acc(dtemb, dt), acc(dctx, dc)
         g = g + dskips[0]                                   # conv_in's output fed block 0 and skip 0
         dsample = self.conv_in.backward(g)
         if self.config["center_input_sample"]:
             dsample *= 2.0
         self.time_embedding.backward(dtemb)                 # parameter gradients; timesteps get none
-        release_caches(self)                                # every block already freed its own
         if dctx is None:
             dctx = xp.zeros(ctx_shape, dtype=ctx_dtype)
         return dsample, dctx

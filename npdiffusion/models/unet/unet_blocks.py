@@ -15,12 +15,15 @@ width. "States" are the skip tensors a down block hands to the up path.
 Backward (docs/unet.md, "Skip connections"): the last state of a down block is its output, so its
 gradient is the sum of the gradient from the next stage and the skip gradient from the up path; a
 concatenation's gradient splits along channels into the branch and the skip. Each block's backward
-returns, besides the input gradient, d temb and d ctx summed over every resnet / attention in it.
+returns a ``BlockGrads`` (down and mid blocks) or ``UpBlockGrads`` (up blocks): the input gradient,
+d temb and d ctx summed over every resnet / attention in it (None where nothing read them).
 
 State-dict keys as in diffusers: resnets.{j}, attentions.{j}, downsamplers.0.conv, upsamplers.0.conv.
 Source mirrored: diffusers/models/unets/unet_2d_blocks.py.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from npdiffusion.backend import xp
 from npdiffusion.checks import check_positive_int
@@ -56,10 +59,32 @@ def _heads(block: str, channels: int, num_attention_heads: int) -> int:
     return channels // num_attention_heads
 
 
-def _split2(r):
-    """A child's backward result as (dx, second gradient or None): a resnet returns (dx, d temb)
-    after a forward with temb, a transformer (dx, d ctx) after one with a context."""
-    return r if isinstance(r, tuple) else (r, None)
+def _transformers(block: str, channels: int, num_attention_heads: int, transformer_layers_per_block,
+                  num_layers: int, resnet_groups: int, **options) -> ModuleList:
+    """``num_layers`` Transformer2DModels over ``channels`` (heads of width channels / heads), the k-th
+    with transformer_layers_per_block[k] BasicTransformerBlocks; ``options`` (dropout,
+    cross_attention_dim, use_linear_projection, only_cross_attention, upcast_attention) go to each."""
+    layers = _per_layer("transformer_layers_per_block", transformer_layers_per_block, num_layers)
+    head_dim = _heads(block, channels, num_attention_heads)
+    return ModuleList([Transformer2DModel(num_attention_heads, head_dim, in_channels=channels, num_layers=n,
+                                          norm_num_groups=resnet_groups, **options) for n in layers])
+
+
+class BlockGrads(NamedTuple):
+    """A down or mid block's backward: the gradients of ``forward(hidden_states, temb,
+    encoder_hidden_states)``'s inputs (None for one no resnet / attention of the block read)."""
+    hidden_states: object
+    temb: object
+    encoder_hidden_states: object
+
+
+class UpBlockGrads(NamedTuple):
+    """An up block's backward: the gradients of ``forward(hidden_states, res_hidden_states_tuple,
+    temb, encoder_hidden_states)``'s inputs (encoder_hidden_states None in an UpBlock2D)."""
+    hidden_states: object
+    res_hidden_states_tuple: tuple
+    temb: object
+    encoder_hidden_states: object
 
 
 class _DownBase(Module):
@@ -87,14 +112,12 @@ class _DownBase(Module):
         if self.add_downsample:
             h = self.downsamplers[0](h)
             states.append(h)
-        self.save_for_backward(temb is not None, encoder_hidden_states is not None)
         return h, tuple(states)
 
     def backward(self, grad, state_grads=None):
         """grad (B, Co, H', W') of h and ``state_grads`` (one gradient or None per state) ->
-        (dx, d temb) or (dx, d temb, d ctx), as the forward's array inputs. d temb / d ctx are
-        summed over the block's resnets / attentions."""
-        had_temb, had_ctx = self.saved()
+        ``BlockGrads(dx, d temb, d ctx)``, d temb / d ctx summed over the block's resnets /
+        attentions."""
         n = len(self.resnets)
         n_states = n + (1 if self.add_downsample else 0)
         if state_grads is None:
@@ -117,17 +140,12 @@ class _DownBase(Module):
                 else:
                     g = g + state_grads[i]
             if attentions[i] is not None:
-                g, dc = _split2(attentions[i].backward(g))
+                g, dc = attentions[i].backward(g)
                 dctx = _add(dctx, dc)
-            g, dt = _split2(self.resnets[i].backward(g))
+            g, dt = self.resnets[i].backward(g)
             dtemb = _add(dtemb, dt)
             g_owned = True
-        out = [g]
-        if had_temb:
-            out.append(dtemb)
-        if had_ctx:
-            out.append(dctx)
-        return g if len(out) == 1 else tuple(out)
+        return BlockGrads(g, dtemb, dctx)
 
 
 class DownBlock2D(_DownBase):
@@ -167,21 +185,17 @@ class CrossAttnDownBlock2D(_DownBase):
         super().__init__()
         check_act_fn("CrossAttnDownBlock2D", resnet_act_fn)
         check_positive_int("num_layers", num_layers)
-        layers = _per_layer("transformer_layers_per_block", transformer_layers_per_block, num_layers)
-        head_dim = _heads("CrossAttnDownBlock2D", out_channels, num_attention_heads)
         self.resnets = ModuleList([
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
                           groups=resnet_groups, eps=resnet_eps, dropout=dropout,
                           output_scale_factor=output_scale_factor)
             for i in range(num_layers)
         ])
-        self.attentions = ModuleList([
-            Transformer2DModel(num_attention_heads, head_dim, in_channels=out_channels, num_layers=layers[i],
-                               dropout=dropout, norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
-                               only_cross_attention=only_cross_attention, upcast_attention=upcast_attention)
-            for i in range(num_layers)
-        ])
+        self.attentions = _transformers(
+            "CrossAttnDownBlock2D", out_channels, num_attention_heads, transformer_layers_per_block, num_layers,
+            resnet_groups, dropout=dropout, cross_attention_dim=cross_attention_dim,
+            use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention,
+            upcast_attention=upcast_attention)
         self._build_down(out_channels, add_downsample, downsample_padding)
 
 
@@ -200,20 +214,15 @@ class UNetMidBlock2DCrossAttn(Module):
         check_act_fn("UNetMidBlock2DCrossAttn", resnet_act_fn)
         check_positive_int("num_layers", num_layers)
         resnet_groups = resnet_groups if resnet_groups is not None else min(in_channels // 4, 32)
-        layers = _per_layer("transformer_layers_per_block", transformer_layers_per_block, num_layers)
-        head_dim = _heads("UNetMidBlock2DCrossAttn", in_channels, num_attention_heads)
 
         def resnet():
             return ResnetBlock2D(in_channels, in_channels, temb_channels=temb_channels, groups=resnet_groups,
                                  eps=resnet_eps, dropout=dropout, output_scale_factor=output_scale_factor)
 
-        self.attentions = ModuleList([
-            Transformer2DModel(num_attention_heads, head_dim, in_channels=in_channels, num_layers=layers[i],
-                               dropout=dropout, norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
-                               upcast_attention=upcast_attention)
-            for i in range(num_layers)
-        ])
+        self.attentions = _transformers(
+            "UNetMidBlock2DCrossAttn", in_channels, num_attention_heads, transformer_layers_per_block, num_layers,
+            resnet_groups, dropout=dropout, cross_attention_dim=cross_attention_dim,
+            use_linear_projection=use_linear_projection, upcast_attention=upcast_attention)
         self.resnets = ModuleList([resnet() for _ in range(num_layers + 1)])
 
     def forward(self, hidden_states, temb=None, encoder_hidden_states=None):
@@ -221,22 +230,19 @@ class UNetMidBlock2DCrossAttn(Module):
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
             h = attn(h, encoder_hidden_states)
             h = resnet(h, temb)
-        self.save_for_backward(temb is not None, encoder_hidden_states is not None)
         return h
 
     def backward(self, grad):
-        """grad (B, C, H, W) -> (dx, d temb[, d ctx]) for the forward's array inputs."""
-        had_temb, had_ctx = self.saved()
+        """grad (B, C, H, W) -> ``BlockGrads(dx, d temb, d ctx)``."""
         g, dtemb, dctx = grad, None, None
         for attn, resnet in reversed(list(zip(self.attentions, self.resnets[1:]))):
-            g, dt = _split2(resnet.backward(g))
+            g, dt = resnet.backward(g)
             dtemb = _add(dtemb, dt)
-            g, dc = _split2(attn.backward(g))
+            g, dc = attn.backward(g)
             dctx = _add(dctx, dc)
-        g, dt = _split2(self.resnets[0].backward(g))
+        g, dt = self.resnets[0].backward(g)
         dtemb = _add(dtemb, dt)
-        out = [g] + ([dtemb] if had_temb else []) + ([dctx] if had_ctx else [])
-        return g if len(out) == 1 else tuple(out)
+        return BlockGrads(g, dtemb, dctx)
 
 
 class _UpBase(Module):
@@ -281,13 +287,13 @@ class _UpBase(Module):
                 h = attn(h, encoder_hidden_states)
         if self.add_upsample:
             h = self.upsamplers[0](h, upsample_size)
-        self.save_for_backward(split, temb is not None, encoder_hidden_states is not None)
+        self.save_for_backward(split)
         return h
 
     def backward(self, grad):
-        """grad of the output -> (dh, d states, d temb[, d ctx]): d states in the order of
-        ``res_hidden_states_tuple`` (views into the concatenations' gradients)."""
-        split, had_temb, had_ctx = self.saved()
+        """grad of the output -> ``UpBlockGrads(dh, d states, d temb, d ctx)``: d states in the order
+        of ``res_hidden_states_tuple`` (views into the concatenations' gradients)."""
+        split = self.saved()
         n = len(self.resnets)
         g = self.upsamplers[0].backward(grad) if self.add_upsample else grad
         attentions = list(self.attentions) if self.has_cross_attention else [None] * n
@@ -295,17 +301,12 @@ class _UpBase(Module):
         dtemb = dctx = None
         for i in reversed(range(n)):
             if attentions[i] is not None:
-                g, dc = _split2(attentions[i].backward(g))
+                g, dc = attentions[i].backward(g)
                 dctx = _add(dctx, dc)
-            dcat, dt = _split2(self.resnets[i].backward(g))
+            dcat, dt = self.resnets[i].backward(g)
             dtemb = _add(dtemb, dt)
             g, dstates[n - 1 - i] = dcat[:, :split[i]], dcat[:, split[i]:]
-        out = [g, tuple(dstates)]
-        if had_temb:
-            out.append(dtemb)
-        if had_ctx:
-            out.append(dctx)
-        return tuple(out)
+        return UpBlockGrads(g, tuple(dstates), dtemb, dctx)
 
 
 class UpBlock2D(_UpBase):
@@ -339,17 +340,13 @@ class CrossAttnUpBlock2D(_UpBase):
         super().__init__()
         check_act_fn("CrossAttnUpBlock2D", resnet_act_fn)
         check_positive_int("num_layers", num_layers)
-        layers = _per_layer("transformer_layers_per_block", transformer_layers_per_block, num_layers)
-        head_dim = _heads("CrossAttnUpBlock2D", out_channels, num_attention_heads)
         self._build_resnets(in_channels, prev_output_channel, out_channels, temb_channels, num_layers,
                             resnet_groups, resnet_eps, dropout, output_scale_factor, add_upsample)
-        self.attentions = ModuleList([
-            Transformer2DModel(num_attention_heads, head_dim, in_channels=out_channels, num_layers=layers[i],
-                               dropout=dropout, norm_num_groups=resnet_groups,
-                               cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
-                               only_cross_attention=only_cross_attention, upcast_attention=upcast_attention)
-            for i in range(num_layers)
-        ])
+        self.attentions = _transformers(
+            "CrossAttnUpBlock2D", out_channels, num_attention_heads, transformer_layers_per_block, num_layers,
+            resnet_groups, dropout=dropout, cross_attention_dim=cross_attention_dim,
+            use_linear_projection=use_linear_projection, only_cross_attention=only_cross_attention,
+            upcast_attention=upcast_attention)
 
     def forward(self, hidden_states, res_hidden_states_tuple, temb=None, encoder_hidden_states=None,
                 upsample_size=None):

@@ -12,6 +12,8 @@ Backward entry points (each accumulates every parameter gradient it reaches):
 ``decode_backward(grad_image) -> grad_z``; ``encode_backward(grad_mean, grad_logvar) -> grad_x``
 (grad_logvar is with respect to the clamped logvar; the clamp's gradient is exact: zero where the
 raw log-variance was outside [-30, 20]); ``backward(grad_image) -> grad_x`` after ``forward``.
+Each pair has its own cache slot (the module protocol's ``NAME`` / ``NAME_backward`` pairs), so
+encode -> decode -> decode_backward -> encode_backward works, and each backward frees its slot.
 
 ``scaling_factor`` (0.18215 for SD 1.x) scales latents to roughly unit variance for the diffusion
 model: ``scale_latents(z) = (z - shift_factor) * scaling_factor`` before the U-Net,
@@ -116,7 +118,6 @@ class AutoencoderKL(Module):
         self.tile_sample_min_size = sizes[0]
         self.tile_latent_min_size = int(sizes[0] / (2 ** (len(self.config["block_out_channels"]) - 1)))
         self.tile_overlap_factor = 0.25
-        self._decoded_shape = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -165,7 +166,7 @@ class AutoencoderKL(Module):
         smaller than the downsampling factor (see ``Encoder.check_image``)."""
         moments, tiled = self._moments(x)
         posterior = DiagonalGaussianDistribution(moments)
-        self.save_for_backward(posterior, None, tiled)
+        self.save_for_backward(posterior, tiled, slot="encode")
         return posterior
 
     def encode_backward(self, grad_mean=None, grad_logvar=None):
@@ -176,23 +177,14 @@ class AutoencoderKL(Module):
         """
         if grad_mean is None and grad_logvar is None:
             raise ValueError("AutoencoderKL.encode_backward: give grad_mean, grad_logvar or both, got neither")
-        posterior, _ = self._saved_posterior("encode_backward")
+        posterior, tiled = self.saved("encode")
+        if tiled:
+            raise RuntimeError("AutoencoderKL.encode_backward: the last encode ran in tiles (enable_tiling), which "
+                               "has no backward; disable tiling for training")
         g = posterior.parameters_backward(grad_mean, grad_logvar)       # (B, 2L, h, w)
         if self.quant_conv is not None:
             g = self.quant_conv.backward(g)
         return self.encoder.backward(g)
-
-    def _saved_posterior(self, who):
-        """(posterior, noise) kept by the last training-mode encode / forward, or a clear error."""
-        cache = self._cache
-        if cache is None:
-            raise RuntimeError(f"AutoencoderKL.{who} needs an encode (or forward) in training mode first "
-                               "(call .train() before it; eval() mode keeps nothing for backward)")
-        posterior, noise, tiled = cache
-        if tiled:
-            raise RuntimeError(f"AutoencoderKL.{who}: the last encode ran in tiles (enable_tiling), which has "
-                               "no backward; disable tiling for training")
-        return posterior, noise
 
     # ------------------------------------------------------------------ decode
     def decode(self, z):
@@ -203,23 +195,24 @@ class AutoencoderKL(Module):
             raise ValueError(f"AutoencoderKL.decode: z must have {self.latent_channels} channels on axis 1 "
                              f"(latent_channels), got shape {tuple(z.shape)}")
         if self.use_tiling and (z.shape[-1] > self.tile_latent_min_size or z.shape[-2] > self.tile_latent_min_size):
-            self._decoded_shape = "tiled"
+            self.save_for_backward(None, True, slot="decode")
             return self._tiled_decode(z)
         h = self.post_quant_conv(z) if self.post_quant_conv is not None else z
         y = self.decoder(h)
-        self._decoded_shape = tuple(y.shape)
+        self.save_for_backward(tuple(y.shape), False, slot="decode")
         return y
 
     def decode_backward(self, grad_image):
         """grad_image (B, out_channels, H, W) -> grad_z (B, latent_channels, h, w); accumulates the
         decoder's and post_quant_conv's gradients."""
         check_input("AutoencoderKL.decode_backward", "grad_image", grad_image, ndim=4)
-        if self._decoded_shape == "tiled":
+        shape, tiled = self.saved("decode")
+        if tiled:
             raise RuntimeError("AutoencoderKL.decode_backward: the last decode ran in tiles (enable_tiling), which "
                                "has no backward; disable tiling for training")
-        if self._decoded_shape is not None and tuple(grad_image.shape) != self._decoded_shape:
+        if tuple(grad_image.shape) != shape:
             raise ValueError(f"AutoencoderKL.decode_backward: grad_image must have the decoded image's shape "
-                             f"{self._decoded_shape}, got shape {tuple(grad_image.shape)}")
+                             f"{shape}, got shape {tuple(grad_image.shape)}")
         g = self.decoder.backward(grad_image)
         return self.post_quant_conv.backward(g) if self.post_quant_conv is not None else g
 
@@ -227,18 +220,17 @@ class AutoencoderKL(Module):
     def forward(self, x, noise=None, generator=None, sample_posterior: bool = False):
         """x (B, Cin, H, W) -> decode(z) with z = mean + std * noise (the reparameterization) when
         ``noise`` is given or ``sample_posterior`` (noise drawn from ``generator``), else z = mean."""
-        moments, tiled = self._moments(x)
-        posterior = DiagonalGaussianDistribution(moments)
+        posterior = self.encode(x)
         if noise is None and sample_posterior:
             noise = posterior.draw_noise(generator)
         z = posterior.sample(noise) if noise is not None else posterior.mode()
         image = self.decode(z)
-        self.save_for_backward(posterior, noise, tiled)
+        self.save_for_backward(posterior, noise)
         return image
 
     def backward(self, grad_image):
         """grad_image (B, Cout, H, W) -> grad_x (B, Cin, H, W) through decode, the sampling and encode."""
-        posterior, noise = self._saved_posterior("backward")
+        posterior, noise = self.saved()
         dz = self.decode_backward(grad_image)
         if noise is None:
             return self.encode_backward(dz, None)

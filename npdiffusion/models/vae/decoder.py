@@ -7,7 +7,7 @@ R = reversed(block_out_channels), Cout = out_channels.
     mid_block      UNetMidBlock2D        resnet, one-head attention over the hw tokens, resnet
     up_blocks.i    UpDecoderBlock2D      (B, R_{i-1}, s, s) -> (B, R_i, 2s, 2s)
                    (layers_per_block + 1 resnets, nearest x2 + 3x3 conv except in the last)
-    conv_norm_out  GroupNorm (eps 1e-6), conv_act SiLU, conv_out 3x3 -> (B, Cout, h*f, w*f)
+    conv_norm_out  GroupNorm (eps 1e-6), SiLU (the op), conv_out 3x3 -> (B, Cout, h*f, w*f)
 
 ``post_quant_conv`` belongs to ``AutoencoderKL``, as in diffusers. Architecture and derivations:
 docs/vae.md. Source mirrored: diffusers/models/autoencoders/vae.py (Decoder, norm_type "group").
@@ -17,10 +17,10 @@ from __future__ import annotations
 from npdiffusion.checks import check_batch, check_input, check_positive_int
 from npdiffusion.models.vae.encoder import check_block_config
 from npdiffusion.models.vae.vae_blocks import UNetMidBlock2D, UpDecoderBlock2D
-from npdiffusion.nn.activations import SiLU
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.nn.norm import GroupNorm
+from npdiffusion.ops.activations import silu_backward, silu_forward
 
 
 class Decoder(Module):
@@ -51,28 +51,24 @@ class Decoder(Module):
                 add_upsample=i != len(rev) - 1))
             prev = c
         self.conv_norm_out = GroupNorm(norm_num_groups, channels[0], eps=1e-6)
-        self.conv_act = SiLU()
         self.conv_out = Conv2d(channels[0], out_channels, 3, padding=1)
 
-    @property
-    def upsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
     def forward(self, z):
-        """z (B, in_channels, h, w) -> (B, out_channels, h*f, w*f); children keep the caches."""
+        """z (B, in_channels, h, w) -> (B, out_channels, h*f, w*f); keeps the SiLU cache, the children the rest."""
         check_input("Decoder", "z", z, ndim=4, axis=1, size=self.in_channels)
         check_batch("Decoder", "z", z)
         h = self.conv_in(z)
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h)
-        h = self.conv_act(self.conv_norm_out(h))
-        return self.conv_out(h)
+        a, act_cache = silu_forward(self.conv_norm_out(h))       # the SiLU op, as in the U-Net
+        self.save_for_backward(act_cache)
+        return self.conv_out(a)
 
     def backward(self, grad):
         """grad (B, out_channels, H, W) -> dz (B, in_channels, h, w); accumulates parameter gradients."""
-        g = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(grad)))
+        g = self.conv_norm_out.backward(silu_backward(self.conv_out.backward(grad), self.saved()))
         for block in reversed(list(self.up_blocks)):
             g = block.backward(g)
-        g = self.mid_block.backward(g)
+        g, _ = self.mid_block.backward(g)                 # no temb: d temb is None
         return self.conv_in.backward(g)

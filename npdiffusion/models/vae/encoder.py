@@ -8,7 +8,7 @@ L = out_channels (the latent channels; the encoder emits 2L with ``double_z``), 
                    (layers_per_block resnets, a pad-0 stride-2 downsampler except in the last;
                     H_{i+1} = floor(H_i / 2))
     mid_block      UNetMidBlock2D        resnet, one-head attention over the H'W' tokens, resnet
-    conv_norm_out  GroupNorm (eps 1e-6), conv_act SiLU, conv_out 3x3 -> (B, 2L, H', W')
+    conv_norm_out  GroupNorm (eps 1e-6), SiLU (the op), conv_out 3x3 -> (B, 2L, H', W')
 
 Every GroupNorm has eps 1e-6; no time embedding. The backward runs the children's backwards in
 reverse. Architecture and derivations: docs/vae.md. Source mirrored: diffusers/models/autoencoders/vae.py
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from npdiffusion.checks import check_batch, check_input, check_positive_int
 from npdiffusion.models.vae.vae_blocks import DownEncoderBlock2D, UNetMidBlock2D
-from npdiffusion.nn.activations import SiLU
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.module import Module, ModuleList
 from npdiffusion.nn.norm import GroupNorm
+from npdiffusion.ops.activations import silu_backward, silu_forward
 
 ACTIVATIONS = ("silu", "swish")
 
@@ -77,7 +77,6 @@ class Encoder(Module):
                                         attention_head_dim=channels[-1], resnet_groups=norm_num_groups,
                                         add_attention=mid_block_add_attention)
         self.conv_norm_out = GroupNorm(norm_num_groups, channels[-1], eps=1e-6)
-        self.conv_act = SiLU()
         self.conv_out = Conv2d(channels[-1], 2 * out_channels if double_z else out_channels, 3, padding=1)
 
     @property
@@ -101,19 +100,20 @@ class Encoder(Module):
                              f"least {f}, got shape {tuple(x.shape)}")
 
     def forward(self, x):
-        """x (B, in_channels, H, W) -> moments (B, 2L, H', W'); children keep the caches."""
+        """x (B, in_channels, H, W) -> moments (B, 2L, H', W'); keeps the SiLU cache, the children the rest."""
         self.check_image(x)
         h = self.conv_in(x)
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)
-        h = self.conv_act(self.conv_norm_out(h))
-        return self.conv_out(h)
+        a, act_cache = silu_forward(self.conv_norm_out(h))       # the SiLU op, as in the U-Net
+        self.save_for_backward(act_cache)
+        return self.conv_out(a)
 
     def backward(self, grad):
         """grad (B, 2L, H', W') -> dx (B, in_channels, H, W); accumulates every parameter gradient."""
-        g = self.conv_norm_out.backward(self.conv_act.backward(self.conv_out.backward(grad)))
-        g = self.mid_block.backward(g)
+        g = self.conv_norm_out.backward(silu_backward(self.conv_out.backward(grad), self.saved()))
+        g, _ = self.mid_block.backward(g)                 # no temb: d temb is None
         for block in reversed(list(self.down_blocks)):
             g = block.backward(g)
         return self.conv_in.backward(g)

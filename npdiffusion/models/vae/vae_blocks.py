@@ -89,7 +89,7 @@ class MidBlockAttention(Attention):
 
         dx = group_norm'(Attention'(grad as tokens)) + grad / rescale_output_factor."""
         b, c, h, w = grad.shape
-        dtokens = Attention.backward(self, grad.reshape(b, c, h * w).transpose(0, 2, 1))   # (B, T, C)
+        dtokens, _ = Attention.backward(self, grad.reshape(b, c, h * w).transpose(0, 2, 1))   # (B, T, C)
         dn = dtokens.transpose(0, 2, 1).reshape(b, c, h, w)
         dx = self.group_norm.backward(dn) if self.has_group_norm else dn     # dn is fresh
         dx += grad / self.rescale_output_factor if self.rescale_output_factor != 1.0 else grad
@@ -106,7 +106,7 @@ class UNetMidBlock2D(Module):
     ``resnets`` holds num_layers + 1 ResnetBlock2D, ``attentions`` num_layers MidBlockAttention
     (none when ``add_attention`` is False). ``attention_head_dim`` None means one head of width C
     (diffusers warns and does the same); ``attn_groups`` defaults to ``resnet_groups``.
-    Backward returns dx, or (dx, d temb) after a forward with temb.
+    Backward returns (dx, d temb), d temb None after a forward without temb.
     """
 
     def __init__(self, in_channels: int, temb_channels: int | None = None, dropout: float = 0.0,
@@ -141,24 +141,20 @@ class UNetMidBlock2D(Module):
             if self.add_attention:
                 h = self.attentions[i](h)
             h = resnet(h, temb)
-        self.save_for_backward(temb is not None)
         return h
 
     def backward(self, grad):
-        """grad (B, C, H, W) -> dx, or (dx, d temb); children's backwards in reverse order."""
-        with_temb = self.saved()
+        """grad (B, C, H, W) -> (dx, d temb) (d temb None without temb); children's backwards in
+        reverse order."""
         dtemb = None
         g = grad
         for i in range(len(self.resnets) - 1, -1, -1):
-            out = self.resnets[i].backward(g)
-            if with_temb:
-                g, dt = out
+            g, dt = self.resnets[i].backward(g)
+            if dt is not None:
                 dtemb = dt if dtemb is None else dtemb + dt
-            else:
-                g = out
             if i > 0 and self.add_attention:
                 g = self.attentions[i - 1].backward(g)
-        return (g, dtemb) if with_temb else g
+        return g, dtemb
 
     def extra_repr(self):
         return f"in_channels={self.in_channels}, add_attention={self.add_attention}"
@@ -201,7 +197,7 @@ class _ResnetsThenResample(Module):
     def backward(self, grad):
         g = getattr(self, self.RESAMPLERS)[0].backward(grad) if self._resample else grad
         for resnet in reversed(list(self.resnets)):
-            g = resnet.backward(g)
+            g, _ = resnet.backward(g)                 # no time projection: d temb is None
         return g
 
     def extra_repr(self):
