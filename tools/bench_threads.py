@@ -64,7 +64,8 @@ def wake_latency(idle_s: float, trials: int) -> float:
         if threading.get_ident() != caller:
             started.append(time.perf_counter())
             return
-        give_up = time.perf_counter() + 0.05           # the caller's own block: GIL-free work
+        give_up = time.perf_counter() + 1.0            # the caller's own block: GIL-free work (a loaded
+                                                       # machine may take long to schedule the pool thread)
         while not started and time.perf_counter() < give_up:   # until the pool thread is in
             np.multiply(busy, 1.0, out=busy)
 

@@ -42,14 +42,7 @@ import numpy as np
 
 from npdiffusion.io.atomic import atomic_write_text
 
-__all__ = [
-    "AddedToken",
-    "CLIPTokenizer",
-    "bytes_to_unicode",
-    "normalize_text",
-    "pre_tokenize",
-    "split_pattern",
-]
+__all__ = ["AddedToken", "CLIPTokenizer", "bytes_to_unicode", "normalize_text", "pre_tokenize", "split_pattern"]
 
 END_OF_WORD = "</w>"
 MERGES_HEADER = "#version: 0.2"
