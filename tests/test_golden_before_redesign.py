@@ -12,8 +12,12 @@ Tolerance: on the machine that exported them the arrays are bitwise equal (check
 made); another CPU's BLAS kernel and SIMD transcendentals sum and round in another order. A float64
 sum of n terms reordered moves by at most about n * eps * sum |terms| (eps = 2.2e-16); here n is at
 most a few hundred (GEMM reductions of these tiny configs) and the chain is ~100 ops deep, so
-1e-11 of each key's largest magnitude bounds those differences (a few hundred to a few thousand
-ulps), while a changed formula moves values by orders of magnitude more.
+1e-11 of the largest magnitude bounds those differences (a few hundred to a few thousand ulps),
+while a changed formula moves values by orders of magnitude more. The magnitude is the larger of the
+key's own and that of its group (all ``param_grad/`` keys, all ``input_grad/`` keys, ...): a gradient
+that is zero in exact arithmetic (an attention key projection's bias; a bias before a norm) holds
+only rounding noise of the size of the terms that cancelled in it, which are those of its siblings
+(seen under the baseline kernels of .ci/run's second pass: 4e-15 of noise on a key of size 3e-15).
 """
 import os
 
@@ -34,13 +38,17 @@ def test_outputs_and_gradients_equal_the_goldens_from_before_the_redesign(tmp_pa
     actual = load_file(str(tmp_path / model / "golden.safetensors"))
     assert any(k.startswith("param_grad/") for k in expected) and any(k.startswith("output/") for k in expected)
     problems = []
+    group_scale = {}
+    for key, want in expected.items():
+        group = key.split("/")[0]
+        group_scale[group] = max(group_scale.get(group, 0.0), float(np.max(np.abs(want))) if want.size else 0.0)
     for key, want in expected.items():
         got = actual.get(key)
         if got is None or got.shape != want.shape:
             problems.append(f"{key}: expected shape {want.shape}, got {None if got is None else got.shape}")
             continue
-        scale = float(np.max(np.abs(want))) if want.size else 0.0
+        scale = group_scale[key.split("/")[0]]
         err = float(np.max(np.abs(got - want))) if want.size else 0.0
         if not err <= RTOL * scale:
-            problems.append(f"{key}: max |diff| {err:.3e} > {RTOL} * max |golden| {scale:.3e}")
+            problems.append(f"{key}: max |diff| {err:.3e} > {RTOL} * max |golden| of its group {scale:.3e}")
     assert not problems, "\n".join(problems)
