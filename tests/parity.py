@@ -11,6 +11,8 @@ the same random upstream gradients, and every array is compared by relative erro
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -21,6 +23,18 @@ TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # torch's float32 normal kernel on this CPU: its AVX2 kernel on AVX2/AVX-512 x86, its scalar (DEFAULT)
 # kernel elsewhere and under ATEN_CPU_CAPABILITY=default; TorchGenerator(kernel=...) reproduces both
 TORCH_NORMAL_KERNEL = "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "scalar"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Run torch on ``n`` threads inside the block, then restore the previous count. The tests' torch
+    models are tiny: two OpenMP threads on a busy 2-core machine spin-wait far longer than they compute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def torch_state_to_numpy(module: torch.nn.Module) -> dict:
@@ -38,6 +52,20 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> to
         if p.dim() == 1 and ("norm" in name or name.endswith("ln.weight")) and name.endswith("weight"):
             noise += 1.0  # norm gains around one
         p.copy_(noise.to(p.dtype))
+    return module
+
+
+def redraw_parameters_(module, rng):
+    """Redraw every parameter of one of our modules from ``rng`` (a NumPy Generator), in place:
+    weights ~ 0.5/sqrt(fan_in), norm gains ~ 1, other vectors ~ 0.2, so nothing stays zero or one."""
+    for name, p in module.named_parameters():
+        if p.ndim > 1:
+            v = rng.standard_normal(p.shape) * 0.5 / p[0].size ** 0.5
+        elif "norm" in name and name.endswith("weight"):
+            v = 1.0 + 0.2 * rng.standard_normal(p.shape)
+        else:
+            v = 0.2 * rng.standard_normal(p.shape)
+        p[...] = asarray(v)
     return module
 
 

@@ -13,13 +13,14 @@ temporary folder that is removed at exit.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import os
 import random
 import shutil
 import tempfile
 import warnings
+
+from parity import torch_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,17 +30,17 @@ PROMPTS = ["a photo of a cat", "a red dog at night"]
 NEGATIVES = ["blue sky", "green painting"]
 
 
-@contextlib.contextmanager
-def torch_threads(n: int = 1):
-    """torch on ``n`` threads inside the block (tiny models spin-wait badly on a busy 2-core machine)."""
-    import torch
+def gradient_png(folder, height: int, width: int) -> str:
+    """Write folder/input.png, an RGB image of height x width whose red rises along x, green along y
+    and blue along both (no two neighbours equal); returns its path."""
+    import numpy as np
+    from PIL import Image
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    path = os.path.join(folder, "input.png")
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * (256 // width), y * (256 // height), (x + y) * (128 // max(height, width))], -1)
+    Image.fromarray(rgb.astype(np.uint8)).save(path)
+    return path
 
 
 def quiet_diffusers():

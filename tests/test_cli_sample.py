@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from npdiffusion import cli
-from pipeline_dummy import PROMPTS, copy_folder, dummy_folder, our_pipeline
+from pipeline_dummy import PROMPTS, copy_folder, dummy_folder, gradient_png, our_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,10 +41,7 @@ def folder_state(folder):
 
 @pytest.fixture(scope="module")
 def input_image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "input.png"
-    y, x = np.mgrid[0:40, 0:52]
-    Image.fromarray(np.stack([x * 4, y * 5, (x + y) * 2], -1).astype(np.uint8)).save(path)
-    return str(path)
+    return gradient_png(tmp_path_factory.mktemp("img"), 40, 52)
 
 
 # ------------------------------------------------------------------------------------- success

@@ -10,13 +10,12 @@ The commands run in-process (``npdiffusion.cli.main``) on the tiny pipeline of `
 """
 import os
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from npdiffusion import cli
 from npdiffusion.io import atomic
-from pipeline_dummy import dummy_folder
+from pipeline_dummy import dummy_folder, gradient_png
 
 VICTIM_BYTES = b"precious bytes that no npdiffusion command may touch\n"
 TAG = "deadbeef"                 # the first random tag of every temporary name (see predictable_temp_names)
@@ -31,10 +30,7 @@ def run_cli(capsys, *args):
 
 @pytest.fixture(scope="module")
 def input_image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "input.png"
-    y, x = np.mgrid[0:16, 0:16]
-    Image.fromarray(np.stack([x * 16, y * 16, (x + y) * 8], -1).astype(np.uint8)).save(path)
-    return str(path)
+    return gradient_png(tmp_path_factory.mktemp("img"), 16, 16)
 
 
 @pytest.fixture
@@ -53,29 +49,36 @@ def predictable_temp_names(monkeypatch):
     return handed
 
 
+PROBES = [".npdiffusion-write-test", f".npdiffusion-write-test-{os.getpid()}"]   # the old probe names
+
+
 def plant(folder, names, victim):
     """A symlink to ``victim`` under each of ``names`` in ``folder``."""
     for name in names:
         os.symlink(victim, os.path.join(folder, name))
 
 
+def planted_shared_folder(tmp_path, outputs):
+    """``(victim, folder)``: a victim file and a folder "shared" whose write-probe names, ``outputs`` and
+    the first temporary names of both are symlinks to the victim."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(VICTIM_BYTES)
+    out = tmp_path / "shared"
+    out.mkdir()
+    plant(out, PROBES + outputs + temp_names(outputs + ["npdiffusion-write-test"]), victim)
+    return victim, out
+
+
 def temp_names(names):
     return [f".{name}.{os.getpid()}.{TAG}.tmp" for name in names]
-
-
-PROBES = [".npdiffusion-write-test", f".npdiffusion-write-test-{os.getpid()}"]   # the old probe names
 
 
 # ---------------------------------------------------------------------------------- point 1: symlinks
 @pytest.mark.parametrize("command", ["sample", "img2img"])
 def test_sample_and_img2img_follow_no_planted_symlink(tmp_path, capsys, input_image, predictable_temp_names,
                                                       command):
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(VICTIM_BYTES)
-    out = tmp_path / "shared"
-    out.mkdir()
     outputs = ["00-00-a-cat.png", "grid.png"]
-    plant(out, PROBES + outputs + temp_names(outputs + ["npdiffusion-write-test"]), victim)
+    victim, out = planted_shared_folder(tmp_path, outputs)
     extra = ["--image", input_image, "--strength", "0.5"] if command == "img2img" else []
     code, err = run_cli(capsys, command, "--model", dummy_folder(), "--prompt", "a cat", *extra, "--steps", 2,
                         "--seed", 1, "--height", 16, "--width", 16, "--out", out, "--overwrite", "--no-progress")
@@ -89,12 +92,8 @@ def test_sample_and_img2img_follow_no_planted_symlink(tmp_path, capsys, input_im
 
 
 def test_toy_follows_no_planted_symlink(tmp_path, capsys, predictable_temp_names):
-    victim = tmp_path / "victim.txt"
-    victim.write_bytes(VICTIM_BYTES)
-    out = tmp_path / "shared"
-    out.mkdir()
     outputs = ["losses.png", "losses.csv"]
-    plant(out, PROBES + outputs + temp_names(outputs + ["npdiffusion-write-test"]), victim)
+    victim, out = planted_shared_folder(tmp_path, outputs)
     code, err = run_cli(capsys, "toy", "--steps", 3, "--batch-size", 2, "--channels", 2, "--out", out)
     assert victim.read_bytes() == VICTIM_BYTES, err
     assert code == 0, err

@@ -33,8 +33,7 @@ from npdiffusion.models.clip.clip_model import CLIPModel
 from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
 from npdiffusion.schedulers import DDIMScheduler
 from npdiffusion.testing import gradcheck_op, relative_error
-from parity import randomize_, torch_state_to_numpy
-from vae_parity import torch_threads
+from parity import randomize_, torch_state_to_numpy, torch_threads
 
 transformers.logging.set_verbosity_error()
 

@@ -4,26 +4,9 @@ import pytest
 
 from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.nn.linear import Linear
-from npdiffusion.nn.module import Module, ModuleList, StateDictError, no_cache
+from npdiffusion.nn.module import ModuleList, StateDictError, no_cache
 from npdiffusion.testing import gradcheck
-
-
-class TwoLayer(Module):
-    """y = fc2(fc1(x) * fc1(x)): a composite whose backward chains its children in reverse."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = ModuleList([Linear(3, 4), Linear(4, 2)])
-
-    def forward(self, x):
-        h = self.blocks[0](x)
-        self.save_for_backward(h)
-        return self.blocks[1](h * h)
-
-    def backward(self, dy):
-        h = self.saved()
-        dhh = self.blocks[1].backward(dy)
-        return self.blocks[0].backward(2 * h * dhh)
+from toy_modules import TwoLayer
 
 
 def test_parameter_names_are_dotted_state_dict_keys():

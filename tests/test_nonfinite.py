@@ -19,7 +19,7 @@ from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
 from npdiffusion.pipelines.loading import SCHEDULERS
 from npdiffusion.pipelines.nonfinite import NonFiniteError
 from npdiffusion.schedulers import DDIMScheduler, DPMSolverMultistepScheduler
-from pipeline_dummy import copy_folder, dummy_folder, our_pipeline
+from pipeline_dummy import copy_folder, dummy_folder, gradient_png, our_pipeline
 
 
 def run_one_error(capsys, command, *args):
@@ -40,12 +40,7 @@ def pngs(folder):
 
 @pytest.fixture(scope="module")
 def input_image(tmp_path_factory):
-    from PIL import Image
-
-    path = tmp_path_factory.mktemp("img") / "input.png"
-    y, x = np.mgrid[0:32, 0:32]
-    Image.fromarray(np.stack([x * 8, y * 8, (x + y) * 4], -1).astype(np.uint8)).save(path)
-    return str(path)
+    return gradient_png(tmp_path_factory.mktemp("img"), 32, 32)
 
 
 # ------------------------------------------------------------------------------------- the CLI

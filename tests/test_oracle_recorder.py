@@ -8,25 +8,9 @@ from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.models.unet.transformer_2d import Transformer2DModel
 from npdiffusion.models.unet.unet_blocks import CrossAttnDownBlock2D
 from npdiffusion.nn.linear import Linear
-from npdiffusion.nn.module import Module, ModuleList
+from npdiffusion.nn.module import Module
 from npdiffusion.nn.recorder import record
-
-
-class Chain(Module):
-    """y = fc2(fc1(x) * fc1(x)): children in a ModuleList, called once each."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = ModuleList([Linear(3, 4), Linear(4, 2)])
-
-    def forward(self, x):
-        h = self.blocks[0](x)
-        self.save_for_backward(h)
-        return self.blocks[1](h * h)
-
-    def backward(self, dy):
-        h = self.saved()
-        return self.blocks[0].backward(2 * h * self.blocks[1].backward(dy))
+from toy_modules import TwoLayer
 
 
 class Pair(Module):
@@ -55,7 +39,7 @@ def _rng_arrays(rng, *shapes):
 
 
 def test_keys_order_and_values_of_a_chain(backend):
-    m = Chain().to("float64")
+    m = TwoLayer().to("float64")
     rng = np.random.default_rng(0)
     x, dy = _rng_arrays(rng, (5, 3), (5, 2))
     with record(m) as rec:
@@ -85,7 +69,7 @@ def test_keys_order_and_values_of_a_chain(backend):
 
 def test_recording_changes_nothing_and_costs_nothing_outside(backend):
     rng = np.random.default_rng(1)
-    m = Chain().to("float64")
+    m = TwoLayer().to("float64")
     x, dy = _rng_arrays(rng, (4, 3), (4, 2))
     y0 = to_numpy(m(asarray(x))).copy()
     m.zero_grad()
@@ -181,7 +165,7 @@ def test_checkpointing_recomputation_is_not_recorded_twice():
 
 
 def test_recorders_do_not_nest():
-    m = Chain()
+    m = TwoLayer()
     with record(m):
         with pytest.raises(RuntimeError, match="already active"):
             with record(m):

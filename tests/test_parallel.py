@@ -145,6 +145,23 @@ def test_environment_variable(monkeypatch):
         parallel._default_threads()
 
 
+def _assert_group_norm_equals_one_call(monkeypatch, x, w, b, dy):
+    """Group norm (4 groups) forward and backward under the blocking set up now equal, bit for bit,
+    one call on one thread with no blocks."""
+    from npdiffusion.ops import norm
+
+    y_blocked, cache = group_norm_forward(x, 4, w, b)
+    grads_blocked = group_norm_backward(dy, cache)
+    parallel.set_num_threads(1)                                                 # one call: no blocks
+    monkeypatch.setattr(norm, "_GROUP_NORM_BLOCK", 1 << 30)
+    monkeypatch.setattr(norm, "_CACHE_ENTRIES", 1 << 30)
+    y_one, cache = group_norm_forward(x, 4, w, b)
+    grads_one = group_norm_backward(dy, cache)
+    np.testing.assert_array_equal(y_blocked, y_one)
+    for got, want in zip(grads_blocked, grads_one):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0.0, 1e4])  # 1e4: |mu| >> sigma, the two-pass path in some blocks
 @pytest.mark.parametrize("side", [3, 40])    # 40 x 40 = 1600 >= LONG_ROW: a row-sized ufunc buffer
@@ -157,17 +174,7 @@ def test_group_norm_blocks_equal_one_call(forced, monkeypatch, dtype, offset, si
          + offset * (rng.random((7, 1, 1, 1)) > 0.5)).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     w, b = rng.standard_normal(12).astype(dtype), rng.standard_normal(12).astype(dtype)
-    y_par, cache = group_norm_forward(x, 4, w, b)
-    grads_par = group_norm_backward(dy, cache)
-    parallel.set_num_threads(1)                                                 # one call: no blocks
-    monkeypatch.setattr(norm, "_GROUP_NORM_BLOCK", 1 << 30)
-    monkeypatch.setattr(norm, "_CACHE_ENTRIES", 1 << 30)
-    y_one, cache = group_norm_forward(x, 4, w, b)
-    grads_one = group_norm_backward(dy, cache)
-    np.testing.assert_array_equal(y_par, y_one)
-    for got, want in zip(grads_par, grads_one):
-        np.testing.assert_array_equal(got, want)
-
+    _assert_group_norm_equals_one_call(monkeypatch, x, w, b, dy)
 
 
 @pytest.mark.parametrize("sub_samples", [1, 2])   # sub-blocks inside blocks of 3 samples (2: uneven)
@@ -181,15 +188,8 @@ def test_group_norm_sub_blocks_equal_one_call(forced, monkeypatch, sub_samples):
     per_sample = 12 * 5 * 5
     monkeypatch.setattr(norm, "_GROUP_NORM_BLOCK", 3 * per_sample)
     monkeypatch.setattr(norm, "_CACHE_ENTRIES", sub_samples * per_sample)
-    y_sub, cache = group_norm_forward(x, 4, w, b)
-    grads_sub = group_norm_backward(dy, cache)
-    monkeypatch.setattr(norm, "_GROUP_NORM_BLOCK", 1 << 30)
-    monkeypatch.setattr(norm, "_CACHE_ENTRIES", 1 << 30)
-    y_one, cache = group_norm_forward(x, 4, w, b)
-    grads_one = group_norm_backward(dy, cache)
-    np.testing.assert_array_equal(y_sub, y_one)
-    for got, want in zip(grads_sub, grads_one):
-        np.testing.assert_array_equal(got, want)
+    _assert_group_norm_equals_one_call(monkeypatch, x, w, b, dy)
+
 
 def _activation_cases():
     from npdiffusion.ops import activations as act

@@ -13,7 +13,8 @@ from transformers import CLIPTokenizer as HFTokenizer
 from npdiffusion.io.safetensors import SafetensorsError
 from npdiffusion.pipelines import StableDiffusionPipeline
 from npdiffusion.pipelines.loading import PipelineFolderError, load_tokenizer, read_model_index
-from pipeline_dummy import PROMPTS, copy_folder, dummy_folder, our_pipeline, quiet_diffusers, torch_threads
+from parity import torch_threads
+from pipeline_dummy import PROMPTS, copy_folder, dummy_folder, our_pipeline, quiet_diffusers
 
 
 @pytest.fixture(scope="module", autouse=True)

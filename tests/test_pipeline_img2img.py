@@ -12,7 +12,8 @@ from npdiffusion.pipelines import StableDiffusionImg2ImgPipeline
 from npdiffusion.pipelines.image_utils import image_grid, numpy_to_pil, pil_to_numpy, postprocess_image, preprocess_image
 from npdiffusion.pipelines.noise import NoiseSource
 from npdiffusion.random.torch_generator import TorchGenerator
-from pipeline_dummy import NEGATIVES, PROMPTS, diffusers_pipeline, our_pipeline, torch_threads
+from parity import torch_threads
+from pipeline_dummy import NEGATIVES, PROMPTS, diffusers_pipeline, our_pipeline
 
 TOL = 1e-4
 

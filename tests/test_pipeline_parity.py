@@ -20,7 +20,8 @@ from npdiffusion.models.clip.text_model import CLIPTextModel
 from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel
 from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
 from npdiffusion.pipelines import StableDiffusionPipeline, StableDiffusionPipelineOutput
-from pipeline_dummy import NEGATIVES, PROMPTS, diffusers_pipeline, dummy_folder, our_pipeline, torch_threads
+from parity import torch_threads
+from pipeline_dummy import NEGATIVES, PROMPTS, diffusers_pipeline, dummy_folder, our_pipeline
 
 TOL = 1e-4
 STEPS = 3

@@ -181,7 +181,7 @@ def test_from_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no scheduler_config.json at"):
         ours_mod.DDIMScheduler.from_pretrained(tmp_path)
     (tmp_path / "scheduler_config.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+    with pytest.raises(ValueError, match="must hold a JSON object, got a JSON list"):
         ours_mod.DDIMScheduler.from_pretrained(tmp_path)
     (tmp_path / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):

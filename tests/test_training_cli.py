@@ -17,7 +17,7 @@ from PIL import Image
 from npdiffusion import cli
 from npdiffusion.data.shapes import make_shapes
 from npdiffusion.training import stages
-from npdiffusion.training.config import DataConfig, TrainConfig, build_config, option, section
+from npdiffusion.training.config import StageConfig, build_config, option
 from npdiffusion.training.tokenizer_stage import TokenizerStageConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,10 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------------------ a toy model stage
 @dataclass
-class ToyStageConfig:
+class ToyStageConfig(StageConfig):
     output_dir: str = option("runs/toy", "where")
-    data: DataConfig = section(DataConfig, "data")
-    train: TrainConfig = section(TrainConfig, "train")
 
 
 CONFIG = ToyStageConfig

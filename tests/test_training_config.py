@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from npdiffusion.training import config as cfgmod
-from npdiffusion.training.config import (ConfigError, DataConfig, TrainConfig, build_config, config_template,
+from npdiffusion.training.config import (ConfigError, DataConfig, StageConfig, TrainConfig, build_config, config_template,
                                          config_to_dict, load_config, option, parse_toml, parse_toml_subset, section)
 from npdiffusion.training.tokenizer_stage import TokenizerStageConfig
 
@@ -19,10 +19,7 @@ class Inner:
 
 
 @dataclass
-class Schema:
-    output_dir: str = option("runs/x", "where")
-    data: DataConfig = section(DataConfig, "data")
-    train: TrainConfig = section(TrainConfig, "train")
+class Schema(StageConfig):
     model: Inner = section(Inner, "model")
 
 

@@ -16,24 +16,11 @@ from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.models.blocks.resnet import ResnetBlock2D
 from npdiffusion.models.blocks.sampling import Downsample2D, Upsample2D
 from npdiffusion.testing import gradcheck, noncontiguous, relative_error
-from parity import assert_parity, randomize_
+from parity import assert_parity, randomize_, redraw_parameters_
 
 
 def _state_keys(module):
     return set(module.state_dict())
-
-
-def _randomize_ours(module, rng):
-    """Every parameter redrawn (weights ~ 0.5/sqrt(fan_in), norm gains ~ 1, biases ~ 0.2)."""
-    for name, p in module.named_parameters():
-        if p.ndim > 1:
-            v = rng.standard_normal(p.shape) * 0.5 / p[0].size ** 0.5
-        elif "norm" in name and name.endswith("weight"):
-            v = 1.0 + 0.2 * rng.standard_normal(p.shape)
-        else:
-            v = 0.2 * rng.standard_normal(p.shape)
-        p[...] = asarray(v)
-    return module
 
 
 # ============================================================================ ResnetBlock2D
@@ -46,7 +33,7 @@ def test_resnet_block_gradcheck(backend, cin, cout, temb, h, w, scale, shortcut)
     rng = np.random.default_rng(cin * 1000 + cout * 100 + h * 10 + w)
     m = ResnetBlock2D(cin, cout, temb_channels=temb, groups=2, eps=1e-5, output_scale_factor=scale,
                       use_in_shortcut=shortcut).to("float64")
-    _randomize_ours(m, rng)
+    redraw_parameters_(m, rng)
     x = noncontiguous(rng.standard_normal((2, cin, h, w)))
     inputs = [x] if temb is None else [x, noncontiguous(rng.standard_normal((2, temb)))]
     # temb and conv1.bias add per-channel constants that norm2 removes up to the spread within each
@@ -126,7 +113,7 @@ def test_resnet_block_errors(backend):
 @given(c=st.integers(1, 3), h=st.integers(2, 6), w=st.integers(2, 6), mode=st.sampled_from(["p1", "p0", "pool"]))
 def test_downsample_gradcheck(backend, c, h, w, mode):
     rng = np.random.default_rng(c * 100 + h * 10 + w)
-    m = _randomize_ours(Downsample2D(c, use_conv=mode != "pool", out_channels=None if mode == "pool" else 2,
+    m = redraw_parameters_(Downsample2D(c, use_conv=mode != "pool", out_channels=None if mode == "pool" else 2,
                                      padding=0 if mode == "p0" else 1).to("float64"), rng)
     x = noncontiguous(rng.standard_normal((2, c, h, w)))
     # The weights are drawn from rng (the module's own init differs from call to call, which made
@@ -140,7 +127,7 @@ def test_downsample_gradcheck(backend, c, h, w, mode):
        size=st.sampled_from([None, (5, 7), (3, 2)]))
 def test_upsample_gradcheck(backend, c, h, w, conv, size):
     rng = np.random.default_rng(c * 100 + h * 10 + w)
-    m = _randomize_ours(Upsample2D(c, use_conv=conv, out_channels=2 if conv else None).to("float64"), rng)
+    m = redraw_parameters_(Upsample2D(c, use_conv=conv, out_channels=2 if conv else None).to("float64"), rng)
     x = noncontiguous(rng.standard_normal((2, c, h, w)))
     report = gradcheck(m, x, full_max=40, output_size=size, eps=1e-5, floor=1e-3)  # as the downsampler
     assert report.passed, report
@@ -208,7 +195,7 @@ from npdiffusion.nn.module import Module  # noqa: E402
 # ---------------------------------------------------------------------------- time embedding
 def test_timestep_embedding_gradcheck_and_parity(backend):
     rng = np.random.default_rng(0)
-    m = _randomize_ours(TimestepEmbedding(6, 10).to("float64"), rng)
+    m = redraw_parameters_(TimestepEmbedding(6, 10).to("float64"), rng)
     report = gradcheck(m, noncontiguous(rng.standard_normal((3, 6))), full_max=20)
     assert report.passed, report
     for dtype, rtol in (("float64", 1e-10), ("float32", 1e-5)):
@@ -232,7 +219,7 @@ def test_timesteps_match_diffusers(backend, flip, shift):
 def test_basic_transformer_block_gradcheck(backend, cross, only_cross, tokens):
     only_cross = only_cross and cross is not None
     rng = np.random.default_rng(tokens * 10 + (cross or 0) + only_cross)
-    m = _randomize_ours(BasicTransformerBlock(8, 2, 4, cross_attention_dim=cross, only_cross_attention=only_cross)
+    m = redraw_parameters_(BasicTransformerBlock(8, 2, 4, cross_attention_dim=cross, only_cross_attention=only_cross)
                         .to("float64"), rng)
     x = noncontiguous(rng.standard_normal((2, tokens, 8)))
     inputs = [x] if cross is None else [x, noncontiguous(rng.standard_normal((2, 3, cross)))]
@@ -263,7 +250,7 @@ def test_basic_transformer_block_matches_diffusers(backend, kw, dtype, rtol):
 @given(linear=st.booleans(), layers=st.integers(1, 2), h=st.integers(1, 3), w=st.integers(2, 3))
 def test_transformer_2d_gradcheck(backend, linear, layers, h, w):
     rng = np.random.default_rng(h * 10 + w + 100 * layers + linear)
-    m = _randomize_ours(Transformer2DModel(2, 4, in_channels=8, num_layers=layers, norm_num_groups=2,
+    m = redraw_parameters_(Transformer2DModel(2, 4, in_channels=8, num_layers=layers, norm_num_groups=2,
                                            cross_attention_dim=3, use_linear_projection=linear).to("float64"), rng)
     x = noncontiguous(rng.standard_normal((2, 8, h, w)))
     ctx = noncontiguous(rng.standard_normal((2, 2, 3)))
@@ -378,7 +365,7 @@ def test_down_blocks_match_diffusers(backend, case, dtype, rtol):
 def test_down_blocks_gradcheck(backend, case):
     kind, kw = DOWN_CASES[case]
     rng = np.random.default_rng(7)
-    m = _FlatDown(_randomize_ours(getattr(unet_blocks, kind)(**kw).to("float64"), rng))
+    m = _FlatDown(redraw_parameters_(getattr(unet_blocks, kind)(**kw).to("float64"), rng))
     inputs = [noncontiguous(rng.standard_normal((1, kw["in_channels"], 4, 4))),
               noncontiguous(rng.standard_normal((1, 5)))]
     if m.block.has_cross_attention:
@@ -446,7 +433,7 @@ def test_up_blocks_match_diffusers(backend, case, size, dtype, rtol):
 def test_up_blocks_gradcheck(backend, case):
     kind, kw = UP_CASES[case]
     rng = np.random.default_rng(9)
-    block = _randomize_ours(getattr(unet_blocks, kind)(**kw).to("float64"), rng)
+    block = redraw_parameters_(getattr(unet_blocks, kind)(**kw).to("float64"), rng)
     m = _FlatUp(block, kw["num_layers"], block.has_cross_attention)
     inputs = [noncontiguous(rng.standard_normal((1, kw["prev_output_channel"], 2, 3)))]
     inputs += [noncontiguous(rng.standard_normal((1, *s[1:]))) for s in _skip_shapes(kw, (2, 3))]
@@ -469,7 +456,7 @@ def test_mid_block_matches_diffusers(backend, dtype, rtol):
     assert_parity(ours, theirs, inputs, dtype=dtype, rtol=rtol,
                   their_forward=lambda m, x, t, c: m(x, t, encoder_hidden_states=c))
     rng = np.random.default_rng(13)
-    m = _randomize_ours(unet_blocks.UNetMidBlock2DCrossAttn(**kw).to("float64"), rng)
+    m = redraw_parameters_(unet_blocks.UNetMidBlock2DCrossAttn(**kw).to("float64"), rng)
     report = gradcheck(m, *[noncontiguous(rng.standard_normal((1, *a.shape[1:]))) for a in inputs],
                        eps=1e-5, floor=1e-3, directions=2)
     assert report.passed, report

@@ -15,7 +15,7 @@ from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.models.unet import UNet2DConditionModel
 from npdiffusion.ops.embedding import timestep_embedding
 from npdiffusion.testing import gradcheck, noncontiguous, relative_error
-from parity import randomize_, torch_state_to_numpy
+from parity import randomize_, redraw_parameters_, torch_state_to_numpy
 
 TINY = dict(  # diffusers' tests/models/unets/test_models_unet_2d_condition.py::get_init_dict
     block_out_channels=(4, 8), norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -168,14 +168,7 @@ def test_unet_gradcheck(backend):
     cfg = CONFIGS["pipeline-dummy"]
     model = UNet2DConditionModel(**cfg).to("float64")
     rng = np.random.default_rng(1)
-    for name, p in model.named_parameters():               # nothing left at zero / one
-        if p.ndim > 1:
-            v = rng.standard_normal(p.shape) * 0.5 / p[0].size ** 0.5
-        elif "norm" in name and name.endswith("weight"):
-            v = 1.0 + 0.2 * rng.standard_normal(p.shape)
-        else:
-            v = 0.2 * rng.standard_normal(p.shape)
-        p[...] = asarray(v)
+    redraw_parameters_(model, rng)                         # nothing left at zero / one
     sample = noncontiguous(rng.standard_normal((1, 4, 8, 8)))
     ctx = noncontiguous(rng.standard_normal((1, 3, 8)))
     report = gradcheck(model, sample, np.array([37]), ctx, grad_inputs=[0, 2], directions=2, eps=2e-6,

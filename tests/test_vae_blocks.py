@@ -21,8 +21,8 @@ from npdiffusion.models.vae.decoder import Decoder
 from npdiffusion.models.vae.encoder import Encoder
 from npdiffusion.models.vae.vae_blocks import DownEncoderBlock2D, MidBlockAttention, UNetMidBlock2D, UpDecoderBlock2D
 from npdiffusion.testing import gradcheck, noncontiguous
-from parity import assert_parity, randomize_
-from vae_parity import assert_grads_match, torch_threads
+from parity import assert_parity, randomize_, torch_threads
+from vae_parity import assert_grads_match
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,7 @@ from npdiffusion.backend import asarray, to_numpy
 from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
 from npdiffusion.random.torch_generator import TorchGenerator
 from npdiffusion.testing import gradcheck_op, noncontiguous, relative_error
-from parity import TORCH_NORMAL_KERNEL
-from vae_parity import torch_threads
+from parity import TORCH_NORMAL_KERNEL, torch_threads
 
 
 @pytest.fixture(autouse=True)

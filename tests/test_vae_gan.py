@@ -12,8 +12,8 @@ from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
 from npdiffusion.models.vae.discriminator import BatchNorm2d, LeakyReLU, NLayerDiscriminator
 from npdiffusion.models.vae.loss import KLAutoencoderGANLoss, adopt_weight, hinge_d_loss_backward, hinge_d_loss_forward
 from npdiffusion.testing import gradcheck, gradcheck_op, noncontiguous, relative_error
-from parity import assert_parity, randomize_, torch_state_to_numpy
-from vae_parity import assert_grads_match, torch_threads, zero_gradient_names
+from parity import assert_parity, randomize_, torch_state_to_numpy, torch_threads
+from vae_parity import assert_grads_match, zero_gradient_names
 
 
 @pytest.fixture(autouse=True)

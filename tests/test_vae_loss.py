@@ -16,8 +16,8 @@ from npdiffusion.models.vae.loss import (KLAutoencoderLoss, kl_loss_backward, kl
                                          reconstruction_loss_backward, reconstruction_loss_forward)
 from npdiffusion.optim.adamw import AdamW
 from npdiffusion.testing import gradcheck, gradcheck_op, noncontiguous, relative_error
-from parity import randomize_, torch_state_to_numpy
-from vae_parity import assert_grads_match, torch_threads, zero_gradient_names
+from parity import randomize_, torch_state_to_numpy, torch_threads
+from vae_parity import assert_grads_match, zero_gradient_names
 
 CONFIG = dict(block_out_channels=[4, 8], norm_num_groups=2, in_channels=3, out_channels=3, latent_channels=2,
               down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)

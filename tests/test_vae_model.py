@@ -17,8 +17,8 @@ from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
 from npdiffusion.nn.module import StateDictError
 from npdiffusion.random.torch_generator import TorchGenerator
 from npdiffusion.testing import relative_error
-from parity import randomize_, torch_state_to_numpy
-from vae_parity import assert_grads_match, torch_threads, zero_gradient_names
+from parity import randomize_, torch_state_to_numpy, torch_threads
+from vae_parity import assert_grads_match, zero_gradient_names
 
 ENC, DEC = "DownEncoderBlock2D", "UpDecoderBlock2D"
 

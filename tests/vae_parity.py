@@ -11,10 +11,7 @@ is compared by relative error.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
-import torch
 
 from npdiffusion.backend import to_numpy
 from npdiffusion.testing import relative_error
@@ -49,16 +46,3 @@ def assert_grads_match(ours: dict, theirs: dict, zero_names: set, rtol: float, w
     bad = {k: v for k, v in errors.items() if not v <= rtol}
     assert not bad, f"{what} over rtol={rtol:g}: " + ", ".join(f"{k}={v:.2e}" for k, v in sorted(bad.items()))
     return errors
-
-
-@contextlib.contextmanager
-def torch_threads(n: int = 1):
-    """Run torch on ``n`` threads inside the block, then restore. The VAE tests' torch models are
-    tiny: with two OpenMP threads on a busy 2-core machine one forward/backward took ~3 s of
-    spin-waiting instead of ~0.03 s on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -277,19 +277,20 @@ def train_rows(device, args, config, shapes, wanted):
             scaler.step(opt)
             scaler.update()
 
-        def step_theirs():
-            topt.zero_grad(set_to_none=True)
+        def loss_theirs():
             with autocast:
                 out = theirs(ti["x"], ti["t"], ti["ctx"]).sample
-            tscaler.scale(F.mse_loss(out.float(), ti["target"])).backward()
+            return F.mse_loss(out.float(), ti["target"])
+
+        def step_theirs():
+            topt.zero_grad(set_to_none=True)
+            tscaler.scale(loss_theirs()).backward()
             tscaler.step(topt)
             tscaler.update()
 
-        def fwd_bwd_theirs():
+        def fwd_bwd_theirs():                                     # the FLOP count: no optimizer step
             theirs.zero_grad(set_to_none=True)
-            with autocast:
-                out = theirs(ti["x"], ti["t"], ti["ctx"]).sample
-            F.mse_loss(out.float(), ti["target"]).backward()
+            loss_theirs().backward()
 
         flops = count_flops(torch, fwd_bwd_theirs)
         row = measure(device, "train-amp16", step_ours, step_theirs, flops, err, args)

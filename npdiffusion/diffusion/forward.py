@@ -35,7 +35,7 @@ from npdiffusion.checks import check_same_shape, check_sample
 
 __all__ = [
     "check_schedule", "check_timesteps", "gather", "q_step_mean_variance", "q_step",
-    "marginal_coefficients", "q_mean_variance", "q_sample", "Posterior", "posterior_coefficients",
+    "marginal_coefficients", "checked_marginal", "q_mean_variance", "q_sample", "Posterior", "posterior_coefficients",
     "q_posterior_mean_variance",
 ]
 
@@ -127,6 +127,16 @@ def marginal_coefficients(alphas_cumprod):
     return numpy.sqrt(a), numpy.sqrt(1.0 - a)
 
 
+def checked_marginal(x0, noise, t, alphas_cumprod):
+    """Check x0 and noise (floating, one shape (B, ...)) and t; returns ``(sqrt(abar), sqrt(1 - abar),
+    t)``: the host (T,) coefficients of ``marginal_coefficients`` and the checked timestep."""
+    check_sample("x0", x0)
+    check_sample("noise", noise)
+    check_same_shape("x0", x0, "noise", noise)
+    sqrt_abar, sqrt_one_minus = marginal_coefficients(alphas_cumprod)
+    return sqrt_abar, sqrt_one_minus, check_timesteps(t, sqrt_abar.size, x0.shape[0])
+
+
 def q_mean_variance(x0, t, alphas_cumprod):
     """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
 
@@ -144,12 +154,8 @@ def q_mean_variance(x0, t, alphas_cumprod):
 
 def q_sample(x0, t, alphas_cumprod, noise):
     """A draw of x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (noise ~ N(0, I))."""
-    check_sample("x0", x0)
-    check_sample("noise", noise)
-    check_same_shape("x0", x0, "noise", noise)
-    s_a, s_1ma = marginal_coefficients(alphas_cumprod)
-    t = check_timesteps(t, s_a.size, x0.shape[0])
-    return gather(s_a, t, x0) * x0 + gather(s_1ma, t, noise) * noise
+    sqrt_abar, sqrt_one_minus, t = checked_marginal(x0, noise, t, alphas_cumprod)
+    return gather(sqrt_abar, t, x0) * x0 + gather(sqrt_one_minus, t, noise) * noise
 
 
 # ----------------------------------------------------------------------------- q(x_{t-1} | x_t, x_0)

@@ -23,7 +23,7 @@ import numpy
 
 from npdiffusion.checks import check_same_shape, check_sample
 from npdiffusion.diffusion.forward import (
-    check_timesteps, gather, marginal_coefficients,
+    check_timesteps, checked_marginal, gather, marginal_coefficients,
 )
 
 __all__ = ["PREDICTION_TYPES", "check_prediction_type", "conversion_coefficients", "convert_forward",
@@ -86,9 +86,5 @@ def convert(model_output, x_t, t, alphas_cumprod, from_type: str, to_type: str):
 
 def velocity(x0, noise, t, alphas_cumprod):
     """The v-prediction target v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (diffusers' get_velocity)."""
-    check_sample("x0", x0)
-    check_sample("noise", noise)
-    check_same_shape("x0", x0, "noise", noise)
-    a, s = marginal_coefficients(alphas_cumprod)
-    t = check_timesteps(t, a.size, x0.shape[0])
-    return gather(a, t, noise) * noise - gather(s, t, x0) * x0
+    sqrt_abar, sqrt_one_minus, t = checked_marginal(x0, noise, t, alphas_cumprod)
+    return gather(sqrt_abar, t, noise) * noise - gather(sqrt_one_minus, t, x0) * x0

@@ -18,6 +18,7 @@ and put back the training weights around an evaluation. Derivation: docs/optim.m
 from __future__ import annotations
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.checks import check_int
 from npdiffusion.optim.optimizer import check_float, check_module
 
 WARMUPS = ("diffusers", "power", "none")
@@ -133,9 +134,7 @@ class EMA:
                 raise ValueError(f"EMA.load_state_dict: {name!r} has shape {tuple(arr.shape)}, "
                                  f"expected {tuple(current.shape)}")
             new[name] = asarray(arr, dtype=current.dtype).copy()
-        step = state_dict.get("step", 0)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"EMA.load_state_dict: step must be a non-negative int, got {step!r}")
+        step = check_int("step", state_dict.get("step", 0), 0, "EMA.load_state_dict")
         self._set_hyperparameters({**self.hyperparameters(), **state_dict.get("hyperparameters", {})})
         self.optimization_step = step
         self.shadow = new

@@ -24,6 +24,7 @@ import json
 import math
 
 from npdiffusion.backend import asarray, xp
+from npdiffusion.checks import check_int
 from npdiffusion.io.safetensors import load_with_metadata, save_file
 
 STATE_METADATA_KEY = "npdiffusion.state"
@@ -133,9 +134,7 @@ class Optimizer:
                     raise ValueError(f"{owner}.load_state_dict: state {slot!r} of {name!r} has shape "
                                      f"{tuple(arr.shape)}, parameter has {tuple(p.shape)}")
                 new[slot][name] = asarray(arr, dtype=p.dtype).copy()
-        step = state_dict.get("step", 0)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{owner}.load_state_dict: step must be a non-negative int, got {step!r}")
+        step = check_int("step", state_dict.get("step", 0), 0, f"{owner}.load_state_dict")
         self._set_hyperparameters({**self.hyperparameters(), **state_dict.get("hyperparameters", {})})
         self.step_count = step
         self.state = new

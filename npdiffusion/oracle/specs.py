@@ -209,13 +209,18 @@ def _vae_case(config, from_pretrained, seed):
                       notes="diffusers: AutoencoderKL(**config)(sample).sample = decode(encode(sample).mode())")
 
 
+def _clip_float64(cls, config, from_pretrained, seed):
+    """A float64 CLIP model (``cls``) in train mode: read from the folder ``from_pretrained``, or built
+    from ``config`` with ``randomize_weights(seed)``."""
+    if from_pretrained is not None:
+        return cls.from_pretrained(from_pretrained, dtype="float64").train()
+    return randomize_weights(cls(config).to("float64"), seed)
+
+
 def _text_case(config, from_pretrained, seed):
     from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
 
-    if from_pretrained is not None:
-        model = CLIPTextModel.from_pretrained(from_pretrained, dtype="float64").train()
-    else:
-        model = randomize_weights(CLIPTextModel(config).to("float64"), seed)
+    model = _clip_float64(CLIPTextModel, config, from_pretrained, seed)
     cfg = model.config.to_dict()
     rng = _rng_inputs(seed)
     inputs = OrderedDict(input_ids=rng.integers(0, cfg["vocab_size"], size=(2, 7), dtype=numpy.int64))
@@ -236,10 +241,7 @@ def _text_case(config, from_pretrained, seed):
 def _clip_case(config, from_pretrained, seed):
     from npdiffusion.models.clip.clip_model import CLIPModel  # noqa: PLC0415
 
-    if from_pretrained is not None:
-        model = CLIPModel.from_pretrained(from_pretrained, dtype="float64").train()
-    else:
-        model = randomize_weights(CLIPModel(config).to("float64"), seed)
+    model = _clip_float64(CLIPModel, config, from_pretrained, seed)
     cfg = model.config.to_dict()
     vc = model.config.vision_config
     rng = _rng_inputs(seed)

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 
 import numpy
 
+from npdiffusion.checks import read_json_object
 from npdiffusion.io.atomic import atomic_write_text
 from npdiffusion.io.pretrained import check_config_finite
 from npdiffusion.schedulers.validation import check_sample, check_timestep
@@ -211,14 +212,7 @@ class SchedulerMixin:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{cls.__name__}.from_pretrained: no {cls.config_name} at {path!r} "
                                     "(only local folders are read; nothing is downloaded)")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{cls.__name__}.from_pretrained: {path!r} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{cls.__name__}.from_pretrained: {path!r} must hold a JSON object, "
-                             f"got {type(data).__name__}")
+        data = read_json_object(path, f"{cls.__name__}.from_pretrained")
         check_config_finite(data, path, infinite_ok=INFINITE_OK)
         return data
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from npdiffusion.training.config import DataConfig, TrainConfig, option, section
+from npdiffusion.training.config import StageConfig, option, section
 from npdiffusion.training.loop import Stage
 
 NAME = "clip"
@@ -58,12 +58,10 @@ class CLIPOptions:
 
 
 @dataclass
-class CLIPStageConfig:
+class CLIPStageConfig(StageConfig):
     """The config file of ``npdiffusion train clip``."""
 
     output_dir: str = option("runs/clip", "folder for checkpoints, losses, clip/, text_encoder/ and tokenizer/")
-    data: DataConfig = section(DataConfig, "the captioned images")
-    train: TrainConfig = section(TrainConfig, "the optimization loop")
     clip: CLIPOptions = section(CLIPOptions, "the tokenizer, the towers and the projection")
 
 

@@ -99,6 +99,16 @@ class TrainConfig:
     prefetch: int = option(2, "batches prepared ahead by a background thread (0: none)", min=0)
 
 
+@dataclass
+class StageConfig:
+    """The keys of every model-training stage's config file: where it writes, the data, the optimization
+    loop. A stage's config subclasses it, gives ``output_dir`` its own default and adds its section."""
+
+    output_dir: str = option("runs", "folder for checkpoints, losses and the trained model (created if missing)")
+    data: DataConfig = section(DataConfig, "the training images (and captions)")
+    train: TrainConfig = section(TrainConfig, "the optimization loop")
+
+
 # ============================================================================ TOML reading
 def read_toml(path) -> dict:
     """The TOML file at ``path`` as a dict (see the module docstring for the reader used)."""

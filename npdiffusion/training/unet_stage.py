@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from npdiffusion.training.config import DataConfig, TrainConfig, option, section
+from npdiffusion.training.config import StageConfig, option, section
 from npdiffusion.training.loop import Stage
 
 NAME = "unet"
@@ -72,12 +72,10 @@ class UNetOptions:
 
 
 @dataclass
-class UNetStageConfig:
+class UNetStageConfig(StageConfig):
     """The config file of ``npdiffusion train unet``."""
 
     output_dir: str = option("runs/unet", "folder for checkpoints, losses, unet/ and the pipeline folder model/")
-    data: DataConfig = section(DataConfig, "the captioned training images")
-    train: TrainConfig = section(TrainConfig, "the optimization loop")
     unet: UNetOptions = section(UNetOptions, "the frozen models, the U-Net and the diffusion objective")
 
 

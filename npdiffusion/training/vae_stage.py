@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from npdiffusion.training.config import DataConfig, TrainConfig, option, section
+from npdiffusion.training.config import StageConfig, option, section
 from npdiffusion.training.loop import Stage
 
 NAME = "vae"
@@ -52,12 +52,10 @@ class VAEOptions:
 
 
 @dataclass
-class VAEStageConfig:
+class VAEStageConfig(StageConfig):
     """The config file of ``npdiffusion train vae``."""
 
     output_dir: str = option("runs/vae", "folder for checkpoints, losses and the trained vae/ (created if missing)")
-    data: DataConfig = section(DataConfig, "the training images")
-    train: TrainConfig = section(TrainConfig, "the optimization loop")
     vae: VAEOptions = section(VAEOptions, "the autoencoder and its loss")
 
 

@@ -92,36 +92,36 @@ class ResnetBlock2D(Module):
             raise ValueError("ResnetBlock2D: this block has no time projection (temb_channels=None), so temb "
                              f"must be None, got an array of shape {tuple(getattr(temb, 'shape', ()))}")
 
-        a1, c1 = silu_forward(self.norm1(x))
+        a1, act1_cache = silu_forward(self.norm1(x))
         h = self.conv1(a1)                                               # (B, Co, H, W), fresh
-        ct = None
+        temb_act_cache = None
         if self.has_time_proj:
-            t, ct = silu_forward(temb)
+            t, temb_act_cache = silu_forward(temb)
             h += self.time_emb_proj(t)[:, :, None, None]                 # conv1 keeps its input, not h
-        a2, c2 = silu_forward(self.norm2(h))
+        a2, act2_cache = silu_forward(self.norm2(h))
         if self.p_dropout > 0.0:
             a2 = self.dropout(a2)
         y = self.conv2(a2)                                               # fresh
         y += self.conv_shortcut(x) if self.use_in_shortcut else x
         if self.output_scale_factor != 1.0:
             y /= self.output_scale_factor
-        self.save_for_backward(c1, ct, c2)
+        self.save_for_backward(act1_cache, temb_act_cache, act2_cache)
         return y
 
     def backward(self, grad):
         """grad (B, out_channels, H, W) -> (dx, d temb), d temb None without a time projection.
         Accumulates every parameter gradient. Derivation: docs/unet.md ("ResnetBlock2D")."""
-        c1, ct, c2 = self.saved()
+        act1_cache, temb_act_cache, act2_cache = self.saved()
         g = grad / self.output_scale_factor if self.output_scale_factor != 1.0 else grad
         da2 = self.conv2.backward(g)
         if self.p_dropout > 0.0:
             da2 = self.dropout.backward(da2)
-        dh = self.norm2.backward(silu_backward(da2, c2))                 # (B, Co, H, W)
+        dh = self.norm2.backward(silu_backward(da2, act2_cache))         # (B, Co, H, W)
         dtemb = None
         if self.has_time_proj:
             dproj = dh.sum(axis=(2, 3))                                  # (B, Co): the broadcast's adjoint
-            dtemb = silu_backward(self.time_emb_proj.backward(dproj), ct)
-        dx = self.norm1.backward(silu_backward(self.conv1.backward(dh), c1))
+            dtemb = silu_backward(self.time_emb_proj.backward(dproj), temb_act_cache)
+        dx = self.norm1.backward(silu_backward(self.conv1.backward(dh), act1_cache))
         dx += self.conv_shortcut.backward(g) if self.use_in_shortcut else g
         return dx, dtemb
 

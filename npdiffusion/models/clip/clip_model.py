@@ -79,13 +79,11 @@ class CLIPModel(Module):
         else:
             cfg = CLIPConfig.from_dict(config)
         self.config = cfg
-        e = cfg.projection_dim
-        dt, dv = cfg.text_config.hidden_size, cfg.vision_config.hidden_size
         self.register_parameter("logit_scale", numpy.asarray(cfg.logit_scale_init_value, dtype=numpy.float32))
         self.text_model = CLIPTextModel(cfg.text_config)
         self.vision_model = CLIPVisionModel(cfg.vision_config)
-        self.visual_projection = Linear(dv, e, bias=False)
-        self.text_projection = Linear(dt, e, bias=False)
+        self.visual_projection = Linear(cfg.vision_config.hidden_size, cfg.projection_dim, bias=False)
+        self.text_projection = Linear(cfg.text_config.hidden_size, cfg.projection_dim, bias=False)
         self._init_weights()
 
     def _init_weights(self):
@@ -113,21 +111,21 @@ class CLIPModel(Module):
         ``return_loss``) needs N = M: text i and image i are a pair."""
         text_out = self.text_model(input_ids, attention_mask)
         vision_out = self.vision_model(pixel_values)
-        te, c_nt = l2_normalize_forward(self.text_projection(text_out[1]))        # (N, E)
-        ie, c_ni = l2_normalize_forward(self.visual_projection(vision_out[1]))    # (M, E)
+        text_embeds, text_norm_cache = l2_normalize_forward(self.text_projection(text_out[1]))        # (N, E)
+        image_embeds, image_norm_cache = l2_normalize_forward(self.visual_projection(vision_out[1]))  # (M, E)
         if return_loss:
-            if te.shape[0] != ie.shape[0]:
+            if text_embeds.shape[0] != image_embeds.shape[0]:
                 raise ValueError(f"CLIPModel: the contrastive loss pairs text i with image i, so input_ids and "
-                                 f"pixel_values need the same batch size, got {te.shape[0]} and {ie.shape[0]} "
-                                 f"(pass return_loss=False for logits only)")
-            (loss, z), cache = contrastive_loss_forward(te, ie, self.logit_scale)
+                                 f"pixel_values need the same batch size, got {text_embeds.shape[0]} and "
+                                 f"{image_embeds.shape[0]} (pass return_loss=False for logits only)")
+            (loss, z), cache = contrastive_loss_forward(text_embeds, image_embeds, self.logit_scale)
         else:
             loss = None
-            z, cache = clip_logits_forward(te, ie, self.logit_scale)
-        self.save_for_backward(cache, c_nt, c_ni, bool(return_loss), tuple(z.shape), tuple(te.shape),
-                               tuple(ie.shape))
-        return CLIPOutput(loss=loss, logits_per_image=z.T.copy(), logits_per_text=z, text_embeds=te,
-                          image_embeds=ie, text_model_output=text_out, vision_model_output=vision_out)
+            z, cache = clip_logits_forward(text_embeds, image_embeds, self.logit_scale)
+        self.save_for_backward(cache, text_norm_cache, image_norm_cache, bool(return_loss), tuple(z.shape),
+                               tuple(text_embeds.shape), tuple(image_embeds.shape))
+        return CLIPOutput(loss=loss, logits_per_image=z.T.copy(), logits_per_text=z, text_embeds=text_embeds,
+                          image_embeds=image_embeds, text_model_output=text_out, vision_model_output=vision_out)
 
     def backward(self, grad_loss=_DEFAULT, grad_logits_per_text=None, grad_logits_per_image=None,
                  grad_text_embeds=None, grad_image_embeds=None):
@@ -137,7 +135,7 @@ class CLIPModel(Module):
         gradient of the loss) and must stay unset without it. The other arguments are optional
         upstream gradients of the forward's other outputs, added to the loss's.
         """
-        cache, c_nt, c_ni, had_loss, zshape, tshape, ishape = self.saved()
+        cache, text_norm_cache, image_norm_cache, had_loss, zshape, tshape, ishape = self.saved()
         if grad_loss is _DEFAULT:
             grad_loss = 1.0 if had_loss else None
         elif grad_loss is not None and not had_loss:
@@ -146,23 +144,25 @@ class CLIPModel(Module):
         check_grad("CLIPModel", "grad_logits_per_image", grad_logits_per_image, zshape[::-1])
         check_grad("CLIPModel", "grad_text_embeds", grad_text_embeds, tshape)
         check_grad("CLIPModel", "grad_image_embeds", grad_image_embeds, ishape)
-        dt = self.logit_scale.dtype
+        dtype = self.logit_scale.dtype
         dz = None
         if grad_logits_per_text is not None:
-            dz = grad_logits_per_text.astype(dt, copy=True)
+            dz = grad_logits_per_text.astype(dtype, copy=True)
         if grad_logits_per_image is not None:
-            dz = grad_logits_per_image.T.astype(dt, copy=True) if dz is None else dz + grad_logits_per_image.T
+            dz = grad_logits_per_image.T.astype(dtype, copy=True) if dz is None else dz + grad_logits_per_image.T
         if had_loss:
-            dte, die, dscale = contrastive_loss_backward((grad_loss, dz), cache)
+            d_text_embeds, d_image_embeds, dscale = contrastive_loss_backward((grad_loss, dz), cache)
         else:
-            dte, die, dscale = clip_logits_backward(xp.zeros(zshape, dtype=dt) if dz is None else dz, cache)
+            if dz is None:
+                dz = xp.zeros(zshape, dtype=dtype)
+            d_text_embeds, d_image_embeds, dscale = clip_logits_backward(dz, cache)
         if grad_text_embeds is not None:
-            dte += grad_text_embeds
+            d_text_embeds += grad_text_embeds
         if grad_image_embeds is not None:
-            die += grad_image_embeds
+            d_image_embeds += grad_image_embeds
         self.accumulate_grad("logit_scale", dscale)
-        d_text_pooled = self.text_projection.backward(l2_normalize_backward(dte, c_nt))
-        d_image_pooled = self.visual_projection.backward(l2_normalize_backward(die, c_ni))
+        d_text_pooled = self.text_projection.backward(l2_normalize_backward(d_text_embeds, text_norm_cache))
+        d_image_pooled = self.visual_projection.backward(l2_normalize_backward(d_image_embeds, image_norm_cache))
         self.text_model.backward(None, d_text_pooled)
         return self.vision_model.backward(None, d_image_pooled)
 

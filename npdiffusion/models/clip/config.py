@@ -88,6 +88,17 @@ class _Config:
         out["model_type"] = self.model_type
         return out
 
+    @classmethod
+    def with_overrides(cls, config, overrides: dict):
+        """A config from ``config`` (None, a dict or a config of this class) with ``overrides`` (keys
+        to values) on top: how a tower takes ``Model(config, **keys)``."""
+        if config is None:
+            return cls(**overrides)
+        base = cls.from_dict(config).to_dict()
+        base.pop("model_type", None)
+        base.update(overrides)
+        return cls.from_dict(base)
+
 
 @dataclass
 class CLIPTextConfig(_Config):

@@ -219,19 +219,19 @@ class CLIPEncoder(Module):
         """
         n, had_states, shape = self.saved()
         check_grad("CLIPEncoder", "grad", grad, shape)
-        ghs = check_hidden_grads("CLIPEncoder", grad_hidden_states, n + 1, had_states, shape)
-        if ghs is None:
-            ghs = [None] * (n + 1)
+        state_grads = check_hidden_grads("CLIPEncoder", grad_hidden_states, n + 1, had_states, shape)
+        if state_grads is None:
+            state_grads = [None] * (n + 1)
         g, fresh = grad, False
-        if ghs[n] is not None:
-            g, fresh = (ghs[n], False) if g is None else (g + ghs[n], True)
+        if state_grads[n] is not None:
+            g, fresh = (state_grads[n], False) if g is None else (g + state_grads[n], True)
         for i in range(n - 1, -1, -1):
             if g is not None:
                 g, fresh = self.layers[i].backward(g), True
-                if ghs[i] is not None:
-                    g += ghs[i]
-            elif ghs[i] is not None:     # nothing came from above this state: start here
-                g, fresh = ghs[i], False
+                if state_grads[i] is not None:
+                    g += state_grads[i]
+            elif state_grads[i] is not None:     # nothing came from above this state: start here
+                g, fresh = state_grads[i], False
         if g is None:
             return None
         return g if fresh else g.copy()

@@ -20,6 +20,8 @@ import os
 from npdiffusion.backend import to_numpy
 from npdiffusion.io.atomic_folder import atomic_folder
 from npdiffusion.io.pretrained import load_weights, read_config, save_weights, write_config
+from npdiffusion.models.clip.config import CLIPConfig
+from npdiffusion.nn.module import canonical_dtype
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -60,6 +62,47 @@ def read_folder(folder, subfolder=None):
     """``(config dict, state dict)`` of a transformers model folder."""
     path = folder_path(folder, subfolder)
     return read_config(path, CONFIG_NAME), load_weights(path, (WEIGHTS_NAME,))
+
+
+class TowerFolders:
+    """State dicts and model folders of a CLIP tower (a Module subclass lists this class first).
+
+    The tower sets ``config_class`` (its config class), ``state_prefix`` (``"text_model."``, the key
+    level published checkpoints carry) and ``clip_config_key`` (``"text_config"``, where a
+    ``CLIPModel`` folder keeps the tower's config).
+    """
+
+    config_class = None
+    state_prefix = ""
+    clip_config_key = ""
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Module.load_state_dict, also accepting keys with ``state_prefix`` and ignoring a stored
+        ``position_ids`` (see the module docstring)."""
+        return super().load_state_dict(strip_prefix(state_dict, self.state_prefix), strict=strict)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(cls.config_class.from_dict(config))
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder: str | None = None, dtype=None):
+        """Load a transformers folder (``config.json`` + ``model.safetensors``) of this tower or of a
+        ``CLIPModel`` (its tower is read), e.g. ``from_pretrained(sd_folder, subfolder="text_encoder")``.
+        ``dtype`` (default float32) is the parameters' dtype. Returns the model in eval() mode, as
+        transformers does."""
+        config, state = read_folder(folder, subfolder)
+        is_clip = config.get("model_type") == "clip" or cls.clip_config_key in config
+        model = cls(getattr(CLIPConfig.from_dict(config), cls.clip_config_key) if is_clip else config)
+        model.to(canonical_dtype("float32" if dtype is None else dtype))
+        model.load_state_dict(strip_prefix(state, cls.state_prefix, only=is_clip))
+        return model.eval()
+
+    def save_pretrained(self, folder) -> str:
+        """Write ``config.json`` and ``model.safetensors`` (keys with ``state_prefix``, which
+        transformers 4.x and 5.x both load) into ``folder``. Returns the folder."""
+        return write_folder(folder, self.config.to_dict(), type(self).__name__, self.config_class.model_type,
+                            self.state_dict(), self.dtype, prefix=self.state_prefix)
 
 
 def write_folder(folder, config: dict, class_name: str, model_type: str, state_dict, dtype, prefix: str = "") -> str:

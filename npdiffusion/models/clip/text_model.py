@@ -30,7 +30,7 @@ import numbers
 from npdiffusion.backend import asarray, is_array, xp
 from npdiffusion.checks import check_positive_int
 from npdiffusion.memory import check_model, clip_text_parameters
-from npdiffusion.models.clip.config import CLIPConfig, CLIPTextConfig
+from npdiffusion.models.clip.config import CLIPTextConfig
 from npdiffusion.models.clip.encoder import (
     CLIPEncoder,
     check_no_attention_dropout,
@@ -39,20 +39,11 @@ from npdiffusion.models.clip.encoder import (
     last_hidden_grad,
     tower_outputs,
 )
-from npdiffusion.models.clip.pretrained import read_folder, strip_prefix, write_folder
+from npdiffusion.models.clip.pretrained import TowerFolders
 from npdiffusion.nn.embedding import Embedding
 from npdiffusion.nn.init import normal
-from npdiffusion.nn.module import Module, canonical_dtype
+from npdiffusion.nn.module import Module
 from npdiffusion.nn.norm import LayerNorm
-
-
-def _make_config(cls, config, kwargs):
-    if config is None:
-        return cls(**kwargs)
-    base = cls.from_dict(config).to_dict()
-    base.pop("model_type", None)
-    base.update(kwargs)
-    return cls.from_dict(base)
 
 
 class CLIPTextEmbeddings(Module):
@@ -99,7 +90,7 @@ def pooled_positions(input_ids, eos_token_id):
 
 
 @keyword_backward
-class CLIPTextModel(Module):
+class CLIPTextModel(TowerFolders, Module):
     """CLIP's text tower. Build with ``CLIPTextModel(config)`` (a ``CLIPTextConfig`` or a dict) or
     ``CLIPTextModel(**config_keys)``; ``self.config`` is the CLIPTextConfig.
 
@@ -108,12 +99,14 @@ class CLIPTextModel(Module):
     ``backward(grad_last_hidden_state, grad_pooler_output=None, grad_hidden_states=None)``
     accumulates every parameter gradient and returns None (token ids get no gradient).
     Parameters are initialized as transformers does (normal, std from ``initializer_range`` and
-    ``initializer_factor``).
+    ``initializer_factor``). Folders and state dicts: ``TowerFolders`` (keys prefixed ``text_model.``).
     """
+
+    config_class, state_prefix, clip_config_key = CLIPTextConfig, "text_model.", "text_config"
 
     def __init__(self, config: CLIPTextConfig | dict | None = None, **kwargs):
         super().__init__()
-        cfg = _make_config(CLIPTextConfig, config, kwargs)
+        cfg = CLIPTextConfig.with_overrides(config, kwargs)
         check_model("CLIPTextModel", clip_text_parameters(cfg), "lower num_hidden_layers, hidden_size, "
                     "intermediate_size or vocab_size")
         self.config = cfg
@@ -202,35 +195,6 @@ class CLIPTextModel(Module):
         g = self.encoder.backward(g, grad_hidden_states)
         self.embeddings.backward(g)
         return None
-
-    # ------------------------------------------------------------------ state dicts and folders
-    def load_state_dict(self, state_dict, strict: bool = True):
-        """Module.load_state_dict, also accepting the ``text_model.``-prefixed keys of published
-        checkpoints and ignoring a stored ``position_ids`` (see pretrained.py)."""
-        return super().load_state_dict(strip_prefix(state_dict, "text_model."), strict=strict)
-
-    @classmethod
-    def from_config(cls, config) -> "CLIPTextModel":
-        return cls(CLIPTextConfig.from_dict(config))
-
-    @classmethod
-    def from_pretrained(cls, folder, subfolder: str | None = None, dtype=None) -> "CLIPTextModel":
-        """Load a transformers folder (``config.json`` + ``model.safetensors``), e.g.
-        ``from_pretrained(sd_folder, subfolder="text_encoder")``. A ``CLIPModel`` folder works too
-        (its text tower is read). ``dtype`` (default float32) is the parameters' dtype. Returns the
-        model in eval() mode, as transformers does."""
-        config, state = read_folder(folder, subfolder)
-        is_clip = config.get("model_type") == "clip" or "text_config" in config
-        model = cls(CLIPConfig.from_dict(config).text_config if is_clip else config)
-        model.to(canonical_dtype("float32" if dtype is None else dtype))
-        model.load_state_dict(strip_prefix(state, "text_model.", only=is_clip))
-        return model.eval()
-
-    def save_pretrained(self, folder) -> str:
-        """Write ``config.json`` and ``model.safetensors`` (keys with the ``text_model.`` prefix, which
-        transformers 4.x and 5.x both load) into ``folder``. Returns the folder."""
-        return write_folder(folder, self.config.to_dict(), "CLIPTextModel", CLIPTextConfig.model_type,
-                            self.state_dict(), self.dtype, prefix="text_model.")
 
     def extra_repr(self):
         c = self.config

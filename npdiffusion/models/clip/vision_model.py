@@ -21,7 +21,7 @@ Docs: docs/clip.md. Source mirrored: transformers/models/clip/modeling_clip.py.
 from __future__ import annotations
 
 from npdiffusion.backend import asarray, is_array, xp
-from npdiffusion.models.clip.config import CLIPConfig, CLIPVisionConfig
+from npdiffusion.models.clip.config import CLIPVisionConfig
 from npdiffusion.models.clip.encoder import (
     CLIPEncoder,
     check_no_attention_dropout,
@@ -30,12 +30,11 @@ from npdiffusion.models.clip.encoder import (
     last_hidden_grad,
     tower_outputs,
 )
-from npdiffusion.models.clip.pretrained import read_folder, strip_prefix, write_folder
-from npdiffusion.models.clip.text_model import _make_config
+from npdiffusion.models.clip.pretrained import TowerFolders
 from npdiffusion.nn.conv import Conv2d
 from npdiffusion.nn.embedding import Embedding
 from npdiffusion.nn.init import normal
-from npdiffusion.nn.module import Module, canonical_dtype
+from npdiffusion.nn.module import Module
 from npdiffusion.nn.norm import LayerNorm
 
 
@@ -84,18 +83,21 @@ class CLIPVisionEmbeddings(Module):
 
 
 @keyword_backward
-class CLIPVisionModel(Module):
+class CLIPVisionModel(TowerFolders, Module):
     """CLIP's image tower. ``CLIPVisionModel(config)`` (a ``CLIPVisionConfig`` or a dict) or
     ``CLIPVisionModel(**config_keys)``; ``self.config`` is the CLIPVisionConfig.
 
     ``forward(pixel_values, output_hidden_states=False)`` -> ``(last_hidden_state, pooler_output)``
     (+ hidden states); ``backward(grad_last_hidden_state, grad_pooler_output=None,
     grad_hidden_states=None)`` -> d pixel_values, accumulating every parameter gradient.
+    Folders and state dicts: ``TowerFolders`` (keys prefixed ``vision_model.``).
     """
+
+    config_class, state_prefix, clip_config_key = CLIPVisionConfig, "vision_model.", "vision_config"
 
     def __init__(self, config: CLIPVisionConfig | dict | None = None, **kwargs):
         super().__init__()
-        cfg = _make_config(CLIPVisionConfig, config, kwargs)
+        cfg = CLIPVisionConfig.with_overrides(config, kwargs)
         self.config = cfg
         self.embeddings = CLIPVisionEmbeddings(cfg.hidden_size, cfg.num_channels, cfg.image_size, cfg.patch_size)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -133,31 +135,6 @@ class CLIPVisionModel(Module):
             g[:, 0] += self.post_layernorm.backward(grad_pooler_output)
         g = self.encoder.backward(g, grad_hidden_states)
         return self.embeddings.backward(self.pre_layrnorm.backward(g))
-
-    # ------------------------------------------------------------------ state dicts and folders
-    def load_state_dict(self, state_dict, strict: bool = True):
-        """Module.load_state_dict, also accepting ``vision_model.``-prefixed keys (pretrained.py)."""
-        return super().load_state_dict(strip_prefix(state_dict, "vision_model."), strict=strict)
-
-    @classmethod
-    def from_config(cls, config) -> "CLIPVisionModel":
-        return cls(CLIPVisionConfig.from_dict(config))
-
-    @classmethod
-    def from_pretrained(cls, folder, subfolder: str | None = None, dtype=None) -> "CLIPVisionModel":
-        """Load a transformers folder (``config.json`` + ``model.safetensors``) of a CLIPVisionModel
-        or a CLIPModel (its vision tower). Returns the model in eval() mode."""
-        config, state = read_folder(folder, subfolder)
-        is_clip = config.get("model_type") == "clip" or "vision_config" in config
-        model = cls(CLIPConfig.from_dict(config).vision_config if is_clip else config)
-        model.to(canonical_dtype("float32" if dtype is None else dtype))
-        model.load_state_dict(strip_prefix(state, "vision_model.", only=is_clip))
-        return model.eval()
-
-    def save_pretrained(self, folder) -> str:
-        """Write ``config.json`` and ``model.safetensors`` (``vision_model.``-prefixed keys)."""
-        return write_folder(folder, self.config.to_dict(), "CLIPVisionModel", CLIPVisionConfig.model_type,
-                            self.state_dict(), self.dtype, prefix="vision_model.")
 
     def extra_repr(self):
         c = self.config

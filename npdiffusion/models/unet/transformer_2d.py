@@ -160,19 +160,19 @@ class Transformer2DModel(Module):
         """hidden_states (B, C, H, W), encoder_hidden_states (B, Tc, Cc) or None -> (B, C, H, W)."""
         x = hidden_states
         check_input("Transformer2DModel", "hidden_states", x, ndim=4, axis=1, size=self.in_channels)
-        b, c, hh, ww = x.shape
+        b, c, height, width = x.shape
         n = self.norm(x)
         if self.use_linear_projection:
-            tokens = self.proj_in(n.transpose(0, 2, 3, 1).reshape(b, hh * ww, c))        # (B, T, I)
+            tokens = self.proj_in(n.transpose(0, 2, 3, 1).reshape(b, height * width, c))        # (B, T, I)
         else:
-            tokens = self.proj_in(n).transpose(0, 2, 3, 1).reshape(b, hh * ww, self.inner_dim)
+            tokens = self.proj_in(n).transpose(0, 2, 3, 1).reshape(b, height * width, self.inner_dim)
         for block in self.transformer_blocks:
             tokens = block(tokens, encoder_hidden_states)
         if self.use_linear_projection:
             out = xp.empty(x.shape, dtype=tokens.dtype)                                       # NCHW, contiguous
-            xp.add(self.proj_out(tokens).reshape(b, hh, ww, c).transpose(0, 3, 1, 2), x, out=out)
+            xp.add(self.proj_out(tokens).reshape(b, height, width, c).transpose(0, 3, 1, 2), x, out=out)
         else:
-            out = self.proj_out(tokens.reshape(b, hh, ww, self.inner_dim).transpose(0, 3, 1, 2))
+            out = self.proj_out(tokens.reshape(b, height, width, self.inner_dim).transpose(0, 3, 1, 2))
             out += x
         self.save_for_backward(x.shape)
         return out
@@ -180,20 +180,20 @@ class Transformer2DModel(Module):
     def backward(self, grad):
         """grad (B, C, H, W) -> (d hidden_states, d encoder_hidden_states), the latter None when no
         block read the context. Accumulates every parameter gradient."""
-        b, c, hh, ww = self.saved()
+        b, c, height, width = self.saved()
         if self.use_linear_projection:
-            dtok = self.proj_out.backward(grad.transpose(0, 2, 3, 1).reshape(b, hh * ww, c))
+            dtok = self.proj_out.backward(grad.transpose(0, 2, 3, 1).reshape(b, height * width, c))
         else:
-            dtok = self.proj_out.backward(grad).transpose(0, 2, 3, 1).reshape(b, hh * ww, self.inner_dim)
+            dtok = self.proj_out.backward(grad).transpose(0, 2, 3, 1).reshape(b, height * width, self.inner_dim)
         dctx = None
         for block in reversed(list(self.transformer_blocks)):
             dtok, dc = block.backward(dtok)
             if dc is not None:
                 dctx = dc if dctx is None else dctx + dc
         if self.use_linear_projection:
-            dn = self.proj_in.backward(dtok).reshape(b, hh, ww, c).transpose(0, 3, 1, 2)
+            dn = self.proj_in.backward(dtok).reshape(b, height, width, c).transpose(0, 3, 1, 2)
         else:
-            dn = self.proj_in.backward(dtok.reshape(b, hh, ww, self.inner_dim).transpose(0, 3, 1, 2))
+            dn = self.proj_in.backward(dtok.reshape(b, height, width, self.inner_dim).transpose(0, 3, 1, 2))
         dx = self.norm.backward(dn)
         dx += grad
         return dx, dctx

@@ -151,7 +151,7 @@ class UNet2DConditionModel(Module):
         cfg = self._resolve_config(config)
         object.__setattr__(self, "config", cfg)
 
-        boc = [check_positive_int("block_out_channels entry", c, CLASS_NAME) for c in cfg["block_out_channels"]]
+        channels = [check_positive_int("block_out_channels entry", c, CLASS_NAME) for c in cfg["block_out_channels"]]
         down_types, up_types = list(cfg["down_block_types"]), list(cfg["up_block_types"])
         n = len(down_types)
         if n == 0:
@@ -159,7 +159,7 @@ class UNet2DConditionModel(Module):
         if len(up_types) != n:
             raise ValueError(f"{CLASS_NAME}: down_block_types ({n}) and up_block_types ({len(up_types)}) must "
                              f"have the same length, got {down_types} and {up_types}")
-        if len(boc) != n:
+        if len(channels) != n:
             raise ValueError(f"{CLASS_NAME}: block_out_channels must have one entry per down block ({n}), "
                              f"got {cfg['block_out_channels']}")
         for t in down_types:
@@ -183,22 +183,28 @@ class UNet2DConditionModel(Module):
         cross_dims = _per_block("cross_attention_dim", cfg["cross_attention_dim"], n)
         layers = [check_positive_int("layers_per_block", v, CLASS_NAME) for v in _per_block("layers_per_block", cfg["layers_per_block"], n)]
         only_cross = _per_block("only_cross_attention", cfg["only_cross_attention"], n, kind=bool)
-        tlpb = cfg["transformer_layers_per_block"]
-        tlpb = _per_block("transformer_layers_per_block", tlpb, n) if not isinstance(tlpb, (list, tuple)) else list(tlpb)
-        if len(tlpb) != n:
+        depths = cfg["transformer_layers_per_block"]            # transformer blocks per attention, per down block
+        if not isinstance(depths, (list, tuple)):
+            depths = _per_block("transformer_layers_per_block", depths, n)
+        depths = list(depths)
+        if len(depths) != n:
             raise ValueError(f"{CLASS_NAME}: transformer_layers_per_block must have one entry per down block ({n}), "
                              f"got {cfg['transformer_layers_per_block']}")
-        reverse_tlpb = cfg["reverse_transformer_layers_per_block"]
-        if reverse_tlpb is None:
-            if any(isinstance(v, (list, tuple)) for v in tlpb):
+        up_depths = cfg["reverse_transformer_layers_per_block"]    # the same for the up blocks
+        if up_depths is None:
+            if any(isinstance(v, (list, tuple)) for v in depths):
                 raise ValueError(f"{CLASS_NAME}: per-layer transformer_layers_per_block (an asymmetrical U-Net) needs "
                                  "reverse_transformer_layers_per_block, got None")
-            reverse_tlpb = list(reversed(tlpb))
-        elif len(reverse_tlpb) != n:
+            up_depths = list(reversed(depths))
+        elif len(up_depths) != n:
             raise ValueError(f"{CLASS_NAME}: reverse_transformer_layers_per_block must have one entry per up block "
-                             f"({n}), got {reverse_tlpb}")
+                             f"({n}), got {up_depths}")
         dropout = cfg["dropout"]
         use_linear, upcast = bool(cfg["use_linear_projection"]), bool(cfg["upcast_attention"])
+        # the options of down block i's attentions, and of the up block at the same resolution
+        attention = [dict(num_attention_heads=heads[i], cross_attention_dim=cross_dims[i], only_cross_attention=only,
+                          use_linear_projection=use_linear, upcast_attention=upcast)
+                     for i, only in enumerate(only_cross)]
         k_in = check_positive_int("conv_in_kernel", cfg["conv_in_kernel"], CLASS_NAME)
         k_out = check_positive_int("conv_out_kernel", cfg["conv_out_kernel"], CLASS_NAME)
         for name, k in (("conv_in_kernel", k_in), ("conv_out_kernel", k_out)):
@@ -209,65 +215,53 @@ class UNet2DConditionModel(Module):
                     "block_out_channels")                         # before any parameter is allocated
 
         # input and time embedding
-        self.conv_in = Conv2d(check_positive_int("in_channels", cfg["in_channels"], CLASS_NAME), boc[0], k_in, padding=(k_in - 1) // 2)
-        self.time_proj = Timesteps(boc[0], bool(cfg["flip_sin_to_cos"]), float(cfg["freq_shift"]))
-        temb_dim = boc[0] * 4 if cfg["time_embedding_dim"] is None else check_positive_int(
+        self.conv_in = Conv2d(check_positive_int("in_channels", cfg["in_channels"], CLASS_NAME), channels[0], k_in, padding=(k_in - 1) // 2)
+        self.time_proj = Timesteps(channels[0], bool(cfg["flip_sin_to_cos"]), float(cfg["freq_shift"]))
+        temb_dim = channels[0] * 4 if cfg["time_embedding_dim"] is None else check_positive_int(
             "time_embedding_dim", cfg["time_embedding_dim"], CLASS_NAME)
-        self.time_embedding = TimestepEmbedding(boc[0], temb_dim, act_fn=act_fn)
+        self.time_embedding = TimestepEmbedding(channels[0], temb_dim, act_fn=act_fn)
 
         # down
         down = []
-        out_ch = boc[0]
+        out_ch = channels[0]
         for i, t in enumerate(down_types):
-            in_ch, out_ch = out_ch, boc[i]
+            in_ch, out_ch = out_ch, channels[i]
             common = dict(in_channels=in_ch, out_channels=out_ch, temb_channels=temb_dim, dropout=dropout,
                           num_layers=layers[i], resnet_eps=eps, resnet_act_fn=act_fn, resnet_groups=groups,
                           add_downsample=i != n - 1, downsample_padding=cfg["downsample_padding"])
-            if t == "DownBlock2D":
-                down.append(DownBlock2D(**common))
-            else:
-                down.append(CrossAttnDownBlock2D(**common, transformer_layers_per_block=tlpb[i],
-                                                 num_attention_heads=heads[i], cross_attention_dim=cross_dims[i],
-                                                 use_linear_projection=use_linear, only_cross_attention=only_cross[i],
-                                                 upcast_attention=upcast))
+            down.append(DownBlock2D(**common) if t == "DownBlock2D" else
+                        CrossAttnDownBlock2D(**common, transformer_layers_per_block=depths[i], **attention[i]))
         self.down_blocks = ModuleList(down)
 
         # mid
         if cfg["mid_block_type"] == "UNetMidBlock2DCrossAttn":
-            mid_tl = tlpb[-1]
             self.mid_block = UNetMidBlock2DCrossAttn(
-                boc[-1], temb_dim, dropout=dropout, num_layers=1, transformer_layers_per_block=mid_tl,
+                channels[-1], temb_dim, dropout=dropout, num_layers=1, transformer_layers_per_block=depths[-1],
                 resnet_eps=eps, resnet_act_fn=act_fn, resnet_groups=groups, num_attention_heads=heads[-1],
                 output_scale_factor=float(cfg["mid_block_scale_factor"]), cross_attention_dim=cross_dims[-1],
                 use_linear_projection=use_linear, upcast_attention=upcast)
         self.has_mid_block = cfg["mid_block_type"] is not None
 
         # up
-        rboc, rheads, rlayers = boc[::-1], heads[::-1], layers[::-1]
-        rcross, ronly = cross_dims[::-1], only_cross[::-1]
         up = []
-        out_ch = rboc[0]
+        out_ch = channels[-1]
         self.num_upsamplers = 0
         for i, t in enumerate(up_types):
+            level = n - 1 - i                                          # the down block at this resolution
             final = i == n - 1
-            prev_ch, out_ch = out_ch, rboc[i]
-            in_ch = rboc[min(i + 1, n - 1)]
+            prev_ch, out_ch = out_ch, channels[level]
+            in_ch = channels[max(level - 1, 0)]
             self.num_upsamplers += 0 if final else 1
             common = dict(in_channels=in_ch, prev_output_channel=prev_ch, out_channels=out_ch,
-                          temb_channels=temb_dim, dropout=dropout, num_layers=rlayers[i] + 1, resnet_eps=eps,
+                          temb_channels=temb_dim, dropout=dropout, num_layers=layers[level] + 1, resnet_eps=eps,
                           resnet_act_fn=act_fn, resnet_groups=groups, add_upsample=not final)
-            if t == "UpBlock2D":
-                up.append(UpBlock2D(**common))
-            else:
-                up.append(CrossAttnUpBlock2D(**common, transformer_layers_per_block=reverse_tlpb[i],
-                                             num_attention_heads=rheads[i], cross_attention_dim=rcross[i],
-                                             use_linear_projection=use_linear, only_cross_attention=ronly[i],
-                                             upcast_attention=upcast))
+            up.append(UpBlock2D(**common) if t == "UpBlock2D" else
+                      CrossAttnUpBlock2D(**common, transformer_layers_per_block=up_depths[i], **attention[level]))
         self.up_blocks = ModuleList(up)
 
         # out
-        self.conv_norm_out = GroupNorm(groups, boc[0], eps=eps)
-        self.conv_out = Conv2d(boc[0], check_positive_int("out_channels", cfg["out_channels"], CLASS_NAME), k_out,
+        self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps)
+        self.conv_out = Conv2d(channels[0], check_positive_int("out_channels", cfg["out_channels"], CLASS_NAME), k_out,
                                padding=(k_out - 1) // 2)
 
     # ----------------------------------------------------------------- config

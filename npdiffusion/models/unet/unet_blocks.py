@@ -92,6 +92,15 @@ class _DownBase(Module):
 
     has_cross_attention = False
 
+    def _build_resnets(self, in_channels, out_channels, temb_channels, num_layers, resnet_groups, resnet_eps,
+                       dropout, output_scale_factor):
+        self.resnets = ModuleList([
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
+                          groups=resnet_groups, eps=resnet_eps, dropout=dropout,
+                          output_scale_factor=output_scale_factor)
+            for i in range(num_layers)
+        ])
+
     def _build_down(self, out_channels, add_downsample, downsample_padding):
         if add_downsample:
             self.downsamplers = ModuleList([Downsample2D(out_channels, use_conv=True, out_channels=out_channels,
@@ -126,16 +135,15 @@ class _DownBase(Module):
             raise ValueError(f"{type(self).__name__}.backward: state_grads must hold one gradient (or None) per "
                              f"skip state ({n_states}), got {len(state_grads)}")
         g = grad
+        g_is_ours = False                     # may g be added to in place (not the caller's grad)?
         if self.add_downsample:
             g = self.downsamplers[0].backward(_add(g, state_grads[n]))
-            g_owned = True
-        else:
-            g_owned = False
+            g_is_ours = True
         dtemb = dctx = None
         attentions = list(self.attentions) if self.has_cross_attention else [None] * n
         for i in reversed(range(n)):
             if state_grads[i] is not None:
-                if g_owned:
+                if g_is_ours:
                     g += state_grads[i]
                 else:
                     g = g + state_grads[i]
@@ -144,7 +152,7 @@ class _DownBase(Module):
                 dctx = _add(dctx, dc)
             g, dt = self.resnets[i].backward(g)
             dtemb = _add(dtemb, dt)
-            g_owned = True
+            g_is_ours = True
         return BlockGrads(g, dtemb, dctx)
 
 
@@ -158,12 +166,8 @@ class DownBlock2D(_DownBase):
         super().__init__()
         check_act_fn("DownBlock2D", resnet_act_fn)
         check_positive_int("num_layers", num_layers)
-        self.resnets = ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
-                          groups=resnet_groups, eps=resnet_eps, dropout=dropout,
-                          output_scale_factor=output_scale_factor)
-            for i in range(num_layers)
-        ])
+        self._build_resnets(in_channels, out_channels, temb_channels, num_layers, resnet_groups, resnet_eps,
+                            dropout, output_scale_factor)
         self._build_down(out_channels, add_downsample, downsample_padding)
 
 
@@ -185,12 +189,8 @@ class CrossAttnDownBlock2D(_DownBase):
         super().__init__()
         check_act_fn("CrossAttnDownBlock2D", resnet_act_fn)
         check_positive_int("num_layers", num_layers)
-        self.resnets = ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
-                          groups=resnet_groups, eps=resnet_eps, dropout=dropout,
-                          output_scale_factor=output_scale_factor)
-            for i in range(num_layers)
-        ])
+        self._build_resnets(in_channels, out_channels, temb_channels, num_layers, resnet_groups, resnet_eps,
+                            dropout, output_scale_factor)
         self.attentions = _transformers(
             "CrossAttnDownBlock2D", out_channels, num_attention_heads, transformer_layers_per_block, num_layers,
             resnet_groups, dropout=dropout, cross_attention_dim=cross_attention_dim,
