@@ -37,7 +37,7 @@ from typing import NamedTuple
 from npdiffusion.backend import xp
 from npdiffusion.checks import check_float_array, check_int, compute_dtype
 from npdiffusion.ops.reductions import column_sum, row_dot, row_sum
-from npdiffusion.parallel import parallel_for
+from npdiffusion.parallel import cache_blocks, parallel_for
 
 # Largest mu^2 / var for which the one-pass variance is trusted (a loss of at most ~4 bits
 # relative to the two-pass formula); sets above it are recomputed with the two-pass formula.
@@ -94,14 +94,8 @@ def _moments(rows, eps):
 _GROUP_NORM_BLOCK = 1 << 19
 # Within a block, the backward's element-wise passes run per sub-block of about this many entries
 # (512 KB of float32 per array), so that the temporary x * k + k0 stays in the L2 cache
-# (docs/benchmarks.md, "2026-11-27, morning").
+# (docs/benchmarks.md, "2026-11-27, morning"); on CuPy one sub-block (parallel.py's policy).
 _CACHE_ENTRIES = 1 << 17
-
-
-def _sub_blocks(n, entries_per_sample):
-    """[lo, hi) ranges of about ``_CACHE_ENTRIES`` entries (whole samples) covering ``range(n)``."""
-    step = max(1, _CACHE_ENTRIES // max(entries_per_sample, 1))
-    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
 def _per_channel(per_group, cg):
@@ -232,7 +226,7 @@ def group_norm_backward(dy, cache):
         k = (sum_g * mu - sum_gx) * (r * r * r * inv_m)
         k0 = -(r * sum_g) * inv_m - k * mu
         k, k0 = k[:, :, None], k0[:, :, None]
-        subs = _sub_blocks(n, c * s)
+        subs = cache_blocks(n, c * s, _CACHE_ENTRIES)
         tmp = xp.empty((subs[0][1], g, cg * s), dtype=cdt)             # x * k + k0 of one sub-block
         for i, j in subs:
             t = tmp[:j - i]
