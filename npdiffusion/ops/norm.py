@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from npdiffusion.backend import xp
+from npdiffusion.backend import get_backend, xp
 from npdiffusion.checks import check_float_array, check_int, compute_dtype
 from npdiffusion.ops.reductions import column_sum, row_dot, row_sum
 from npdiffusion.parallel import cache_blocks, parallel_for
@@ -63,12 +63,29 @@ def _prod(sides):
     return out
 
 
+def _two_pass(rows, mean, m):
+    """The corrected two-pass variance of each row, and ``mean`` corrected in place (the
+    correction also repairs the rounding of mu itself)."""
+    centered = rows - mean[:, None]                                   # (R, M)
+    corr = row_sum(centered) * (1.0 / m)
+    var = row_dot(centered, centered) * (1.0 / m) - corr * corr
+    mean += corr
+    return var
+
+
 def _moments(rows, eps):
     """(mean, rstd, cancels) of each row of ``rows`` (R, M): one pass, two passes for the rows
-    where it cancels; ``cancels`` says whether any row did (|mu| >> sigma somewhere)."""
+    where it cancels; ``cancels`` says whether any row did (|mu| >> sigma somewhere).
+
+    On CuPy every row takes the two-pass formula and ``cancels`` is True: deciding which rows
+    cancel would need the device's answer on the host (a synchronization per norm call), and the
+    GPU's extra pass over the rows costs less than that wait (issue #18; NumPy is unchanged)."""
     m = max(rows.shape[-1], 1)
     mean = row_sum(rows)
     mean *= 1.0 / m
+    if get_backend() != "numpy":
+        var = _two_pass(rows, mean, m)
+        return mean, _rstd(var, eps), True
     var = row_dot(rows, rows)
     var *= 1.0 / m
     var -= mean * mean
@@ -80,11 +97,15 @@ def _moments(rows, eps):
         corr = row_sum(centered) * (1.0 / m)
         var[bad] = row_dot(centered, centered) * (1.0 / m) - corr * corr
         mean[bad] += corr
+    return mean, _rstd(var, eps), cancels
+
+
+def _rstd(var, eps):
+    """1/sqrt(max(var, 0) + eps), in var's memory."""
     xp.maximum(var, 0.0, out=var)
     var += eps
     rstd = xp.sqrt(var, out=var)
-    xp.reciprocal(rstd, out=rstd)
-    return mean, rstd, cancels
+    return xp.reciprocal(rstd, out=rstd)
 
 
 # --------------------------------------------------------------------------------- group norm
