@@ -17,8 +17,15 @@ first pass.
 one call ``fn(0, n)`` for every thread count and block size (each range's arithmetic does not
 depend on the others), which the tests check.
 
-On the CuPy backend (one GPU stream), for small arrays and with one thread, ``fn(0, n)`` is called
-once in the calling thread. A call from inside a block also runs inline (no nested pools).
+**The backend policy, in one place:** thread splits and cache blocks are CPU tuning, for NumPy
+only. On the CuPy backend every element-wise op is one call: ``parallel_for`` calls ``fn(0, n)``
+once in the calling thread whatever ``block_entries`` says, and ``cache_blocks`` (the sub-blocks
+an ``fn`` cuts its range into, such as group norm's backward) gives the one range ``[0, n)``. One
+GPU stream runs the kernels in order anyway, and a cut only turns one kernel launch into many
+(an SD-sized activation would become ~20). ``cpu_tuned()`` says which case applies;
+``tests/test_parallel_policy.py`` counts the calls on the CuPy stand-in. With one thread, for
+small arrays and from inside a block (no nested pools) ``parallel_for`` also runs inline, but in
+cache-sized blocks when ``block_entries`` is given.
 
 Threads: ``set_num_threads(k)``; default ``NPDIFFUSION_NUM_THREADS``, else the number of CPUs this
 process may run on.
@@ -44,7 +51,8 @@ import numpy
 
 from npdiffusion import backend
 
-__all__ = ["BLOCK_ENTRIES", "LONG_ROW", "get_num_threads", "set_num_threads", "parallel_for"]
+__all__ = ["BLOCK_ENTRIES", "LONG_ROW", "cache_blocks", "cpu_tuned", "get_num_threads", "set_num_threads",
+           "parallel_for"]
 
 # Entries per cache block for ops that make many passes (activations): 128 K float32 entries =
 # 512 KB, so the few arrays a pass touches stay in a core's 2 MB L2 cache; smaller blocks lose more
@@ -141,6 +149,21 @@ def _with_row_buffer(fn, row_length):
     return wrapped
 
 
+def cpu_tuned() -> bool:
+    """Whether element-wise work is cut into thread shares and cache blocks: on NumPy only (the
+    module docstring's backend policy; on CuPy every element-wise op is one call)."""
+    return backend.get_backend() == "numpy"
+
+
+def cache_blocks(n: int, row_entries: int, block_entries: int):
+    """``[lo, hi)`` ranges of about ``block_entries`` entries (whole rows of ``row_entries``)
+    covering ``range(n)``, for an ``fn`` that walks its own range in cache-sized pieces; on CuPy
+    the one range ``[0, n)`` (``cpu_tuned``)."""
+    if not cpu_tuned():
+        return [(0, n)] if n > 0 else []
+    return _ranges(n, max(1, int(block_entries) // max(int(row_entries), 1)))
+
+
 def _ranges(n: int, rows: int):
     """``range(n)`` cut into ranges of ``rows`` indices (the last may be shorter)."""
     return [(lo, min(lo + rows, n)) for lo in range(0, n, rows)]
@@ -161,11 +184,12 @@ def parallel_for(fn, n: int, row_entries: int, block_entries: int | None = None,
     module docstring for what ``fn`` may do.
     """
     row_entries = max(int(row_entries), 1)
-    if backend.get_backend() == "numpy":
-        fn = _with_row_buffer(fn, row_length)
+    if not cpu_tuned():                              # CuPy: one call (module docstring)
+        return [fn(0, n)] if n > 0 else []
+    fn = _with_row_buffer(fn, row_length)
     threads = get_num_threads()
     inline = (threads == 1 or n < 2 or n * row_entries < MIN_PARALLEL_ENTRIES
-              or getattr(_inside, "active", False) or backend.get_backend() != "numpy")
+              or getattr(_inside, "active", False))
     if block_entries is not None:
         rows = max(1, int(block_entries) // row_entries)
     else:

@@ -46,3 +46,22 @@ def test_demo_diffusion_picture_runs_on_the_device(standin, quick_demo_model, tm
     diffusion_png(pipe, make_shapes(2, size=pipe.vae.config["sample_size"]), str(tmp_path / "d.png"),
                   guidance_scale=2.0, steps=2)
     assert (tmp_path / "d.png").stat().st_size > 0
+
+
+def test_vae_ceiling_reconstructs_on_the_device(standin):
+    """tools/vae_ceiling.py handed host images to the VAE and NumPy device reconstructions."""
+    import importlib.util
+    import pathlib
+
+    from npdiffusion.models.vae import AutoencoderKL
+
+    path = pathlib.Path(__file__).parents[1] / "tools" / "vae_ceiling.py"
+    spec = importlib.util.spec_from_file_location("vae_ceiling", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], norm_num_groups=2)
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    rec = tool.reconstruct(vae, images, batch=2)
+    assert isinstance(rec, np.ndarray) and rec.shape == images.shape and rec.dtype == np.uint8

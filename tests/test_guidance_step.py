@@ -4,7 +4,7 @@ samples of an unconditional model toward the class."""
 import numpy as np
 import pytest
 
-from npdiffusion.backend import asarray, to_numpy
+from npdiffusion.backend import asarray, to_numpy, xp
 from npdiffusion.diffusion.parameterization import convert
 from npdiffusion.diffusion.schedules import alphas_cumprod, betas_for
 from npdiffusion.guidance.classifier import NoiseAwareClassifier
@@ -61,10 +61,10 @@ def test_abar_at_interpolates_and_checks():
 @pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler])
 def test_guided_sample_at_scale_zero_is_the_plain_loop(backend, scheduler_cls):
     rng = np.random.default_rng(2)
-    w = rng.standard_normal(3)
+    w = asarray(rng.standard_normal(3))                             # on the device, as the latents
 
     def model(x, t):                                                # any deterministic model
-        return np.tanh(x * w[None, :, None, None] + 1e-3 * t)
+        return xp.tanh(x * w[None, :, None, None] + 1e-3 * t)
 
     clf = NoiseAwareClassifier(3, 3, (4,), 1, 2)
     got = guided_sample(model, scheduler_cls(), (2, 3, 4, 4), 5, np.random.default_rng(7),

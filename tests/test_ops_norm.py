@@ -154,7 +154,10 @@ def test_large_offset_is_as_accurate_as_torch(backend, monkeypatch, which):
     for name, o, t, ref in zip(("y", "dx", "dweight", "dbias"), ours(np.float32), theirs, truth):
         assert relative_error(o, ref) <= max(relative_error(t, ref), 1e-6), name
     monkeypatch.setattr(norm_ops, "_ONE_PASS_MAX_RATIO", float("inf"))   # one pass only: must fail
-    assert relative_error(ours(np.float32)[0], truth[0]) > 1e-2
+    if backend == "cupy":           # CuPy takes two passes for every row, without the check's sync
+        assert relative_error(ours(np.float32)[0], truth[0]) <= 1e-4
+    else:
+        assert relative_error(ours(np.float32)[0], truth[0]) > 1e-2
 
 
 def test_group_norm_zero_spatial_and_float16(backend):

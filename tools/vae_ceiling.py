@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from npdiffusion.backend import asarray, to_numpy  # noqa: E402
 from npdiffusion.data.shapes import make_shapes  # noqa: E402
 from npdiffusion.evaluation.shape_attributes import score  # noqa: E402
 from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: E402
@@ -26,7 +27,8 @@ from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: E402
 def reconstruct(vae, images, batch: int = 50) -> np.ndarray:
     """uint8 (N, S, S, 3) -> their reconstructions through the posterior mean, uint8 (N, S, S, 3)."""
     x = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    out = [vae.decode(vae.encode(x[i:i + batch]).mean) for i in range(0, len(x), batch)]
+    # each batch to the backend's device and back (on CuPy the model runs on the GPU)
+    out = [to_numpy(vae.decode(vae.encode(asarray(x[i:i + batch])).mean)) for i in range(0, len(x), batch)]
     rec = np.clip(np.concatenate(out), -1.0, 1.0)
     return ((rec + 1.0) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
 

@@ -4,8 +4,8 @@
 ``cupyx.scipy`` and ``cupyx.scipy.special`` (``uninstall()`` restores what was there), so every
 ``import cupy`` in the library, the tools and the tests gets it, and ``set_backend("cupy")``
 selects it. The library does that itself when ``NPDIFFUSION_CUPY_STANDIN=1``; the tests' ``backend``
-fixture does it for the ``[cupy]`` cases when ``NPDIFFUSION_TEST_CUPY_STANDIN=1`` and no real GPU
-is present. It never imports torch.
+fixture does it for the ``[cupy]`` cases whenever no real GPU is present (unless
+``NPDIFFUSION_TEST_CUPY_STANDIN=0``). It never imports torch.
 
 A device array (``cupy.ndarray``) wraps a NumPy array. As with real CuPy:
 

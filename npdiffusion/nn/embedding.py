@@ -25,9 +25,10 @@ class Embedding(Module):
     def forward(self, ids):
         if not is_array(ids):
             raise TypeError(f"Embedding: ids must be an integer array, got {type(ids).__name__}")
-        ids = asarray(ids)                                    # host ids move to the backend
+        # The range check runs where the ids are: on host ids before they move (free); on device
+        # ids it waits for the device, so the models hand over host ids (issue #18).
         check_ids(ids, self.num_embeddings, "Embedding")
-        y, cache = embedding_forward(ids, self.weight)
+        y, cache = embedding_forward(asarray(ids), self.weight, checked=True)
         self.save_for_backward(cache)
         return y
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
-from npdiffusion.backend import xp
+from npdiffusion.backend import get_backend, xp
 from npdiffusion.checks import compute_dtype
 from npdiffusion.ops.reductions import row_dot
 
@@ -124,7 +124,13 @@ def _small_scores(qs, kT):
     """Whether every score q.k (scale folded into q) is below ``_EXP_SAFE`` in absolute value, by
     Cauchy-Schwarz: |q_i . k_j| <= max_i |q_i| max_j |k_j|. Two reductions over q and k instead of
     a row maximum over the (Tq, Tk) scores, which NumPy computes one short row at a time
-    (docs/ops/attention.md, "When the row maximum is skipped")."""
+    (docs/ops/attention.md, "When the row maximum is skipped").
+
+    On CuPy: False, without looking. The test would wait for the device (two host
+    synchronizations per call), and a GPU computes the row maximum at memory speed, so CuPy always
+    subtracts it (issue #18; NumPy is unchanged)."""
+    if get_backend() != "numpy":
+        return False
     q2 = xp.einsum("...d,...d->...", qs, qs).max()
     k2 = xp.einsum("...dk,...dk->...k", kT, kT).max()
     return float(q2) * float(k2) < _EXP_SAFE.get(qs.dtype.itemsize, 64.0) ** 2

@@ -38,15 +38,18 @@ class EmbeddingCache(NamedTuple):
     weight_dtype: object
 
 
-def embedding_forward(ids, weight):
+def embedding_forward(ids, weight, checked=False):
     """y = weight[ids]: ids (...) integers in [0, V), weight (V, D) -> y (..., D).
 
-    Returns ``(y, cache)``; cache an ``EmbeddingCache``. ids receive no gradient.
+    Returns ``(y, cache)``; cache an ``EmbeddingCache``. ids receive no gradient. The range of
+    ``ids`` is checked (on CuPy a host synchronization for device ids) unless ``checked`` says
+    the caller already did (``nn.Embedding`` checks host ids before moving them).
     """
     op = "embedding"
     if not hasattr(weight, "ndim") or weight.ndim != 2:
         raise ValueError(f"{op}: weight must have shape (V, D), got shape {getattr(weight, 'shape', None)}")
-    check_ids(ids, weight.shape[0], op)
+    if not checked:
+        check_ids(ids, weight.shape[0], op)
     y = xp.take(weight, ids, axis=0)                                    # (..., D)
     return y, EmbeddingCache(ids, weight.shape, weight.dtype)
 

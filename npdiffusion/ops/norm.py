@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from npdiffusion.backend import xp
+from npdiffusion.backend import get_backend, xp
 from npdiffusion.checks import check_float_array, check_int, compute_dtype
 from npdiffusion.ops.reductions import column_sum, row_dot, row_sum
-from npdiffusion.parallel import parallel_for
+from npdiffusion.parallel import cache_blocks, parallel_for
 
 # Largest mu^2 / var for which the one-pass variance is trusted (a loss of at most ~4 bits
 # relative to the two-pass formula); sets above it are recomputed with the two-pass formula.
@@ -63,12 +63,29 @@ def _prod(sides):
     return out
 
 
+def _two_pass(rows, mean, m):
+    """The corrected two-pass variance of each row, and ``mean`` corrected in place (the
+    correction also repairs the rounding of mu itself)."""
+    centered = rows - mean[:, None]                                   # (R, M)
+    corr = row_sum(centered) * (1.0 / m)
+    var = row_dot(centered, centered) * (1.0 / m) - corr * corr
+    mean += corr
+    return var
+
+
 def _moments(rows, eps):
     """(mean, rstd, cancels) of each row of ``rows`` (R, M): one pass, two passes for the rows
-    where it cancels; ``cancels`` says whether any row did (|mu| >> sigma somewhere)."""
+    where it cancels; ``cancels`` says whether any row did (|mu| >> sigma somewhere).
+
+    On CuPy every row takes the two-pass formula and ``cancels`` is True: deciding which rows
+    cancel would need the device's answer on the host (a synchronization per norm call), and the
+    GPU's extra pass over the rows costs less than that wait (issue #18; NumPy is unchanged)."""
     m = max(rows.shape[-1], 1)
     mean = row_sum(rows)
     mean *= 1.0 / m
+    if get_backend() != "numpy":
+        var = _two_pass(rows, mean, m)
+        return mean, _rstd(var, eps), True
     var = row_dot(rows, rows)
     var *= 1.0 / m
     var -= mean * mean
@@ -80,11 +97,15 @@ def _moments(rows, eps):
         corr = row_sum(centered) * (1.0 / m)
         var[bad] = row_dot(centered, centered) * (1.0 / m) - corr * corr
         mean[bad] += corr
+    return mean, _rstd(var, eps), cancels
+
+
+def _rstd(var, eps):
+    """1/sqrt(max(var, 0) + eps), in var's memory."""
     xp.maximum(var, 0.0, out=var)
     var += eps
     rstd = xp.sqrt(var, out=var)
-    xp.reciprocal(rstd, out=rstd)
-    return mean, rstd, cancels
+    return xp.reciprocal(rstd, out=rstd)
 
 
 # --------------------------------------------------------------------------------- group norm
@@ -94,14 +115,8 @@ def _moments(rows, eps):
 _GROUP_NORM_BLOCK = 1 << 19
 # Within a block, the backward's element-wise passes run per sub-block of about this many entries
 # (512 KB of float32 per array), so that the temporary x * k + k0 stays in the L2 cache
-# (docs/benchmarks.md, "2026-11-27, morning").
+# (docs/benchmarks.md, "2026-11-27, morning"); on CuPy one sub-block (parallel.py's policy).
 _CACHE_ENTRIES = 1 << 17
-
-
-def _sub_blocks(n, entries_per_sample):
-    """[lo, hi) ranges of about ``_CACHE_ENTRIES`` entries (whole samples) covering ``range(n)``."""
-    step = max(1, _CACHE_ENTRIES // max(entries_per_sample, 1))
-    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
 def _per_channel(per_group, cg):
@@ -232,7 +247,7 @@ def group_norm_backward(dy, cache):
         k = (sum_g * mu - sum_gx) * (r * r * r * inv_m)
         k0 = -(r * sum_g) * inv_m - k * mu
         k, k0 = k[:, :, None], k0[:, :, None]
-        subs = _sub_blocks(n, c * s)
+        subs = cache_blocks(n, c * s, _CACHE_ENTRIES)
         tmp = xp.empty((subs[0][1], g, cg * s), dtype=cdt)             # x * k + k0 of one sub-block
         for i, j in subs:
             t = tmp[:j - i]

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy
+
 from npdiffusion.backend import asarray, is_array, xp
 from npdiffusion.checks import check_positive_int
 from npdiffusion.memory import check_model, clip_text_parameters
@@ -174,7 +176,8 @@ class CLIPTextModel(TowerFolders, Module):
                              f"(num_hidden_layers), got {clip_skip!r}")
         mask = self._padding_mask(attention_mask, ids)
         pos = pooled_positions(ids, self.config.eos_token_id)            # (B,)
-        x = self.embeddings(ids)                                          # (B, T, D)
+        # host ids when given: their range is checked before they move, without waiting (issue #18)
+        x = self.embeddings(input_ids if isinstance(input_ids, numpy.ndarray) else ids)  # (B, T, D)
         h, states = self.encoder(x, mask, True, n_layers - int(clip_skip), output_hidden_states)
         last = self.final_layer_norm(h)                                   # (B, T, D)
         rows = xp.arange(ids.shape[0])
