@@ -88,3 +88,21 @@ def test_the_audit_table_in_docs_is_current(demo_dir):
         text = f.read()
     table = audit.markdown(audit.audit(demo_dir))
     assert tool.replace_table(text, table) == text, f"run python tools/gpu_audit.py; the table now:\n{table}"
+
+
+def test_to_host_floats_reads_every_device_value_at_once(standin):
+    """backend.to_host_floats: the training loop's one read; exact floats, host values untouched."""
+    import numpy as np
+
+    from npdiffusion.backend import asarray, to_host_floats
+
+    values = [asarray(np.float32(1.1)), 2.5, np.float16(0.1), asarray(np.array([np.nan], np.float16)),
+              asarray(np.float32(3e38)) * 10, np.array(3.0)]
+    with cupy_standin.count_syncs() as log:
+        got = to_host_floats(values)
+    assert log.total == 1
+    want = [float(np.float32(1.1)), 2.5, float(np.float16(0.1)), float("nan"), float("inf"), 3.0]
+    np.testing.assert_array_equal(got, want)
+    with cupy_standin.count_syncs() as log:
+        assert to_host_floats([1.0, np.float32(2.0)]) == [1.0, 2.0]
+    assert log.total == 0
