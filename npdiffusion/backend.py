@@ -107,6 +107,30 @@ def to_numpy(a) -> numpy.ndarray:
     return numpy.asarray(a)
 
 
+def to_host_floats(values) -> list[float]:
+    """``[float(v) for v in values]`` with one host synchronization for all the device arrays among them.
+
+    ``values``: Python or NumPy scalars, host arrays and device arrays of one element each. The device
+    ones are cast to float64 (exact for float16/32/64), stacked and copied to the host in one read, so
+    a training step's loss, its extra metrics and the gradient norm cost one synchronization on CuPy,
+    not one each. The floats are the same as ``float(to_numpy(v))`` would give.
+    """
+    values = list(values)
+    out = [None] * len(values)
+    device = []
+    for i, v in enumerate(values):
+        if isinstance(v, (numpy.ndarray, numpy.generic)) or not hasattr(v, "shape"):
+            out[i] = float(v)
+        else:
+            device.append(i)
+    if device:
+        module = _ensure()
+        stacked = module.stack([values[i].reshape(()).astype(module.float64) for i in device])
+        for i, f in zip(device, to_numpy(stacked).tolist()):
+            out[i] = f
+    return out
+
+
 def is_array(a) -> bool:
     """Whether ``a`` is an array of NumPy or of the active backend."""
     return isinstance(a, numpy.ndarray) or isinstance(a, _ensure().ndarray)

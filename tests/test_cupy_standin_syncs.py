@@ -1,76 +1,32 @@
 """No host synchronization inside a forward or backward of the U-Net, the VAE and CLIP's text
-model on CuPy (issue #18), counted on the CuPy stand-in by call site.
+model on CuPy, at most one per training step of each stage and one per denoising iteration of
+sampling (issue #18), counted on the CuPy stand-in by call site; and the audit table of
+docs/gpu.md is what tools/gpu_audit.py writes.
 
 On CuPy the group/layer norm takes the two-pass variance for every row (ops/norm.py, `_moments`),
 the attention always subtracts the row maximum (ops/attention.py, `_small_scores`), and token ids
 are range-checked on the host before they move (nn/embedding.py); on NumPy these checks stay, so
 NumPy's numbers are unchanged. The U-Net has the benchmark's layout (tools/bench_unet.py: three
 levels, CrossAttnDownBlock2D x2 + DownBlock2D, two layers per block) at toy widths; the counts
-depend on the layout, not the widths. docs/gpu.md, "The CuPy stand-in".
+depend on the layout, not the widths (npdiffusion/cupy_standin/audit.py builds them). docs/gpu.md, "The CuPy stand-in".
 """
-import numpy as np
+import os
+
 import pytest
 
 from npdiffusion import cupy_standin
-from npdiffusion.backend import asarray, get_backend, set_backend
-
-BENCH_LAYOUT = dict(
-    block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=8, attention_head_dim=2, in_channels=4, out_channels=4, sample_size=8)
+from npdiffusion.cupy_standin import audit
 
 
 @pytest.fixture
 def standin():
-    previous = get_backend()
-    with cupy_standin.installed():
-        set_backend("cupy")
-        try:
-            yield
-        finally:
-            set_backend(previous)
+    with audit.on_standin():
+        yield
 
 
-def _unet(rng):
-    from npdiffusion.models.unet import UNet2DConditionModel
-
-    model = UNet2DConditionModel(**BENCH_LAYOUT)
-    x = asarray(rng.standard_normal((2, 4, 8, 8)).astype(np.float32))
-    ctx = asarray(rng.standard_normal((2, 5, 8)).astype(np.float32))
-    return lambda: model(x, np.array([10, 500]), ctx), lambda y: model.backward(asarray(np.ones(y.shape, np.float32)))
-
-
-def _vae(rng):
-    from npdiffusion.models.vae import AutoencoderKL
-
-    model = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                          down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-                          up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], norm_num_groups=2)
-    img = asarray(rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
-    return (lambda: model(img, sample_posterior=True, generator=np.random.default_rng(1)),
-            lambda y: model.backward(asarray(np.ones(y.shape, np.float32))))
-
-
-def _clip(rng):
-    from npdiffusion.models.clip.text_model import CLIPTextModel
-
-    model = CLIPTextModel(bos_token_id=0, eos_token_id=49407, hidden_size=8, intermediate_size=16,
-                          num_attention_heads=2, num_hidden_layers=2, pad_token_id=1, vocab_size=49408)
-    ids = rng.integers(3, 49406, (2, 7))                           # host ids, as the tokenizer gives
-    ids[:, -1] = 49407
-    return (lambda: model(ids),
-            lambda y: model.backward(asarray(np.ones(y[0].shape, np.float32)),
-                                     asarray(np.ones(y[1].shape, np.float32))))
-
-
-@pytest.mark.parametrize("build", [_unet, _vae, _clip], ids=["unet", "vae", "clip-text"])
-def test_forward_and_backward_do_not_wait_for_the_device(standin, build):
-    forward, backward = build(np.random.default_rng(0))
-    with cupy_standin.count_syncs() as fwd:
-        y = forward()
-    with cupy_standin.count_syncs() as bwd:
-        backward(y)
+@pytest.mark.parametrize("part", list(audit.MODELS), ids=["unet", "vae", "clip-text"])
+def test_forward_and_backward_do_not_wait_for_the_device(standin, part):
+    fwd, bwd = audit.forward_backward_syncs(audit.MODELS[part])
     assert fwd.total == 0, fwd.report()
     assert bwd.total == 0, bwd.report()
 
@@ -82,3 +38,71 @@ def test_the_counter_sees_a_synchronization(standin):
     with cupy_standin.count_syncs() as log:
         float(xp.ones(3).sum())
     assert log.total == 1
+
+
+# ---------------------------------------------------------------- training and sampling steps
+# One read per training step (training/loop.py: the loss, the stage's metrics and the gradient norm,
+# copied to the host together) and one per denoising iteration (pipelines/nonfinite.py: the
+# latents' isfinite flag); measured by npdiffusion/cupy_standin/audit.py, as docs/gpu.md's table.
+
+LOOP_SITE = "npdiffusion/training/loop.py"
+
+
+@pytest.fixture(scope="module")
+def demo_dir(quick_demo_model):
+    return os.path.dirname(quick_demo_model)
+
+
+@pytest.mark.parametrize("stage", audit.STAGES)
+def test_one_sync_per_training_step(stage, demo_dir):
+    with audit.on_standin():
+        logs = audit.training_step_syncs(stage, demo_dir, steps=3)
+    for log in logs:                                   # the first step too
+        assert log.total <= 1, log.report()
+        assert all(site.startswith(LOOP_SITE) for _, site in log.events), log.report()
+    assert sum(log.total for log in logs) >= 1         # the loss is read: the counter sees the device
+
+
+def test_one_sync_per_denoising_iteration(demo_dir):
+    from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    with audit.on_standin():
+        pipe = StableDiffusionPipeline.from_pretrained(f"{demo_dir}/model")
+        for name in audit.SCHEDULERS:
+            per, once, log = audit.sampling_per_iteration(pipe, name)
+            assert per == 1, (name, log.report())          # the isfinite check of pipelines/nonfinite.py
+            assert once <= 1, (name, log.report())         # the decoded image, read once
+            assert {s.split(":")[0] for _, s in log.events} <= {"npdiffusion/pipelines/nonfinite.py",
+                                                                "npdiffusion/pipelines/stable_diffusion.py"}
+
+
+def test_the_audit_table_in_docs_is_current(demo_dir):
+    """docs/gpu.md's table between the gpu_audit markers is what `python tools/gpu_audit.py` writes."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gpu_audit", os.path.join(root, "tools", "gpu_audit.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with open(tool.DOC, encoding="utf-8") as f:
+        text = f.read()
+    table = audit.markdown(audit.audit(demo_dir))
+    assert tool.replace_table(text, table) == text, f"run python tools/gpu_audit.py; the table now:\n{table}"
+
+
+def test_to_host_floats_reads_every_device_value_at_once(standin):
+    """backend.to_host_floats: the training loop's one read; exact floats, host values untouched."""
+    import numpy as np
+
+    from npdiffusion.backend import asarray, to_host_floats
+
+    values = [asarray(np.float32(1.1)), 2.5, np.float16(0.1), asarray(np.array([np.nan], np.float16)),
+              asarray(np.float32(3e38)) * 10, np.array(3.0)]
+    with cupy_standin.count_syncs() as log:
+        got = to_host_floats(values)
+    assert log.total == 1
+    want = [float(np.float32(1.1)), 2.5, float(np.float16(0.1)), float("nan"), float("inf"), 3.0]
+    np.testing.assert_array_equal(got, want)
+    with cupy_standin.count_syncs() as log:
+        assert to_host_floats([1.0, np.float32(2.0)]) == [1.0, 2.0]
+    assert log.total == 0

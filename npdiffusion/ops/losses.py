@@ -105,6 +105,8 @@ def cross_entropy_forward(logits, labels, ignore_index: int = -100):
             raise ValueError(f"{op}: labels must lie in [0, {k}) or equal ignore_index={ignore_index}, "
                              f"got {int(lab[bad][0])}")
     n = int(keep.sum())
+    if isinstance(labels, numpy.ndarray):         # host labels: checked and counted above without a device
+        lab, keep = asarray(lab), asarray(keep)   # sync, then moved (a no-op on NumPy)
     safe = xp.where(keep, lab, 0)                                       # ignored rows read class 0
     e = xp.subtract(z, z.max(axis=1, keepdims=True))                    # z - max     (N', K)
     picked = xp.take_along_axis(e, safe[:, None], axis=1)[:, 0]         # (z - max)[label]

@@ -32,17 +32,34 @@ def _grad_norm(g, p: float):
     return xp.sum(xp.abs(flat) ** p) ** (1.0 / p)
 
 
-def grad_norm(module, norm_type: float = 2.0) -> float:
-    """The ``norm_type``-norm of all of ``module``'s gradients taken together."""
+def grad_norm_array(module, norm_type: float = 2.0):
+    """``grad_norm`` as a 0-d float64 array of the backend, not read back to the host (no device
+    sync: the caller reads it together with the loss, ``backend.to_host_floats``); None without
+    gradients."""
     check_module("grad_norm", module)
     p = check_float("grad_norm", "norm_type", norm_type, low_open=True, allow_inf=True)
     norms = [_grad_norm(g, p) for _, g in module.named_grads()]
     if not norms:
-        return 0.0
+        return None
     stacked = xp.stack([n.astype(xp.float64) for n in norms])
     if math.isinf(p):
-        return float(xp.max(stacked))
-    return float(xp.sum(stacked ** p) ** (1.0 / p))
+        return xp.max(stacked)
+    return xp.sum(stacked ** p) ** (1.0 / p)
+
+
+def grad_norm(module, norm_type: float = 2.0) -> float:
+    """The ``norm_type``-norm of all of ``module``'s gradients taken together."""
+    total = grad_norm_array(module, norm_type)
+    return 0.0 if total is None else float(total)
+
+
+def clip_grads_with_norm_(module, max_norm: float, total: float) -> None:
+    """The clipping of ``clip_grad_norm_`` with the total norm ``total`` already measured (a finite
+    float): every gradient times ``max_norm / (total + 1e-6)`` when that is below 1."""
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for _, g in module.named_grads():
+            g *= coef
 
 
 def clip_grad_norm_(module, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> float:
@@ -57,8 +74,5 @@ def clip_grad_norm_(module, max_norm: float, norm_type: float = 2.0, error_if_no
             raise RuntimeError(f"clip_grad_norm_: the total norm of order {norm_type} of the gradients is "
                                f"{total}; set error_if_nonfinite=False to return it instead")
         return total
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        for _, g in module.named_grads():
-            g *= coef
+    clip_grads_with_norm_(module, max_norm, total)
     return total

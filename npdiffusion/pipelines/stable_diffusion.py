@@ -241,7 +241,7 @@ class StableDiffusionPipeline:
         if prompt_embeds is None:
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
             ids = self._tokenize(texts, self.tokenizer.model_max_length)
-            prompt_embeds = self.text_encoder(asarray(ids), clip_skip=clip_skip)[0]          # (P, T, D)
+            prompt_embeds = self.text_encoder(ids, clip_skip=clip_skip)[0]   # (P, T, D); host ids: no device sync
         prompt_embeds = asarray(prompt_embeds).astype(dt, copy=False)
         prompt_embeds = xp.repeat(prompt_embeds, n, axis=0)                                  # (B, T, D)
 
@@ -259,7 +259,7 @@ class StableDiffusionPipeline:
             else:
                 uncond = list(negative_prompt)
             ids = self._tokenize(uncond, prompt_embeds.shape[1])
-            negative_prompt_embeds = self.text_encoder(asarray(ids))[0]
+            negative_prompt_embeds = self.text_encoder(ids)[0]
         if do_classifier_free_guidance:
             negative_prompt_embeds = asarray(negative_prompt_embeds).astype(dt, copy=False)
             negative_prompt_embeds = xp.repeat(negative_prompt_embeds, n, axis=0)
@@ -392,7 +392,7 @@ class StableDiffusionPipeline:
         """Steps 6 and 7: vae.decode(latents / scaling_factor) (B, 3, H, W) -> postprocessed images."""
         if output_type == "latent":
             return latents
-        image = self.vae.decode(latents / self.vae.config["scaling_factor"])
+        image = to_numpy(self.vae.decode(latents / self.vae.config["scaling_factor"]))   # the one read (B, 3, H, W)
         check_image(image, latents, self.vae.config["scaling_factor"])     # NaN would become black pixels
         return postprocess_image(image, output_type)
 

@@ -120,7 +120,8 @@ class CLIPStage(Stage):
     def train_step(self, batch, rng):
         from npdiffusion.backend import asarray  # noqa: PLC0415
 
-        out = self.clip(asarray(batch.input_ids), asarray(batch.images, dtype=self.dtype))
+        # host ids: CLIPTextModel range-checks them before they move (device ids would cost two syncs)
+        out = self.clip(batch.input_ids, asarray(batch.images, dtype=self.dtype))
         self.clip.backward()
         return {"loss": out.loss, "logit_scale": self.clip.logit_scale}
 

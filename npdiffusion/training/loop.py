@@ -7,7 +7,8 @@ hand-written backward so that its parameter gradients are filled. The ``Trainer`
         batch = next(loader)                        # prepared by the prefetch thread
         module.zero_grad()
         metrics = stage.train_step(batch, rng)      # forward + backward; metrics["loss"]
-        if loss finite: norm = clip_grad_norm_(module, max_grad_norm)   (or just measured)
+        norm = ||grads||; loss, metrics, norm read to the host at once   (one device sync)
+        if loss and norm finite: clip the gradients to max_grad_norm     (when > 0)
         if loss or norm not finite:                 # SKIP: no optimizer, EMA or schedule step,
             skipped += 1; bad_run += 1              #   so the parameters stay bitwise unchanged
             bad_run == max_consecutive_bad_steps -> stop: TrainingError, last good checkpoint intact
@@ -38,13 +39,13 @@ from dataclasses import dataclass
 
 import numpy
 
-from npdiffusion.backend import to_numpy
+from npdiffusion.backend import to_host_floats
 from npdiffusion.data.loader import DataLoader
 from npdiffusion.io.atomic import atomic_write_text
 from npdiffusion.io.pretrained import check_finite
 from npdiffusion.io.safetensors import load_with_metadata, save_file
 from npdiffusion.optim.adamw import AdamW
-from npdiffusion.optim.clip_grad import clip_grad_norm_, grad_norm
+from npdiffusion.optim.clip_grad import clip_grads_with_norm_, grad_norm_array
 from npdiffusion.optim.ema import EMA
 from npdiffusion.optim.lr_schedule import get_scheduler
 from npdiffusion.optim.optimizer import load_state, save_state
@@ -229,14 +230,20 @@ class Trainer:
         metrics = self.stage.train_step(batch, self.rng)
         if not isinstance(metrics, dict):
             metrics = {"loss": metrics}
-        metrics = {k: float(to_numpy(v)) for k, v in metrics.items()}
+        # One host read per step (on CuPy, one synchronization): the loss, the stage's metrics and the
+        # gradient norm, measured on the device and copied back together.
+        total = grad_norm_array(self.module)
+        *values, total = to_host_floats([*metrics.values(), 0.0 if total is None else total])
+        metrics = dict(zip(metrics, values))
         loss = metrics.pop("loss")
         lr = float(self.optimizer.lr)
         norm = math.nan
         ok = math.isfinite(loss)
         if ok:
-            norm = clip_grad_norm_(self.module, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else grad_norm(self.module)
+            norm = total
             ok = math.isfinite(norm)
+            if ok and cfg.max_grad_norm > 0:
+                clip_grads_with_norm_(self.module, cfg.max_grad_norm, norm)
         self.step += 1
         if ok:
             self.optimizer.step()

@@ -23,6 +23,8 @@ Source mirrored: transformers/models/clip/modeling_clip.py (``clip_loss``, ``_ge
 """
 from __future__ import annotations
 
+import numpy
+
 from npdiffusion.backend import asarray, xp
 from npdiffusion.checks import check_float_array
 from npdiffusion.ops.losses import cross_entropy_backward, cross_entropy_forward
@@ -94,7 +96,7 @@ def symmetric_cross_entropy_forward(logits_per_text):
     if n != m or n == 0:
         raise ValueError(f"{op}: logits_per_text must be square and non-empty (N texts paired with N images), "
                          f"got shape {(n, m)}")
-    labels = xp.arange(n)
+    labels = numpy.arange(n)                  # host labels: cross_entropy checks them without a device sync
     l_text, c_text = cross_entropy_forward(logits_per_text, labels)
     l_image, c_image = cross_entropy_forward(logits_per_text.T, labels)
     loss = (l_text + l_image) * 0.5
