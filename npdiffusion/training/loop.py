@@ -274,9 +274,14 @@ class Trainer:
         cfg = self.config
         batch = next(self.loader)
         self.target.zero_grad()                     # MasterWeights.zero_grad clears the module's too
-        if self.scaler is not None:
+        if self.scaler is None:
+            metrics = self.stage.train_step(batch, self.rng)
+        else:
             self.stage.loss_scale = self.scaler.get_scale()
-        metrics = self.stage.train_step(batch, self.rng)
+            # float16 overflow in the backward is expected now and then (S too large): the scaler
+            # finds the inf/NaN and skips the step, so NumPy's RuntimeWarnings would be noise
+            with numpy.errstate(over="ignore", invalid="ignore"):
+                metrics = self.stage.train_step(batch, self.rng)
         if not isinstance(metrics, dict):
             metrics = {"loss": metrics}
         metrics = {k: float(to_numpy(v)) for k, v in metrics.items()}
