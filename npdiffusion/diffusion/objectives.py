@@ -18,8 +18,13 @@ Gradient: dL/d out_bi = 2 w_b (out_bi - target_bi) / (B M) (w_b = 1 without weig
 
 float16 inputs are computed in float32 (diffusers calls ``.float()`` on both before the MSE); the
 loss comes back as a 0-d array in that compute dtype, the gradient in the model output's dtype.
+``grad_scale`` (mixed precision's loss scale S) multiplies the gradient in the compute dtype, before
+its one cast to a float16 output's dtype: the unscaled 2 (out - target) / N is ~3e-5 per unit error
+at N = 65536, below float16's normal range, so casting first would lose it (docs/gpu.md).
 """
 from __future__ import annotations
+
+import numbers
 
 import numpy
 
@@ -71,12 +76,15 @@ def min_snr_weights(t, alphas_cumprod, snr_gamma: float, prediction_type: str = 
 
 
 def simple_loss(model_output, target, t=None, alphas_cumprod=None, prediction_type: str = "epsilon",
-                snr_gamma=None):
+                snr_gamma=None, grad_scale: float = 1.0):
     """Mean squared error of ``model_output`` against ``target`` (B, ...), optionally Min-SNR weighted.
 
     ``t`` and ``alphas_cumprod`` are needed only with ``snr_gamma``. Returns ``(loss, grad)``: loss a
-    0-d array, grad = dL/d model_output (B, ...).
+    0-d array (unscaled), grad = grad_scale * dL/d model_output (B, ...), scaled in the compute dtype
+    (float32 for float16 outputs) and then cast to ``model_output``'s dtype.
     """
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real) or not 0 < grad_scale < float("inf"):
+        raise ValueError(f"simple_loss: grad_scale must be a positive finite number, got {grad_scale!r}")
     check_sample("model_output", model_output)
     check_sample("target", target)
     check_same_shape("model_output", model_output, "target", target)
@@ -88,8 +96,8 @@ def simple_loss(model_output, target, t=None, alphas_cumprod=None, prediction_ty
         if diff.size == 0:
             raise ValueError(f"model_output must not be empty, got shape {tuple(model_output.shape)}")
         loss = xp.mean(diff * diff)
-        grad = diff * (2.0 / diff.size)
-        return loss, grad.astype(model_output.dtype, copy=False)
+        grad = diff * (2.0 * grad_scale / diff.size)
+        return loss, _cast(grad, model_output.dtype)
     if alphas_cumprod is None or t is None:
         raise ValueError("simple_loss: snr_gamma needs t and alphas_cumprod, got None")
     a = check_schedule("alphas_cumprod", alphas_cumprod)
@@ -100,5 +108,12 @@ def simple_loss(model_output, target, t=None, alphas_cumprod=None, prediction_ty
     w_dev = asarray(w, dtype=dtype)
     loss = xp.mean(per_sample * w_dev)
     m = diff.size // batch
-    scale = asarray((2.0 * w / (batch * m)).reshape((batch,) + (1,) * (diff.ndim - 1)), dtype=dtype)
-    return loss, (diff * scale).astype(model_output.dtype, copy=False)
+    scale = asarray((2.0 * grad_scale * w / (batch * m)).reshape((batch,) + (1,) * (diff.ndim - 1)), dtype=dtype)
+    return loss, _cast(diff * scale, model_output.dtype)
+
+
+def _cast(grad, dtype):
+    """``grad`` in ``dtype`` (no copy when it is already); a scaled gradient past float16's range
+    becomes inf without a warning: the loss scaler sees it and skips the step."""
+    with numpy.errstate(over="ignore"):
+        return grad.astype(dtype, copy=False)

@@ -82,6 +82,7 @@ class CLIPStage(Stage):
     """``module`` is the CLIPModel; the loss is its symmetric contrastive loss."""
 
     name = NAME
+    supports_mixed_precision = True
 
     def __init__(self, config: CLIPStageConfig, dataset):
         from npdiffusion.models.clip.clip_model import CLIPModel  # noqa: PLC0415
@@ -121,12 +122,18 @@ class CLIPStage(Stage):
         from npdiffusion.backend import asarray  # noqa: PLC0415
 
         # host ids: CLIPTextModel range-checks them before they move (device ids would cost two syncs)
-        out = self.clip(batch.input_ids, asarray(batch.images, dtype=self.dtype))
-        self.clip.backward()
+        out = self.clip(batch.input_ids, asarray(batch.images, dtype=self.clip.dtype))
+        self.clip.backward(grad_loss=self.loss_scale)   # fp16: the loss's gradient x S in float32, then cast
         return {"loss": out.loss, "logit_scale": self.clip.logit_scale}
 
     def after_step(self):
         self.clip.clamp_logit_scale_()
+        if self.master_weights is not None:             # fp16: clamp the float32 master as well
+            from npdiffusion.backend import xp  # noqa: PLC0415
+            from npdiffusion.models.clip.config import LOGIT_SCALE_MAX  # noqa: PLC0415
+
+            master = dict(self.master_weights.named_parameters())["logit_scale"]
+            xp.clip(master, 0.0, LOGIT_SCALE_MAX, out=master)
 
     def save_models(self, folder):
         """clip/ (weights, config and preprocessor_config.json), swapped in as one atomic folder."""

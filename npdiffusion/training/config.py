@@ -35,6 +35,8 @@ from dataclasses import MISSING, dataclass, field
 DATASET_NAMES = ("shapes", "digits", "folder")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 DTYPES = ("float32", "float64")
+#: ``train.mixed_precision``: "no" (compute in ``dtype``) or "fp16" (float16 compute, float32 masters).
+MIXED_PRECISION = ("no", "fp16")
 
 
 class ConfigError(ValueError):
@@ -91,6 +93,14 @@ class TrainConfig:
     ema_decay: float = option(0.9999, "EMA decay (diffusers' warm-up rule: min(decay, (1 + k) / (10 + k)))", min=0.0)
     seed: int = option(0, "seed of the initial weights, the data order and the step's random draws", min=0)
     dtype: str = option("float32", "parameter and compute dtype", choices=DTYPES)
+    mixed_precision: str = option("no", "fp16: forward and backward in float16 with float32 master weights and "
+                                  "dynamic loss scaling (needs dtype float32); no: everything in dtype",
+                                  choices=MIXED_PRECISION)
+    loss_scale_init: float = option(65536.0, "fp16: the initial loss scale (halved after each overflow, "
+                                    "doubled after loss_scale_growth_interval good steps)", min=1.0)
+    loss_scale_growth_interval: int = option(2000, "fp16: good steps in a row before the loss scale doubles", min=1)
+    max_consecutive_overflow_steps: int = option(32, "fp16: stop when this many steps in a row have non-finite "
+                                                 "gradients (each one skipped, the loss scale halved)", min=1)
     checkpointing_steps: int = option(500, "save a checkpoint every this many steps (and at the end)", min=1)
     checkpoints_total_limit: int = option(3, "keep this many newest checkpoints; older ones are deleted only "
                                           "after a newer one is complete", min=1)

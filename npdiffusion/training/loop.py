@@ -17,6 +17,17 @@ hand-written backward so that its parameter gradients are filled. The ``Trainer`
         every checkpointing_steps (and at the end): a checkpoint (checkpoint.py); one that falls on a
         skipped step is taken after the next applied step instead
 
+With ``train.mixed_precision = "fp16"`` the module computes in float16 and the optimizer, the EMA and
+the gradient clipping work on float32 masters (``MasterWeights``); a ``DynamicLossScaler`` sets
+``stage.loss_scale`` = S before each step (the stage hands S * dL/dout, computed in float32 and cast
+to float16 once, to the module's backward), then ``unscale_`` loads the float32 master gradients
+divided by S and checks them (one host synchronization). A step with a non-finite gradient and a
+finite loss is an overflow: skipped (masters, module and moments bitwise unchanged), S halved,
+counted in ``skipped``; ``max_consecutive_overflow_steps`` of them in a row stop the run with a
+``TrainingError``. Checkpoints hold the float32 masters in the stage's model folders (the module is
+put in float32 while they are written and read) and the scaler's state in trainer_state.json, so a
+resumed fp16 run is bitwise the uninterrupted one.
+
 ``rng`` is the trainer's NumPy generator (PCG64); every random draw of a step (noise, timesteps,
 caption dropout, posterior samples) must come from it, in the main thread, so that its state,
 saved in each checkpoint, makes the resumed run draw the same numbers. Dropout modules' own
@@ -35,6 +46,7 @@ import json
 import math
 import os
 import time
+import contextlib
 from dataclasses import dataclass
 
 import numpy
@@ -45,9 +57,10 @@ from npdiffusion.io.atomic import atomic_write_text
 from npdiffusion.io.pretrained import check_finite
 from npdiffusion.io.safetensors import load_with_metadata, save_file
 from npdiffusion.optim.adamw import AdamW
-from npdiffusion.optim.clip_grad import clip_grads_with_norm_, grad_norm_array
+from npdiffusion.optim.clip_grad import clip_grads_with_norm_, grad_norm, grad_norm_array
 from npdiffusion.optim.ema import EMA
 from npdiffusion.optim.lr_schedule import get_scheduler
+from npdiffusion.optim.mixed_precision import DynamicLossScaler, MasterWeights, NonFiniteGradientError
 from npdiffusion.optim.optimizer import load_state, save_state
 from npdiffusion.training.checkpoint import CheckpointManager
 from npdiffusion.training.config import TrainConfig
@@ -72,6 +85,13 @@ class Stage:
     * ``save_models(folder)``: write the trained model(s) into ``folder`` in the diffusers layout
       (e.g. ``folder/vae/config.json`` + ``diffusion_pytorch_model.safetensors``).
     * ``load_models(folder)``: load what ``save_models`` wrote back into ``module``, exactly.
+    * ``supports_mixed_precision``: True when ``train_step`` honours ``loss_scale`` (below) and casts
+      its inputs to ``module.dtype``; ``train.mixed_precision = "fp16"`` is refused otherwise.
+    * ``loss_scale``: set by the trainer before each ``train_step`` under fp16 (1.0 otherwise): the
+      stage must hand ``loss_scale * dL/dout`` to the module's backward, multiplied in float32 before
+      the one cast to the module's float16 (``simple_loss(..., grad_scale=)``), and report the
+      unscaled loss. ``master_weights``: the trainer's ``MasterWeights`` under fp16 (else None), for an
+      ``after_step`` that edits parameters (it must edit the float32 masters too).
     * optional: ``collate`` (runs in the prefetch thread, see ``DataLoader``), ``after_step()`` (after
       each applied optimizer step), ``export_models(folder)`` (the final models, with the weights to
       export in place; default ``save_models``: a stage may measure something first, like the VAE's
@@ -82,6 +102,9 @@ class Stage:
     name = "stage"
     module = None
     collate = None
+    supports_mixed_precision = False
+    loss_scale = 1.0
+    master_weights = None
 
     def train_step(self, batch, rng):
         raise NotImplementedError
@@ -130,6 +153,21 @@ def trainer_rng(seed: int) -> numpy.random.Generator:
     return numpy.random.default_rng(numpy.random.SeedSequence(seed, spawn_key=(1,)))
 
 
+def check_mixed_precision(config: TrainConfig, stage=None) -> None:
+    """A clear ValueError when ``train.mixed_precision`` cannot be used with ``train.dtype`` or ``stage``."""
+    mode = config.mixed_precision
+    if mode not in ("no", "fp16"):
+        raise ValueError(f"train.mixed_precision must be 'no' or 'fp16', got {mode!r}")
+    if mode == "no":
+        return
+    if config.dtype != "float32":
+        raise ValueError(f"train.mixed_precision = 'fp16' keeps float32 master weights and needs train.dtype = "
+                         f"'float32', got {config.dtype!r}")
+    if stage is not None and not getattr(stage, "supports_mixed_precision", False):
+        raise ValueError(f"train.mixed_precision = 'fp16': the {getattr(stage, 'name', 'stage')!r} stage does not "
+                         "support it (its train_step must honour Stage.loss_scale); use mixed_precision = 'no'")
+
+
 def module_generators(module) -> dict:
     """``{module path: numpy Generator}`` for every sub-module holding an ``rng`` (Dropout)."""
     out = {}
@@ -154,6 +192,7 @@ class Trainer:
                  progress: bool | None = None, log=print, config_snapshot: dict | None = None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"Trainer: config must be a TrainConfig, got {type(config).__name__}")
+        check_mixed_precision(config, stage)
         self.stage = stage
         self.module = stage.module
         self.config = config
@@ -173,10 +212,19 @@ class Trainer:
                                 "that run, or choose another output_dir")
         self.loader = DataLoader(dataset, config.batch_size, seed=config.seed, prefetch=config.prefetch,
                                  collate=getattr(stage, "collate", None))
-        self.optimizer = AdamW(self.module, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        self.master = self.scaler = None
+        if config.mixed_precision == "fp16":
+            self.master = MasterWeights(self.module, "float16")    # float32 copies; the module is now float16
+            self.scaler = DynamicLossScaler(init_scale=config.loss_scale_init,
+                                            growth_interval=config.loss_scale_growth_interval,
+                                            max_consecutive_skips=config.max_consecutive_overflow_steps)
+            stage.master_weights = self.master
+        #: what the optimizer, the EMA and the clipping see: the masters under fp16, else the module
+        self.target = self.master if self.master is not None else self.module
+        self.optimizer = AdamW(self.target, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, config.lr_warmup_steps, config.steps)
-        self.ema = EMA(self.module, decay=config.ema_decay) if config.use_ema else None
+        self.ema = EMA(self.target, decay=config.ema_decay) if config.use_ema else None
         self.rng = trainer_rng(config.seed)
         self.step = 0
         self.skipped_steps = 0
@@ -209,7 +257,7 @@ class Trainer:
                 # A checkpoint falling on a skipped step waits for the next applied one, so every
                 # checkpoint is taken right after a good step (except the final one).
                 due = due or self.step % cfg.checkpointing_steps == 0
-                if (due and self.bad_run == 0) or self.step == cfg.steps:
+                if (due and not row["skipped"]) or self.step == cfg.steps:
                     self.elapsed = time.perf_counter() - started
                     last_ckpt = self.save_checkpoint()
                     due = False
@@ -226,27 +274,44 @@ class Trainer:
     def _one_step(self) -> dict:
         cfg = self.config
         batch = next(self.loader)
-        self.module.zero_grad()
-        metrics = self.stage.train_step(batch, self.rng)
+        self.target.zero_grad()                     # MasterWeights.zero_grad clears the module's too
+        if self.scaler is None:
+            metrics = self.stage.train_step(batch, self.rng)
+        else:
+            self.stage.loss_scale = self.scaler.get_scale()
+            # float16 overflow in the backward is expected now and then (S too large): the scaler
+            # finds the inf/NaN and skips the step, so NumPy's RuntimeWarnings would be noise
+            with numpy.errstate(over="ignore", invalid="ignore"):
+                metrics = self.stage.train_step(batch, self.rng)
         if not isinstance(metrics, dict):
             metrics = {"loss": metrics}
         # One host read per step (on CuPy, one synchronization): the loss, the stage's metrics and the
         # gradient norm, measured on the device and copied back together.
-        total = grad_norm_array(self.module)
+        total = grad_norm_array(self.module) if self.scaler is None else None   # fp16: from the masters, below
         *values, total = to_host_floats([*metrics.values(), 0.0 if total is None else total])
         metrics = dict(zip(metrics, values))
         loss = metrics.pop("loss")
         lr = float(self.optimizer.lr)
         norm = math.nan
         ok = math.isfinite(loss)
+        overflow = False
+        if self.scaler is not None:
+            metrics["loss_scale"] = self.scaler.get_scale()
+            grads_ok = self.scaler.unscale_(self.optimizer)     # float32 master grads / S, checked
+            overflow = ok and not grads_ok                      # a finite loss: float16 overflow
+            ok = ok and grads_ok
         if ok:
-            norm = total
+            # fp16: the norm of the unscaled float32 master gradients (the module's are float16 x S)
+            norm = total if self.scaler is None else grad_norm(self.target)
             ok = math.isfinite(norm)
             if ok and cfg.max_grad_norm > 0:
-                clip_grads_with_norm_(self.module, cfg.max_grad_norm, norm)
+                clip_grads_with_norm_(self.target, cfg.max_grad_norm, norm)
         self.step += 1
         if ok:
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)                # AdamW on the masters, then masters -> module
+            else:
+                self.optimizer.step()
             self.lr_scheduler.step()
             if self.ema is not None:
                 self.ema.update()
@@ -254,8 +319,36 @@ class Trainer:
             self.bad_run = 0
         else:
             self.skipped_steps += 1
-            self.bad_run += 1
+            if not overflow:                                    # overflows are bounded by the scaler
+                self.bad_run += 1
+        if self.scaler is not None:
+            try:
+                self.scaler.update()                            # halve S after an overflow, else maybe grow
+            except NonFiniteGradientError as exc:
+                raise TrainingError(self._overflow_message(exc)) from None
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "skipped": int(not ok), **metrics}
+
+    def _overflow_message(self, exc) -> str:
+        good = self.checkpoints.latest()
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint had been written yet"
+        return (f"{self.stage.name}: stopped at step {self.step}: {self.scaler.consecutive_skips} consecutive fp16 "
+                f"steps had non-finite gradients (train.max_consecutive_overflow_steps = "
+                f"{self.config.max_consecutive_overflow_steps}), each skipped; {where}. {exc}")
+
+    @contextlib.contextmanager
+    def _module_holds_masters(self):
+        """Under fp16: the module in float32 holding the masters exactly (to save or load the model
+        folders), then back in float16 from the masters. A no-op without mixed precision."""
+        if self.master is None:
+            yield
+            return
+        self.module.to("float32")
+        self.master.copy_to_module()
+        try:
+            yield
+        finally:
+            self.module.to(self.master.compute_dtype)
+            self.master.copy_to_module()
 
     def _postfix(self) -> dict:
         recent = [r["loss"] for r in self.history[-20:] if not r["skipped"]]
@@ -279,11 +372,12 @@ class Trainer:
                 "rng": self.rng.bit_generator.state,
                 "module_rngs": {k: g.bit_generator.state for k, g in module_generators(self.module).items()},
                 "stage_state": self.stage.state_dict(), "elapsed_seconds": self.elapsed,
-                "config": self.config_snapshot}
+                "config": self.config_snapshot, "mixed_precision": self.config.mixed_precision,
+                "loss_scaler": None if self.scaler is None else self.scaler.state_dict()}
 
     def save_checkpoint(self) -> str:
         """Write ``checkpoint-<step>`` (atomically, see checkpoint.py); returns its path."""
-        check = dict(self.module.named_parameters())
+        check = dict(self.target.named_parameters())
         try:
             check_finite(check, f"{self.stage.name} parameters at step {self.step}")
         except ValueError as exc:
@@ -293,7 +387,8 @@ class Trainer:
         csv_text = self.history_csv()
 
         def write(folder):
-            self.stage.save_models(folder)
+            with self._module_holds_masters():              # fp16: the model folders hold the masters
+                self.stage.save_models(folder)
             save_state(os.path.join(folder, "optimizer.safetensors"), self.optimizer.state_dict())
             save_state(os.path.join(folder, "lr_scheduler.safetensors"), self.lr_scheduler.state_dict())
             if self.ema is not None:
@@ -316,7 +411,16 @@ class Trainer:
             raise ValueError(f"{folder}: checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
         if state.get("stage") != self.stage.name:
             raise ValueError(f"{folder} is a checkpoint of the {state.get('stage')!r} stage, not {self.stage.name!r}")
-        self.stage.load_models(folder)
+        with self._module_holds_masters():
+            self.stage.load_models(folder)
+            if self.master is not None:                     # the folders hold float32 masters exactly
+                self.master.load_state_dict(dict(self.module.named_parameters()))
+        if self.scaler is not None:
+            if state.get("loss_scaler"):
+                self.scaler.load_state_dict(state["loss_scaler"])
+            else:
+                self.log(f"{self.stage.name}: {folder} was trained without mixed precision; the loss scale "
+                         f"starts at {self.scaler.get_scale():g}")
         self.optimizer.load_state_dict(load_state(os.path.join(folder, "optimizer.safetensors")))
         self.lr_scheduler.load_state_dict(load_state(os.path.join(folder, "lr_scheduler.safetensors")))
         ema_path = os.path.join(folder, "ema.safetensors")
@@ -368,10 +472,13 @@ class Trainer:
             self.ema.copy_to()
         try:
             export = getattr(self.stage, "export_models", None) or self.stage.save_models
-            export(self.output_dir)
+            with self._module_holds_masters():              # fp16: export the float32 masters
+                export(self.output_dir)
         finally:
             if self.ema is not None:
                 self.ema.restore()
+                if self.master is not None:
+                    self.master.copy_to_module()
         atomic_write_text(os.path.join(self.output_dir, "losses.csv"), self.history_csv())
         self.plot_losses(os.path.join(self.output_dir, "losses.png"))
 

@@ -80,8 +80,9 @@ def run_model_stage(config, build_stage, *, resume: bool = False, progress=None,
     from npdiffusion.random import manual_seed  # noqa: PLC0415
     from npdiffusion.training.checkpoint import CheckpointManager, prepare_output_dir  # noqa: PLC0415
     from npdiffusion.training.config import config_to_dict  # noqa: PLC0415
-    from npdiffusion.training.loop import Trainer, TrainingError  # noqa: PLC0415
+    from npdiffusion.training.loop import Trainer, TrainingError, check_mixed_precision  # noqa: PLC0415
 
+    check_mixed_precision(config.train)
     out = prepare_output_dir(config.output_dir)
     if not resume:
         existing = CheckpointManager(out).checkpoints()

@@ -113,6 +113,7 @@ class UNetStage(Stage):
     """``module`` is the UNet2DConditionModel; VAE and text encoder are frozen (module docstring)."""
 
     name = NAME
+    supports_mixed_precision = True
 
     def __init__(self, config: UNetStageConfig, dataset, log=print):
         from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
@@ -216,11 +217,13 @@ class UNetStage(Stage):
         t = rng.integers(0, self.opts.num_train_timesteps, b)
         noise = rng.standard_normal(z0.shape).astype(self.dtype)
         z0, noise = asarray(z0), asarray(noise)
-        x_t = q_sample(z0, t, self.alphas_cumprod, noise).astype(self.dtype)
+        compute = self.unet.dtype                        # float16 under mixed precision, else self.dtype
+        x_t = q_sample(z0, t, self.alphas_cumprod, noise).astype(compute)
         target = training_target(z0, noise, t, self.alphas_cumprod, self.opts.prediction_type)
-        out = self.unet(x_t, t, asarray(self.context[rows]))
+        out = self.unet(x_t, t, asarray(self.context[rows], dtype=compute))
+        # the loss and its gradient in float32; the gradient scaled by S before its one cast to float16
         loss, grad = simple_loss(out, target.astype(self.dtype), t, self.alphas_cumprod, self.opts.prediction_type,
-                                 self.opts.snr_gamma or None)
+                                 self.opts.snr_gamma or None, grad_scale=self.loss_scale)
         self.unet.backward(grad)
         return {"loss": loss}
 

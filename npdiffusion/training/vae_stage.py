@@ -66,6 +66,7 @@ class VAEStage(Stage):
     """``module`` is the AutoencoderKL; the loss is ``KLAutoencoderLoss`` (see the module docstring)."""
 
     name = NAME
+    supports_mixed_precision = True
 
     def __init__(self, config: VAEStageConfig, dataset):
         from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
@@ -97,9 +98,9 @@ class VAEStage(Stage):
     def train_step(self, batch, rng):
         from npdiffusion.backend import asarray  # noqa: PLC0415
 
-        x = asarray(batch.images, dtype=self.dtype)                      # (B, 3, S, S) in [-1, 1]
-        loss = self.objective(x, generator=rng)
-        self.objective.backward()
+        x = asarray(batch.images, dtype=self.vae.dtype)                  # (B, 3, S, S) in [-1, 1]
+        loss = self.objective(x, generator=rng)                          # float32 also for a float16 VAE
+        self.objective.backward(self.loss_scale)                         # S * dL/dx_hat, cast once to float16
         terms = self.objective.terms
         return {"loss": loss, "reconstruction": terms["reconstruction"], "kl": terms["kl"]}
 

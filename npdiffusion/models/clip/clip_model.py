@@ -118,7 +118,14 @@ class CLIPModel(Module):
                 raise ValueError(f"CLIPModel: the contrastive loss pairs text i with image i, so input_ids and "
                                  f"pixel_values need the same batch size, got {text_embeds.shape[0]} and "
                                  f"{image_embeds.shape[0]} (pass return_loss=False for logits only)")
-            (loss, z), cache = contrastive_loss_forward(text_embeds, image_embeds, self.logit_scale)
+            if text_embeds.dtype.itemsize < 4:
+                # float16 towers (mixed precision): the logits, the loss and its gradient in float32;
+                # backward casts the embeddings' gradients back to float16 once, after dloss scaled them
+                (loss, z), cache = contrastive_loss_forward(text_embeds.astype(xp.float32),
+                                                            image_embeds.astype(xp.float32),
+                                                            self.logit_scale.astype(xp.float32))
+            else:
+                (loss, z), cache = contrastive_loss_forward(text_embeds, image_embeds, self.logit_scale)
         else:
             loss = None
             z, cache = clip_logits_forward(text_embeds, image_embeds, self.logit_scale)
@@ -156,6 +163,11 @@ class CLIPModel(Module):
             if dz is None:
                 dz = xp.zeros(zshape, dtype=dtype)
             d_text_embeds, d_image_embeds, dscale = clip_logits_backward(dz, cache)
+        if d_text_embeds.dtype != dtype:                  # the float32 loss of a float16 model
+            with numpy.errstate(over="ignore"):          # past float16's range: inf, for the loss scaler
+                d_text_embeds = d_text_embeds.astype(dtype)
+                d_image_embeds = d_image_embeds.astype(dtype)
+                dscale = dscale.astype(dtype)
         if grad_text_embeds is not None:
             d_text_embeds += grad_text_embeds
         if grad_image_embeds is not None:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy
+
 from npdiffusion.backend import asarray, xp
 from npdiffusion.models.vae.distribution import DiagonalGaussianDistribution
 from npdiffusion.nn.module import Module, frozen
@@ -55,7 +57,8 @@ def _scale(reduction: str, batch: int, size: int) -> float:
 def reconstruction_loss_forward(recon, target, kind: str = "l1", reduction: str = "batchmean"):
     """R(recon - target) reduced: l1 sums |d|, l2 sums d^2 (d = recon - target), then x 1/B
     ("batchmean"), 1/size ("mean") or 1 ("sum"). Returns ``(loss (0-d), cache)``;
-    cache = (d, kind, factor)."""
+    cache = (d, kind, factor, (recon dtype, target dtype)). float16 inputs are computed in float32
+    (the loss is float32; the backward casts its gradients back, once, after scaling by dloss)."""
     _check_choice("reconstruction_loss: kind", kind, RECONSTRUCTIONS)
     _check_choice("reconstruction_loss: reduction", reduction, REDUCTIONS)
     for name, a in (("recon", recon), ("target", target)):
@@ -65,20 +68,28 @@ def reconstruction_loss_forward(recon, target, kind: str = "l1", reduction: str 
     if tuple(recon.shape) != tuple(target.shape):
         raise ValueError(f"reconstruction_loss: recon must have target's shape {tuple(target.shape)}, "
                          f"got shape {tuple(recon.shape)}")
-    d = recon - target
+    dtypes = (recon.dtype, target.dtype)
+    if recon.dtype.itemsize < 4 or target.dtype.itemsize < 4:
+        d = recon.astype(xp.float32) - target.astype(xp.float32)
+    else:
+        d = recon - target
     flat = d.reshape(-1)
     total = xp.abs(flat).sum() if kind == "l1" else xp.dot(flat, flat)
     factor = _scale(reduction, d.shape[0], d.size)
-    return xp.asarray(total * factor, dtype=d.dtype), (d, kind, factor)
+    return xp.asarray(total * factor, dtype=d.dtype), (d, kind, factor, dtypes)
 
 
 def reconstruction_loss_backward(dloss, cache):
     """Returns ``(d recon, d target)``: d recon = dloss * factor * (sign(d) for l1 | 2 d for l2)
-    (sign(0) = 0, torch's subgradient), d target = -d recon."""
-    d, kind, factor = cache
+    (sign(0) = 0, torch's subgradient), d target = -d recon, each in its input's dtype. dloss (a
+    mixed-precision loss scale S, say) multiplies in d's dtype (float32 for float16 inputs) before
+    the cast, so small gradients are not flushed to zero by float16."""
+    d, kind, factor, (recon_dtype, target_dtype) = cache
     g = xp.sign(d) if kind == "l1" else d * 2.0
     g *= asarray(dloss, dtype=d.dtype) * factor
-    return g, -g
+    neg = -g
+    with numpy.errstate(over="ignore"):             # past float16's range: inf, seen by the loss scaler
+        return g.astype(recon_dtype, copy=False), neg.astype(target_dtype, copy=False)
 
 
 # ----------------------------------------------------------------------------- KL
@@ -142,7 +153,10 @@ class KLAutoencoderLoss(Module):
         z = posterior.sample(noise)
         recon = self.vae.decode(z)
         rec, rec_cache = reconstruction_loss_forward(recon, x, self.reconstruction, self.reduction)
-        kl, kl_cache = kl_loss_forward(posterior, self.reduction)
+        # float16 (mixed precision): the KL and its gradient in float32, cast back once in backward
+        kl_posterior = posterior if posterior.mean.dtype.itemsize >= 4 else \
+            DiagonalGaussianDistribution(posterior.parameters.astype(xp.float32), posterior.deterministic)
+        kl, kl_cache = kl_loss_forward(kl_posterior, self.reduction)
         loss = xp.asarray(rec + self.beta * kl, dtype=rec.dtype)
         self.terms = {"reconstruction": rec, "kl": kl, "loss": loss}
         self.noise = noise
@@ -161,8 +175,9 @@ class KLAutoencoderLoss(Module):
         d_mean, d_logvar = posterior.sample_backward(dz, noise)
         if self.beta:
             k_mean, k_logvar = kl_loss_backward(asarray(grad) * self.beta, kl_cache)
-            d_mean += k_mean
-            d_logvar += k_logvar
+            with numpy.errstate(over="ignore"):
+                d_mean += k_mean.astype(d_mean.dtype, copy=False)
+                d_logvar += k_logvar.astype(d_logvar.dtype, copy=False)
         dx = self.vae.encode_backward(d_mean, d_logvar)
         dx += d_target
         return dx
