@@ -53,5 +53,8 @@ def run(args) -> int:
         summary = stage.train(config, resume=args.resume, progress=False if args.no_progress else None)
     except (TrainingError, MissingDependencyError) as exc:
         raise CommandError(str(exc)) from None
-    print(summary)
+    from npdiffusion.distributed.world import get_communicator  # noqa: PLC0415
+
+    if get_communicator().is_root:  # data-parallel (mpiexec -n N): one summary, from rank 0
+        print(summary)
     return 0

@@ -16,7 +16,12 @@ images, converting them, running ``collate``) into a queue of that depth while t
 runs; ``next()`` takes them in order. Prefetching never changes *which* batches come, only when they
 are built: the state counts batches handed out, not batches prepared, so a checkpoint taken at any
 moment resumes exactly. An exception in the thread is re-raised by the ``next()`` that would have
-returned its batch. Randomness of the step itself (noise, timesteps, caption dropout) does not
+returned its batch.
+
+Shards. With ``shard`` (a ``distributed.Shard``, one per rank of a data-parallel run) the loader
+walks the same global batches of B but gathers and collates only rows ``[shard.start, shard.stop)``
+of each, and sets ``batch.shard``; its state (epoch, position, order) is the global one, the same on
+every rank and for any number of ranks (docs/distributed.md). Randomness of the step itself (noise, timesteps, caption dropout) does not
 belong here: it is drawn in the main thread from the trainer's generator.
 Docs: docs/training.md ("Datasets" and "Checkpoints and resume").
 """
@@ -61,14 +66,20 @@ def _permutation(seed: int, shuffle: bool, n: int, epoch: int) -> numpy.ndarray:
 
 def _make(plan, epoch: int, position: int, order: numpy.ndarray):
     dataset, collate, batch_size = plan[:3]
+    shard = plan[7]
     idx = order[position * batch_size:(position + 1) * batch_size]
+    if shard is not None:
+        idx = idx[shard.start:shard.stop]
     images = dataset.get_images(idx)
     captions = [dataset.captions[i] for i in idx.tolist()]
-    return collate(images, captions, idx.copy(), epoch, position)
+    batch = collate(images, captions, idx.copy(), epoch, position)
+    if shard is not None:
+        batch.shard = shard
+    return batch
 
 
 def _advance(plan, epoch: int, position: int, order):
-    _, _, _, steps_per_epoch, seed, shuffle, n = plan
+    _, _, _, steps_per_epoch, seed, shuffle, n = plan[:7]
     position += 1
     if position >= steps_per_epoch:
         epoch, position = epoch + 1, 0
@@ -107,7 +118,7 @@ class DataLoader:
     """Infinite iterator of batches over ``dataset`` (see the module docstring)."""
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, shuffle: bool = True, prefetch: int = 2,
-                 collate: Callable | None = None):
+                 collate: Callable | None = None, shard=None):
         n = len(dataset)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be a positive int, got {batch_size!r}")
@@ -124,6 +135,9 @@ class DataLoader:
         self.shuffle = bool(shuffle)
         self.prefetch = prefetch
         self.collate = collate or default_collate
+        self.shard = shard
+        if shard is not None and (shard.total != batch_size or not 0 <= shard.start < shard.stop <= batch_size):
+            raise ValueError(f"DataLoader: shard {shard} does not split a batch of {batch_size}")
         self.num_images = n
         self.steps_per_epoch = n // batch_size
         self.epoch = 0
@@ -142,7 +156,7 @@ class DataLoader:
         """What the producer needs, without a reference to the loader (so an abandoned loader is collected
         and its ``__del__`` stops the thread)."""
         return (self.dataset, self.collate, self.batch_size, self.steps_per_epoch, self.seed, self.shuffle,
-                self.num_images)
+                self.num_images, self.shard)
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):

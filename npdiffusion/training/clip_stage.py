@@ -178,6 +178,8 @@ def build_stage(config: CLIPStageConfig, dataset) -> CLIPStage:
 
 def train(config: CLIPStageConfig, resume: bool = False, progress=None, log=print) -> str:
     """Train CLIP (see the module docstring); returns a one-line summary."""
-    from npdiffusion.training.stages import run_model_stage  # noqa: PLC0415
+    from npdiffusion.training.stages import refuse_data_parallel, run_model_stage  # noqa: PLC0415
 
+    refuse_data_parallel(NAME, "its contrastive loss is taken over the global batch, which needs an all-gather "
+                         "of the embeddings that is not written yet")
     return run_model_stage(config, build_stage, resume=resume, progress=progress, log=log)

@@ -189,10 +189,18 @@ class Trainer:
     """
 
     def __init__(self, stage, dataset, config: TrainConfig, output_dir, *, resume: bool = False,
-                 progress: bool | None = None, log=print, config_snapshot: dict | None = None):
+                 progress: bool | None = None, log=print, config_snapshot: dict | None = None, comm=None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"Trainer: config must be a TrainConfig, got {type(config).__name__}")
         check_mixed_precision(config, stage)
+        # Data-parallel (docs/distributed.md): comm is this run's communicator, from
+        # distributed.get_communicator() when None (one process unless started by mpiexec -n N).
+        # Rank 0 alone shows progress, logs and writes; each rank trains on its shard of the batch.
+        from npdiffusion.distributed.world import get_communicator  # noqa: PLC0415
+
+        self.comm = comm if comm is not None else get_communicator()
+        if not self.comm.is_root:
+            progress, log = False, _quiet
         self.stage = stage
         self.module = stage.module
         self.config = config
@@ -211,7 +219,9 @@ class Trainer:
                                 f"{os.path.basename(self.checkpoints.latest())}); pass --resume to continue "
                                 "that run, or choose another output_dir")
         self.loader = DataLoader(dataset, config.batch_size, seed=config.seed, prefetch=config.prefetch,
-                                 collate=getattr(stage, "collate", None))
+                                 collate=getattr(stage, "collate", None),
+                                 shard=self.comm.shard(config.batch_size) if self.comm.size > 1 else None)
+        self.comm.broadcast_parameters(self.module)                   # before fp16 copies the masters
         self.master = self.scaler = None
         if config.mixed_precision == "fp16":
             self.master = MasterWeights(self.module, "float16")    # float32 copies; the module is now float16
@@ -285,6 +295,8 @@ class Trainer:
                 metrics = self.stage.train_step(batch, self.rng)
         if not isinstance(metrics, dict):
             metrics = {"loss": metrics}
+        # N ranks: gradients and metrics averaged over the ranks first (docs/distributed.md); one rank: as is
+        metrics = self.comm.average_gradients(self.module, metrics)
         # One host read per step (on CuPy, one synchronization): the loss, the stage's metrics and the
         # gradient norm, measured on the device and copied back together.
         total = grad_norm_array(self.module) if self.scaler is None else None   # fp16: from the masters, below
@@ -384,6 +396,8 @@ class Trainer:
             good = self.checkpoints.latest()
             raise TrainingError(f"{exc}; not saving them. The last good checkpoint is {good}"
                                 if good else f"{exc}; not saving them") from None
+        if not self.comm.is_root:  # every rank checked the (identical) parameters; rank 0 writes
+            return os.path.join(self.output_dir, f"checkpoint-{self.step}")
         csv_text = self.history_csv()
 
         def write(folder):
@@ -466,7 +480,10 @@ class Trainer:
         """Write the final model(s) into the output folder (the EMA weights when ``use_ema``) with the
         stage's ``export_models`` (default ``save_models``), then losses.csv and losses.png. The stages
         write each model folder with ``save_pretrained``, which swaps it in atomically
-        (``io.atomic_folder``): a kill leaves every folder the complete old or the complete new one."""
+        (``io.atomic_folder``): a kill leaves every folder the complete old or the complete new one.
+        Data-parallel: rank 0 alone writes."""
+        if not self.comm.is_root:
+            return
         if self.ema is not None:
             self.ema.store()
             self.ema.copy_to()
@@ -489,6 +506,10 @@ class Trainer:
         image = loss_plot(self.history, title=f"npdiffusion train {self.stage.name}")
         if image is not None:
             save_png(image, path)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The ``log`` of ranks other than 0."""
 
 
 def loss_plot(history: list[dict], title: str, size=(800, 480)):

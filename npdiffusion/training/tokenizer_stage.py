@@ -54,8 +54,9 @@ def train(config: TokenizerStageConfig, resume: bool = False, progress=None, log
     from npdiffusion.models.clip.bpe_train import save_bpe_files, train_bpe  # noqa: PLC0415
     from npdiffusion.models.clip.tokenizer import CLIPTokenizer, normalize_text, pre_tokenize  # noqa: PLC0415
     from npdiffusion.training.checkpoint import prepare_output_dir  # noqa: PLC0415
-    from npdiffusion.training.stages import dataset_from_config  # noqa: PLC0415
+    from npdiffusion.training.stages import dataset_from_config, refuse_data_parallel  # noqa: PLC0415
 
+    refuse_data_parallel(NAME, "learning the BPE merges is one process's work")
     out = prepare_output_dir(config.output_dir)           # fail before any work
     dataset = dataset_from_config(config.data)
     captions = list(dataset.captions)

@@ -19,7 +19,9 @@ Per step (diffusers' examples/text_to_image/train_text_to_image.py; docs/trainin
     target = noise (epsilon) or sqrt(abar_t) noise - sqrt(1 - abar_t) z0 (v_prediction)
     loss   = mean_b w_b mean_i (unet(z_t, t, c) - target)^2,  w_b = 1 or the Min-SNR-gamma weight
 
-Every draw comes from the trainer's generator, so a resumed run is exact. The exported U-Net is
+Every draw comes from the trainer's generator, so a resumed run is exact; each is drawn for the
+whole global batch and a data-parallel rank keeps its own rows (``distributed.sharding``), so N
+ranks train on the draws of one process. The exported U-Net is
 the EMA of the weights when ``train.use_ema``. At the end ``output_dir/model`` receives a complete
 diffusers pipeline folder (vae, text_encoder, tokenizer, unet, scheduler, model_index.json) that
 ``StableDiffusionPipeline.from_pretrained`` loads here and in diffusers; its scheduler is
@@ -209,13 +211,15 @@ class UNetStage(Stage):
         from npdiffusion.diffusion.forward import q_sample  # noqa: PLC0415
         from npdiffusion.diffusion.objectives import simple_loss, training_target  # noqa: PLC0415
 
+        from npdiffusion.distributed.sharding import batch_draws  # noqa: PLC0415
+
         idx = numpy.asarray(batch.indices)
-        b = idx.shape[0]
         mean, std = self.latent_mean[idx], self.latent_std[idx]
-        z0 = (mean + std * rng.standard_normal(mean.shape).astype(self.dtype)) * self.dtype.type(self.scaling_factor)
-        rows = numpy.where(rng.random(b) < self.opts.caption_dropout, 0, batch.caption_rows)
-        t = rng.integers(0, self.opts.num_train_timesteps, b)
-        noise = rng.standard_normal(z0.shape).astype(self.dtype)
+        draws = batch_draws(rng, batch)  # drawn for the global batch, this rank's rows kept (sharding.py)
+        z0 = (mean + std * draws.standard_normal(mean.shape[1:]).astype(self.dtype)) * self.dtype.type(self.scaling_factor)
+        rows = numpy.where(draws.random() < self.opts.caption_dropout, 0, batch.caption_rows)
+        t = draws.integers(0, self.opts.num_train_timesteps)
+        noise = draws.standard_normal(z0.shape[1:]).astype(self.dtype)
         z0, noise = asarray(z0), asarray(noise)
         compute = self.unet.dtype                        # float16 under mixed precision, else self.dtype
         x_t = q_sample(z0, t, self.alphas_cumprod, noise).astype(compute)
@@ -268,6 +272,10 @@ def train(config: UNetStageConfig, resume: bool = False, progress=None, log=prin
     """Train the U-Net (see the module docstring), then write ``output_dir/model``; returns a summary."""
     from npdiffusion.training.stages import run_model_stage  # noqa: PLC0415
 
+    from npdiffusion.distributed.world import get_communicator  # noqa: PLC0415
+
     summary = run_model_stage(config, build_stage, resume=resume, progress=progress, log=log)
+    if not get_communicator().is_root:  # data-parallel: rank 0 alone writes
+        return summary
     folder = write_pipeline(config, os.path.join(config.output_dir, "model"))
     return summary + f"; pipeline folder {folder}"

@@ -98,8 +98,15 @@ class VAEStage(Stage):
     def train_step(self, batch, rng):
         from npdiffusion.backend import asarray  # noqa: PLC0415
 
+        from npdiffusion.distributed.sharding import batch_draws  # noqa: PLC0415
+
         x = asarray(batch.images, dtype=self.vae.dtype)                  # (B, 3, S, S) in [-1, 1]
-        loss = self.objective(x, generator=rng)                          # float32 also for a float16 VAE
+        f = self.vae.downsample_factor
+        latent = (self.vae.config["latent_channels"], x.shape[2] // f, x.shape[3] // f)
+        # Drawn for the global batch, this rank's rows kept (distributed/sharding.py): the same
+        # numbers posterior.draw_noise(rng) draws in one process.
+        noise = asarray(batch_draws(rng, batch).standard_normal(latent), dtype=self.vae.dtype)
+        loss = self.objective(x, noise=noise)                            # float32 also for a float16 VAE
         self.objective.backward(self.loss_scale)                         # S * dL/dx_hat, cast once to float16
         terms = self.objective.terms
         return {"loss": loss, "reconstruction": terms["reconstruction"], "kl": terms["kl"]}

@@ -1,0 +1,76 @@
+"""``Communicator``: what data-parallel training needs from a group of N processes ("ranks").
+
+An implementation provides ``rank``, ``size`` and three collectives on contiguous host (NumPy)
+buffers: ``allreduce_sum_(buf)`` (in place: every rank ends with the element-wise sum over ranks),
+``broadcast_(buf, root)`` (in place: every rank ends with root's buffer) and ``barrier()``. On them
+this class builds what the trainer calls:
+
+* ``broadcast_parameters(module)``: every rank starts from rank 0's weights;
+* ``average_gradients(module, metrics)``: the gradients, packed into one flat buffer per dtype
+  (``flat.pack``), summed over the ranks and divided by N, written back in place; the step's float
+  metrics (the loss first) averaged the same way in one float64 buffer. With equal shards the mean
+  of the N per-rank batch means is the global batch mean, so the gradient is the one-process
+  gradient up to summation order (docs/distributed.md). A non-finite loss on any rank makes the
+  averaged loss non-finite on every rank, so every rank skips that step or none does.
+* ``shard(batch_size)``: this rank's rows of a global batch (``sharding.Shard``).
+"""
+from __future__ import annotations
+
+import numpy
+
+from npdiffusion.distributed import flat
+from npdiffusion.distributed.sharding import Shard
+
+
+class Communicator:
+    """Base class; see the module docstring. ``name`` says which implementation it is."""
+
+    name = "communicator"
+    rank = 0
+    size = 1
+
+    # ------------------------------------------------------------------ the collectives (implemented below)
+    def allreduce_sum_(self, buf: numpy.ndarray) -> None:
+        raise NotImplementedError
+
+    def broadcast_(self, buf: numpy.ndarray, root: int = 0) -> None:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ built on them
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch_size: int) -> Shard:
+        """This rank's rows of a global batch of ``batch_size`` (which N must divide)."""
+        return Shard.of(batch_size, self.rank, self.size)
+
+    def broadcast_parameters(self, module, root: int = 0) -> None:
+        """Overwrite every parameter of ``module`` with rank ``root``'s, in place."""
+        if self.size == 1:
+            return
+        params = [p for _, p in module.named_parameters()]
+        buckets = flat.pack(params)
+        for _, buf, _ in buckets:
+            self.broadcast_(buf, root)
+        flat.unpack(buckets, params)
+
+    def average_gradients(self, module, metrics: dict) -> dict:
+        """Average ``module``'s gradients and the float ``metrics`` over the ranks (module docstring);
+        returns the averaged metrics (same keys)."""
+        if self.size == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = numpy.asarray([float(metrics[k]) for k in keys], dtype=numpy.float64)
+        self.allreduce_sum_(values)
+        values /= self.size
+        grads = [g for _, g in module.named_grads()]
+        buckets = flat.pack(grads)
+        for dtype, buf, _ in buckets:
+            self.allreduce_sum_(buf)
+            buf *= dtype.type(1.0 / self.size)
+        flat.unpack(buckets, grads)
+        return {k: float(v) for k, v in zip(keys, values)}

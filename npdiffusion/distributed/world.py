@@ -1,0 +1,38 @@
+"""``get_communicator()``: the communicator of this process.
+
+Started by an MPI launcher (``mpiexec -n N``; recognised by the environment variables MPICH's Hydra,
+Open MPI and PMIx set) with N > 1: an ``MPICommunicator`` over ``MPI.COMM_WORLD`` (one clear
+ImportError when mpi4py is missing, rather than N independent runs writing the same folder).
+Otherwise, or with N = 1: ``SingleProcess``, and mpi4py is never imported.
+"""
+from __future__ import annotations
+
+import os
+
+SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def launched_by_mpi() -> int:
+    """The number of processes an MPI launcher says it started (1 when none did)."""
+    for name in SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+_WORLD = []
+
+
+def get_communicator():
+    """See the module docstring (built once per process)."""
+    from npdiffusion.distributed.single import SingleProcess  # noqa: PLC0415
+
+    if launched_by_mpi() <= 1:
+        return SingleProcess()
+    if not _WORLD:
+        from npdiffusion.distributed.mpi import MPICommunicator  # noqa: PLC0415
+
+        comm = MPICommunicator()
+        _WORLD.append(comm if comm.size > 1 else SingleProcess())
+    return _WORLD[0]
