@@ -63,6 +63,18 @@ def test_one_sync_per_training_step(stage, demo_dir):
     assert sum(log.total for log in logs) >= 1         # the loss is read: the counter sees the device
 
 
+@pytest.mark.parametrize("stage", audit.STAGES)
+def test_fp16_training_steps_read_the_device_once(stage, demo_dir):
+    """The issue allows two with fp16 (the loss and the loss scaler's finiteness flag): the flag is
+    read from the master gradients' norm, in the same read as the loss. (A small initial scale, so no
+    step overflows: a skipped step also names its non-finite gradients, one read each.)"""
+    with audit.on_standin():
+        logs = audit.training_step_syncs(stage, demo_dir, steps=3, mixed_precision="fp16", loss_scale_init=16.0)
+    for log in logs:
+        assert log.total <= 1, log.report()
+        assert all(site.startswith(LOOP_SITE) for _, site in log.events), log.report()
+
+
 def test_one_sync_per_denoising_iteration(demo_dir):
     from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
 

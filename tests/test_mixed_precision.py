@@ -278,6 +278,42 @@ def test_injected_nonfinite_gradient_skips_step_bitwise(backend, bad):
     assert (scaler.skipped_steps, scaler.consecutive_skips, opt.step_count) == (1, 0, 3)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("bad", [None, np.inf])
+def test_unchecked_unscale_with_reported_finiteness_equals_the_checked_step(backend, bad):
+    """unscale_(check=False) + record_finite (the training loop's one-read path) applies or skips a
+    step exactly as the checked unscale_ does, and names the culprit on a skip."""
+    xs, ys = make_data(3)
+    runs = []
+    for checked in (True, False):
+        manual_seed(0)
+        net, master, opt, scaler = mixed_setup(1e-2)
+        names = []
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            master.zero_grad()
+            _, dout = mse(net(asarray(x).astype(np.float16)), y)
+            net.backward(scaler.scale(dout, dtype=np.float16))
+            if bad is not None and i == 1:
+                net.conv.accumulate_grad("weight", asarray(np.full(net.conv.weight.shape, bad, dtype=np.float16)))
+            if checked:
+                scaler.unscale_(opt)
+            else:
+                assert scaler.unscale_(opt, check=False) is None
+                with pytest.raises(RuntimeError, match="record_finite"):
+                    scaler.step(opt)
+                finite = all(bool(np.isfinite(to_numpy(g)).all()) for _, g in master.named_grads())
+                scaler.record_finite(finite, opt)
+            scaler.step(opt)
+            names.append(list(scaler._nonfinite))
+            scaler.update()
+        runs.append((snapshot(master, net, opt), scaler.get_scale(), scaler.skipped_steps, names))
+    assert_bitwise_equal(runs[0][0], runs[1][0])
+    assert runs[0][1:] == runs[1][1:]
+    assert runs[1][3] == ([[], ["conv.weight"], []] if bad is not None else [[], [], []])
+    with pytest.raises(RuntimeError, match="unscale_.*check=False"):
+        DynamicLossScaler().record_finite(True, opt)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")          # NumPy's overflow warnings, on purpose
 def test_float16_overflow_backs_off_until_finite(backend):
     """With S = 2^30, S * dL/dout overflows float16 (max 65504): the scaler halves S, skipping

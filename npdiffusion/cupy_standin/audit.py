@@ -120,9 +120,10 @@ def quick_demo(out: str) -> str:
     return out
 
 
-def training_step_syncs(stage_name: str, demo_dir: str, steps: int = 3) -> list:
+def training_step_syncs(stage_name: str, demo_dir: str, steps: int = 3, **train_overrides) -> list:
     """One log per training step of stage ``stage_name`` ("unet", "vae" or "clip") on the quick demo's
-    settings; ``demo_dir`` holds a quick demo run (its tokenizer, VAE and text encoder feed the stages)."""
+    settings; ``demo_dir`` holds a quick demo run (its tokenizer, VAE and text encoder feed the stages).
+    ``train_overrides``: [train] keys to change (e.g. ``mixed_precision="fp16"``)."""
     from npdiffusion.random import manual_seed  # noqa: PLC0415
     from npdiffusion.training import clip_stage, unet_stage, vae_stage  # noqa: PLC0415
     from npdiffusion.training.demo.settings import stage_configs  # noqa: PLC0415
@@ -132,6 +133,7 @@ def training_step_syncs(stage_name: str, demo_dir: str, steps: int = 3) -> list:
     module = {"unet": unet_stage, "vae": vae_stage, "clip": clip_stage}[stage_name]
     with tempfile.TemporaryDirectory() as out:
         config = dataclasses.replace(stage_configs(demo_dir, quick=True)[stage_name], output_dir=out)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_overrides))
         dataset = dataset_from_config(config.data)
         manual_seed(config.train.seed)
         stage = module.build_stage(config, dataset)

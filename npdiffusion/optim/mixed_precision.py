@@ -141,11 +141,12 @@ class MasterWeights:
         if seen != len(self._params):
             raise KeyError(f"MasterWeights: the module has {seen} parameters, the masters {len(self._params)}")
 
-    def load_grads(self, inv_scale: float = 1.0) -> bool:
+    def load_grads(self, inv_scale: float = 1.0, check: bool = True) -> bool | None:
         """Master gradients <- float32(module gradient) * float32(inv_scale), for every parameter.
 
         Returns whether every gradient is finite; when not, ``self.nonfinite`` names the culprits.
         One host synchronization in all (the finiteness flags are reduced on the device first).
+        ``check=False``: no check and no synchronization (returns None; ``nonfinite_names`` later).
         """
         inv = numpy.float32(inv_scale)
         names, flags = [], []
@@ -159,8 +160,11 @@ class MasterWeights:
             else:
                 xp.multiply(g, inv, out=m, dtype=MASTER_DTYPE)
             names.append(name)
-            flags.append(xp.isfinite(m).all())
+            if check:
+                flags.append(xp.isfinite(m).all())
         self._stale = False
+        if not check:
+            return None
         if not flags:
             self.nonfinite = []
             return True
@@ -168,6 +172,10 @@ class MasterWeights:
         ok = bool(stacked.all())
         self.nonfinite = [] if ok else [n for n, f in zip(names, to_numpy(stacked)) if not f]
         return ok
+
+    def nonfinite_names(self) -> list[str]:
+        """The parameters whose master gradient holds inf or NaN (one host synchronization each)."""
+        return [name for name, m in self._grads.items() if m is not None and not bool(xp.isfinite(m).all())]
 
     def copy_to_module(self) -> None:
         """The module's parameters <- the masters rounded to the compute dtype (in place)."""
@@ -203,6 +211,9 @@ def _f32(x) -> float:
     """``x`` rounded to float32, as a Python float (torch keeps the scale in a float32 tensor)."""
     with numpy.errstate(over="ignore"):
         return float(numpy.float32(x))
+
+
+_AWAITING_CHECK = "awaiting record_finite"    # unscaled without a check; the caller reports finiteness
 
 
 class DynamicLossScaler:
@@ -263,12 +274,13 @@ class DynamicLossScaler:
                 out = out.astype(dtype)
         return out
 
-    def unscale_(self, optimizer) -> bool:
+    def unscale_(self, optimizer, check: bool = True) -> bool | None:
         """Divide the gradients by S once, into float32 masters; returns whether all are finite.
 
         With a ``MasterWeights`` behind ``optimizer`` its ``load_grads`` does it; with a plain
         module the module's gradients are unscaled in place. Call it before gradient clipping;
-        ``step`` calls it when you have not.
+        ``step`` calls it when you have not. ``check=False`` (MasterWeights only): unscale without
+        reading the device; the caller then reports finiteness with ``record_finite``.
         """
         if self._found_inf is not None:
             raise RuntimeError("DynamicLossScaler.unscale_: already called for this step; call update() "
@@ -277,6 +289,10 @@ class DynamicLossScaler:
         check_module("DynamicLossScaler.unscale_", target)
         inv = float(numpy.float32(1.0 / self._scale))    # torch: scale.double().reciprocal().float()
         if isinstance(target, MasterWeights):
+            if not check:
+                target.load_grads(inv, check=False)
+                self._found_inf = _AWAITING_CHECK
+                return None
             ok = target.load_grads(inv)
             bad = target.nonfinite
         else:
@@ -292,6 +308,15 @@ class DynamicLossScaler:
         self._nonfinite = bad
         return ok
 
+    def record_finite(self, finite: bool, optimizer) -> None:
+        """After ``unscale_(optimizer, check=False)``: whether every unscaled gradient is finite, as the
+        caller read it (the training loop reads it from the gradients' norm, with the loss, in one device
+        read); the culprits are named only when one is not."""
+        if self._found_inf is not _AWAITING_CHECK:
+            raise RuntimeError("DynamicLossScaler.record_finite: call unscale_(optimizer, check=False) first")
+        self._found_inf = not finite
+        self._nonfinite = [] if finite else optimizer.module.nonfinite_names()
+
     def step(self, optimizer) -> bool:
         """Run ``optimizer.step()`` unless a gradient is non-finite; returns whether it ran.
 
@@ -300,6 +325,8 @@ class DynamicLossScaler:
         """
         if self._stepped:
             raise RuntimeError("DynamicLossScaler.step: already called for this step; call update() first")
+        if self._found_inf is _AWAITING_CHECK:
+            raise RuntimeError("DynamicLossScaler.step: unscale_(check=False) needs record_finite first")
         if self._found_inf is None:
             self.unscale_(optimizer)
         self._stepped = True

@@ -57,7 +57,7 @@ from npdiffusion.io.atomic import atomic_write_text
 from npdiffusion.io.pretrained import check_finite
 from npdiffusion.io.safetensors import load_with_metadata, save_file
 from npdiffusion.optim.adamw import AdamW
-from npdiffusion.optim.clip_grad import clip_grads_with_norm_, grad_norm, grad_norm_array
+from npdiffusion.optim.clip_grad import clip_grads_with_norm_, grad_norm_array
 from npdiffusion.optim.ema import EMA
 from npdiffusion.optim.lr_schedule import get_scheduler
 from npdiffusion.optim.mixed_precision import DynamicLossScaler, MasterWeights, NonFiniteGradientError
@@ -297,9 +297,12 @@ class Trainer:
             metrics = {"loss": metrics}
         # N ranks: gradients and metrics averaged over the ranks first (docs/distributed.md); one rank: as is
         metrics = self.comm.average_gradients(self.module, metrics)
+        if self.scaler is not None:                             # fp16: masters <- float16 grads / S, unread
+            self.scaler.unscale_(self.optimizer, check=False)
         # One host read per step (on CuPy, one synchronization): the loss, the stage's metrics and the
-        # gradient norm, measured on the device and copied back together.
-        total = grad_norm_array(self.module) if self.scaler is None else None   # fp16: from the masters, below
+        # gradient norm (of the float32 masters under fp16: non-finite exactly when one of them is),
+        # measured on the device and copied back together.
+        total = grad_norm_array(self.target)
         *values, total = to_host_floats([*metrics.values(), 0.0 if total is None else total])
         metrics = dict(zip(metrics, values))
         loss = metrics.pop("loss")
@@ -309,12 +312,12 @@ class Trainer:
         overflow = False
         if self.scaler is not None:
             metrics["loss_scale"] = self.scaler.get_scale()
-            grads_ok = self.scaler.unscale_(self.optimizer)     # float32 master grads / S, checked
+            grads_ok = math.isfinite(total)
+            self.scaler.record_finite(grads_ok, self.optimizer)
             overflow = ok and not grads_ok                      # a finite loss: float16 overflow
             ok = ok and grads_ok
         if ok:
-            # fp16: the norm of the unscaled float32 master gradients (the module's are float16 x S)
-            norm = total if self.scaler is None else grad_norm(self.target)
+            norm = total
             ok = math.isfinite(norm)
             if ok and cfg.max_grad_norm > 0:
                 clip_grads_with_norm_(self.target, cfg.max_grad_norm, norm)
