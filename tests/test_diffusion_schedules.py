@@ -244,8 +244,8 @@ def test_sigma_to_t_equals_diffusers_and_inverts_the_schedule():
                                [0, 5, 500, 999], atol=1e-6)
 
 
-@pytest.mark.skipif(not X86, reason="checks torch's x86 DEFAULT kernel and MKL's AVX2 code path, which exist on x86 only")
-def test_bit_exact_on_the_portable_kernels():
+@pytest.mark.skipif(not X86, reason="checks torch's x86 DEFAULT kernel against its vectorized ones, a choice only x86 has")
+def test_against_torch_default_kernel():
     """In a fresh process with torch's DEFAULT kernels, betas (unfused linspace: multiply and add) and
     alphas_cumprod (a product in double) are bit-exact, as their operations are correctly rounded
     everywhere. Sigmas and diffusers' own ``rescale_zero_terminal_snr`` (its source, run there without

@@ -87,7 +87,8 @@ def _loop(scheduler, n, *, torch_side, model="rich", step_kwargs=None, dtype=np.
 
     Both sides draw the start sample and one standard-normal z per step from the same seeded
     generator, so separate runs of the two sides see the same numbers. ``perturb`` = (site, index,
-    delta) scales one quantity by (1 + delta) (see ``loop_rtol``). Returns a dict of timesteps,
+    delta) scales a sigma or a step's model output by (1 + delta), or adds delta (per element) to a
+    step's result (see ``loop_rtol``). Returns a dict of timesteps,
     sigmas, the final sample and the last x0 estimate, or ``failed_at`` (the step index) and ``error``
     if a step raised."""
     step_kwargs = dict(step_kwargs or {})
@@ -131,8 +132,8 @@ def _loop(scheduler, n, *, torch_side, model="rich", step_kwargs=None, dtype=np.
             if getattr(result, "pred_original_sample", None) is not None:
                 x0 = unwrap(result.pred_original_sample)
             if not torch_side:  # per element, the largest magnitude through this step, for its rounding
-                scales.append(np.max([np.abs(unwrap(a)) for a in (x_in, x, out[:, :SHAPE[1]], x0 if x0 is not None else x)],
-                                     axis=0))
+                seen = (x_in, x, out[:, :SHAPE[1]], x0 if x0 is not None else x)
+                scales.append(np.max([np.abs(unwrap(a)) for a in seen], axis=0))
             if site == "step_output" and index == k:
                 x = x + asarray(delta)
     sigmas = getattr(scheduler, "sigmas", None)
