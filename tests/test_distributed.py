@@ -205,15 +205,55 @@ def frozen(tmp_path_factory):
     return root
 
 
+def _unet_sections(root, **train):
+    return {"data": _data(), "train": {**TRAIN, **train},
+            "unet": {"vae": str(root / "vae" / "vae"), "text_encoder": str(root / "clip" / "text_encoder"),
+                     "tokenizer": str(root / "clip" / "tokenizer"), "block_out_channels": [8, 16],
+                     "norm_num_groups": 4, "attention_head_dim": 4, "caption_dropout": 0.25, "snr_gamma": 5.0}}
+
+
+def _train_unet_here(config, resume=False):
+    unet_stage.train(load_config(config, unet_stage.CONFIG), resume=resume, progress=False, log=lambda *a: None)
+
+
 @needs_mpi
 def test_unet_stage_on_two_ranks_equals_one_process(frozen, tmp_path):
-    root = frozen
-    _assert_n_ranks_match_one("unet", tmp_path, {
-        "data": _data(), "train": TRAIN,
-        "unet": {"vae": str(root / "vae" / "vae"), "text_encoder": str(root / "clip" / "text_encoder"),
-                 "tokenizer": str(root / "clip" / "tokenizer"), "block_out_channels": [8, 16],
-                 "norm_num_groups": 4, "attention_head_dim": 4, "caption_dropout": 0.25, "snr_gamma": 5.0}}, "unet")
+    _assert_n_ranks_match_one("unet", tmp_path, _unet_sections(frozen), "unet")
     assert os.path.isfile(tmp_path / "two" / "model" / "model_index.json")
+
+
+@needs_mpi
+def test_resume_under_a_different_number_of_ranks_equals_the_uninterrupted_run(frozen, tmp_path):
+    """The saved state does not depend on N: 2 ranks x 15 steps resumed as one process to 30, and one
+    process's checkpoint-15 resumed under mpiexec -n 2 to 30, both end where one uninterrupted
+    one-process run of 30 steps ends (float64, 1e-9 relative), with its 30 losses."""
+    sections = _unet_sections(frozen, checkpointing_steps=15)
+    one = _write_config(tmp_path / "one.toml", tmp_path / "one", sections)
+    _train_unet_here(one)                                               # the uninterrupted reference
+
+    # 2 ranks x 15 steps, then one process from checkpoint-15 to 30
+    half = _write_config(tmp_path / "half.toml", tmp_path / "two_one", _unet_sections(frozen, steps=15,
+                                                                                      checkpointing_steps=15))
+    run = _mpirun(2, "train", "unet", "--config", half, "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    _train_unet_here(_write_config(tmp_path / "two_one.toml", tmp_path / "two_one", sections), resume=True)
+
+    # one process's checkpoint-15 (copied alone into a fresh folder), resumed by 2 ranks to 30
+    (tmp_path / "one_two").mkdir()
+    shutil.copytree(tmp_path / "one" / "checkpoint-15", tmp_path / "one_two" / "checkpoint-15")
+    two = _write_config(tmp_path / "one_two.toml", tmp_path / "one_two", sections)
+    run = _mpirun(2, "train", "unet", "--config", two, "--resume", "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "resumed from" in run.stdout and run.stdout.count("unet: 30 steps") == 1, run.stdout
+
+    want = read_history_csv(str(tmp_path / "one" / "losses.csv"))
+    for name in ("two_one", "one_two"):
+        for sub in ("checkpoint-30/unet", "unet"):                      # the raw weights, then the EMA export
+            err = _max_relative(load_weights(tmp_path / name / sub), load_weights(tmp_path / "one" / sub))
+            assert err < 1e-9, (name, sub, err)
+        got = read_history_csv(str(tmp_path / name / "losses.csv"))
+        assert len(got) == 30, name
+        np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-9)
 
 
 @needs_mpi
