@@ -264,3 +264,23 @@ def test_clip_stage_refuses_two_ranks_in_one_line(tmp_path):
     # one line from each rank; mpiexec merges the two ranks' stderr, so the lines may interleave
     assert run.stderr.count("cannot run as 2 MPI processes") == 2 and "all-gather" in run.stderr, run.stderr
     assert not os.path.exists(tmp_path / "clip")
+
+
+@needs_mpi
+@pytest.mark.parametrize("stage", ["unet", "vae"])
+def test_float32_loss_curves_of_two_ranks_and_one_process_agree(frozen, tmp_path, stage):
+    """The issue's float32 criterion: 30 steps, loss curves within 1e-4 relative."""
+    sections = (_unet_sections(frozen, dtype="float32") if stage == "unet" else
+                {"data": _data(), "train": {**TRAIN, "dtype": "float32"},
+                 "vae": {"block_out_channels": [8, 8], "norm_num_groups": 4, "latent_channels": 2}})
+    one = _write_config(tmp_path / "one.toml", tmp_path / "one", sections)
+    two = _write_config(tmp_path / "two.toml", tmp_path / "two", sections)
+    module = {"unet": unet_stage, "vae": vae_stage}[stage]
+    module.train(load_config(one, module.CONFIG), progress=False, log=lambda *a: None)
+    run = _mpirun(2, "train", stage, "--config", two, "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    a = read_history_csv(str(tmp_path / "two" / "losses.csv"))
+    b = read_history_csv(str(tmp_path / "one" / "losses.csv"))
+    assert len(a) == len(b) == 30
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
+    assert {w.dtype for w in load_weights(tmp_path / "two" / stage).values()} == {np.dtype(np.float32)}
