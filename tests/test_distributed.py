@@ -6,8 +6,10 @@ the reason, when mpi4py or mpiexec is not installed (pip install -e ".[mpi]").""
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -284,3 +286,71 @@ def test_float32_loss_curves_of_two_ranks_and_one_process_agree(frozen, tmp_path
     assert len(a) == len(b) == 30
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
     assert {w.dtype for w in load_weights(tmp_path / "two" / stage).values()} == {np.dtype(np.float32)}
+
+
+def _rank_pids(pid):
+    """{rank: pid} of the processes under ``pid`` (mpiexec -> hydra_pmi_proxy -> ranks), read from
+    each process's PMI_RANK."""
+    found = {}
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for kid in map(int, kids):
+        try:
+            with open(f"/proc/{kid}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if b"PMI_RANK" in env:
+            found[int(env[b"PMI_RANK"])] = kid
+        else:
+            found.update(_rank_pids(kid))
+    return found
+
+
+@needs_mpi
+@pytest.mark.skipif(shutil.which("pgrep") is None or not os.path.isdir("/proc"), reason="needs pgrep and /proc")
+def test_a_killed_rank_stops_the_run_naming_it_and_the_run_resumes(frozen, tmp_path):
+    """SIGKILL rank 1 after the first checkpoint: the run exits non-zero within 60 s, the launcher's
+    message names the dead PID and our start-up line maps that PID to rank 1; the last checkpoint loads,
+    and ``mpiexec -n 2 ... --resume`` ends bitwise where an uninterrupted 2-rank run ends."""
+    long = _write_config(tmp_path / "long.toml", tmp_path / "killed",
+                         _unet_sections(frozen, steps=2000, checkpointing_steps=5))
+    env = {**os.environ, "NPDIFFUSION_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "npdiffusion", "train", "unet",
+                             "--config", long, "--no-progress"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "killed" / "checkpoint-5").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-5"
+            time.sleep(0.02)
+        ranks = _rank_pids(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert f"npdiffusion: MPI rank 1 of 2 is pid {ranks[1]}" in err, err
+    assert f"PID {ranks[1]}" in out + err and "Killed" in out + err, out + err   # MPICH's report
+    # the last checkpoint is intact (loads) and before step 30
+    from npdiffusion.training.checkpoint import CheckpointManager
+    last = CheckpointManager(str(tmp_path / "killed")).latest()
+    step = int(last.rsplit("-", 1)[1])
+    assert 5 <= step < 30, last
+    assert load_weights(os.path.join(last, "unet"))
+
+    sections = _unet_sections(frozen, checkpointing_steps=5)
+    resumed = _write_config(tmp_path / "resume.toml", tmp_path / "killed", sections)
+    run = _mpirun(2, "train", "unet", "--config", resumed, "--resume", "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"resumed from {last}" in run.stdout, run.stdout
+    whole = _write_config(tmp_path / "whole.toml", tmp_path / "whole", sections)
+    run = _mpirun(2, "train", "unet", "--config", whole, "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for sub in ("checkpoint-30/unet", "unet"):
+        a, b = load_weights(tmp_path / "killed" / sub), load_weights(tmp_path / "whole" / sub)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), sub     # bitwise
