@@ -6,8 +6,10 @@ the reason, when mpi4py or mpiexec is not installed (pip install -e ".[mpi]").""
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -205,15 +207,55 @@ def frozen(tmp_path_factory):
     return root
 
 
+def _unet_sections(root, **train):
+    return {"data": _data(), "train": {**TRAIN, **train},
+            "unet": {"vae": str(root / "vae" / "vae"), "text_encoder": str(root / "clip" / "text_encoder"),
+                     "tokenizer": str(root / "clip" / "tokenizer"), "block_out_channels": [8, 16],
+                     "norm_num_groups": 4, "attention_head_dim": 4, "caption_dropout": 0.25, "snr_gamma": 5.0}}
+
+
+def _train_unet_here(config, resume=False):
+    unet_stage.train(load_config(config, unet_stage.CONFIG), resume=resume, progress=False, log=lambda *a: None)
+
+
 @needs_mpi
 def test_unet_stage_on_two_ranks_equals_one_process(frozen, tmp_path):
-    root = frozen
-    _assert_n_ranks_match_one("unet", tmp_path, {
-        "data": _data(), "train": TRAIN,
-        "unet": {"vae": str(root / "vae" / "vae"), "text_encoder": str(root / "clip" / "text_encoder"),
-                 "tokenizer": str(root / "clip" / "tokenizer"), "block_out_channels": [8, 16],
-                 "norm_num_groups": 4, "attention_head_dim": 4, "caption_dropout": 0.25, "snr_gamma": 5.0}}, "unet")
+    _assert_n_ranks_match_one("unet", tmp_path, _unet_sections(frozen), "unet")
     assert os.path.isfile(tmp_path / "two" / "model" / "model_index.json")
+
+
+@needs_mpi
+def test_resume_under_a_different_number_of_ranks_equals_the_uninterrupted_run(frozen, tmp_path):
+    """The saved state does not depend on N: 2 ranks x 15 steps resumed as one process to 30, and one
+    process's checkpoint-15 resumed under mpiexec -n 2 to 30, both end where one uninterrupted
+    one-process run of 30 steps ends (float64, 1e-9 relative), with its 30 losses."""
+    sections = _unet_sections(frozen, checkpointing_steps=15)
+    one = _write_config(tmp_path / "one.toml", tmp_path / "one", sections)
+    _train_unet_here(one)                                               # the uninterrupted reference
+
+    # 2 ranks x 15 steps, then one process from checkpoint-15 to 30
+    half = _write_config(tmp_path / "half.toml", tmp_path / "two_one", _unet_sections(frozen, steps=15,
+                                                                                      checkpointing_steps=15))
+    run = _mpirun(2, "train", "unet", "--config", half, "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    _train_unet_here(_write_config(tmp_path / "two_one.toml", tmp_path / "two_one", sections), resume=True)
+
+    # one process's checkpoint-15 (copied alone into a fresh folder), resumed by 2 ranks to 30
+    (tmp_path / "one_two").mkdir()
+    shutil.copytree(tmp_path / "one" / "checkpoint-15", tmp_path / "one_two" / "checkpoint-15")
+    two = _write_config(tmp_path / "one_two.toml", tmp_path / "one_two", sections)
+    run = _mpirun(2, "train", "unet", "--config", two, "--resume", "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "resumed from" in run.stdout and run.stdout.count("unet: 30 steps") == 1, run.stdout
+
+    want = read_history_csv(str(tmp_path / "one" / "losses.csv"))
+    for name in ("two_one", "one_two"):
+        for sub in ("checkpoint-30/unet", "unet"):                      # the raw weights, then the EMA export
+            err = _max_relative(load_weights(tmp_path / name / sub), load_weights(tmp_path / "one" / sub))
+            assert err < 1e-9, (name, sub, err)
+        got = read_history_csv(str(tmp_path / name / "losses.csv"))
+        assert len(got) == 30, name
+        np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-9)
 
 
 @needs_mpi
@@ -224,3 +266,91 @@ def test_clip_stage_refuses_two_ranks_in_one_line(tmp_path):
     # one line from each rank; mpiexec merges the two ranks' stderr, so the lines may interleave
     assert run.stderr.count("cannot run as 2 MPI processes") == 2 and "all-gather" in run.stderr, run.stderr
     assert not os.path.exists(tmp_path / "clip")
+
+
+@needs_mpi
+@pytest.mark.parametrize("stage", ["unet", "vae"])
+def test_float32_loss_curves_of_two_ranks_and_one_process_agree(frozen, tmp_path, stage):
+    """The issue's float32 criterion: 30 steps, loss curves within 1e-4 relative."""
+    sections = (_unet_sections(frozen, dtype="float32") if stage == "unet" else
+                {"data": _data(), "train": {**TRAIN, "dtype": "float32"},
+                 "vae": {"block_out_channels": [8, 8], "norm_num_groups": 4, "latent_channels": 2}})
+    one = _write_config(tmp_path / "one.toml", tmp_path / "one", sections)
+    two = _write_config(tmp_path / "two.toml", tmp_path / "two", sections)
+    module = {"unet": unet_stage, "vae": vae_stage}[stage]
+    module.train(load_config(one, module.CONFIG), progress=False, log=lambda *a: None)
+    run = _mpirun(2, "train", stage, "--config", two, "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    a = read_history_csv(str(tmp_path / "two" / "losses.csv"))
+    b = read_history_csv(str(tmp_path / "one" / "losses.csv"))
+    assert len(a) == len(b) == 30
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
+    assert {w.dtype for w in load_weights(tmp_path / "two" / stage).values()} == {np.dtype(np.float32)}
+
+
+def _rank_pids(pid):
+    """{rank: pid} of the processes under ``pid`` (mpiexec -> hydra_pmi_proxy -> ranks), read from
+    each process's PMI_RANK."""
+    found = {}
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for kid in map(int, kids):
+        try:
+            with open(f"/proc/{kid}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if b"PMI_RANK" in env:
+            found[int(env[b"PMI_RANK"])] = kid
+        else:
+            found.update(_rank_pids(kid))
+    return found
+
+
+@needs_mpi
+@pytest.mark.skipif(shutil.which("pgrep") is None or not os.path.isdir("/proc"), reason="needs pgrep and /proc")
+def test_a_killed_rank_stops_the_run_naming_it_and_the_run_resumes(frozen, tmp_path):
+    """SIGKILL rank 1 after the first checkpoint: the run exits non-zero within 60 s, the launcher's
+    message names the dead PID and our start-up line maps that PID to rank 1; the last checkpoint loads,
+    and ``mpiexec -n 2 ... --resume`` ends bitwise where an uninterrupted 2-rank run ends."""
+    long = _write_config(tmp_path / "long.toml", tmp_path / "killed",
+                         _unet_sections(frozen, steps=2000, checkpointing_steps=5))
+    env = {**os.environ, "NPDIFFUSION_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "npdiffusion", "train", "unet",
+                             "--config", long, "--no-progress"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "killed" / "checkpoint-5").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-5"
+            time.sleep(0.02)
+        ranks = _rank_pids(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert f"npdiffusion: MPI rank 1 of 2 is pid {ranks[1]}" in err, err
+    assert f"PID {ranks[1]}" in out + err and "Killed" in out + err, out + err   # MPICH's report
+    # the last checkpoint is intact (loads) and before step 30
+    from npdiffusion.training.checkpoint import CheckpointManager
+    last = CheckpointManager(str(tmp_path / "killed")).latest()
+    step = int(last.rsplit("-", 1)[1])
+    assert 5 <= step < 30, last
+    assert load_weights(os.path.join(last, "unet"))
+
+    sections = _unet_sections(frozen, checkpointing_steps=5)
+    resumed = _write_config(tmp_path / "resume.toml", tmp_path / "killed", sections)
+    run = _mpirun(2, "train", "unet", "--config", resumed, "--resume", "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"resumed from {last}" in run.stdout, run.stdout
+    whole = _write_config(tmp_path / "whole.toml", tmp_path / "whole", sections)
+    run = _mpirun(2, "train", "unet", "--config", whole, "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for sub in ("checkpoint-30/unet", "unet"):
+        a, b = load_weights(tmp_path / "killed" / sub), load_weights(tmp_path / "whole" / sub)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), sub     # bitwise

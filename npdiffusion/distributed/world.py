@@ -8,6 +8,8 @@ Otherwise, or with N = 1: ``SingleProcess``, and mpi4py is never imported.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
@@ -34,5 +36,10 @@ def get_communicator():
         from npdiffusion.distributed.mpi import MPICommunicator  # noqa: PLC0415
 
         comm = MPICommunicator()
+        if comm.size > 1:
+            # One line per rank, so that the launcher's report of a dead process ("PID 1234 ... Killed",
+            # MPICH) can be read as a rank: a rank killed outright cannot say anything itself.
+            print(f"npdiffusion: MPI rank {comm.rank} of {comm.size} is pid {os.getpid()} on "
+                  f"{socket.gethostname()}", file=sys.stderr, flush=True)
         _WORLD.append(comm if comm.size > 1 else SingleProcess())
     return _WORLD[0]
