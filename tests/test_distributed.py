@@ -156,13 +156,20 @@ def _max_relative(a, b):
     return max(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-300) for k in a)
 
 
-def _assert_n_ranks_match_one(stage, tmp_path, sections, subfolder):
+def _train_one_process_and_two_ranks(stage, tmp_path, sections):
+    """The same config trained by one process into tmp_path/one and by 2 ranks into tmp_path/two;
+    returns the mpiexec run."""
     one = _write_config(tmp_path / "one.toml", tmp_path / "one", sections)
     two = _write_config(tmp_path / "two.toml", tmp_path / "two", sections)
     module = {"unet": unet_stage, "vae": vae_stage}[stage]
     module.train(load_config(one, module.CONFIG), progress=False, log=lambda *a: None)
     run = _mpirun(2, "train", stage, "--config", two, "--no-progress", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def _assert_n_ranks_match_one(stage, tmp_path, sections, subfolder):
+    run = _train_one_process_and_two_ranks(stage, tmp_path, sections)
     assert run.stdout.count(f"{stage}: 30 steps") == 1, run.stdout     # rank 0 alone reports
     for sub in (f"checkpoint-30/{subfolder}", subfolder):               # the raw weights, then the EMA export
         err = _max_relative(load_weights(tmp_path / "two" / sub), load_weights(tmp_path / "one" / sub))
@@ -275,12 +282,7 @@ def test_float32_loss_curves_of_two_ranks_and_one_process_agree(frozen, tmp_path
     sections = (_unet_sections(frozen, dtype="float32") if stage == "unet" else
                 {"data": _data(), "train": {**TRAIN, "dtype": "float32"},
                  "vae": {"block_out_channels": [8, 8], "norm_num_groups": 4, "latent_channels": 2}})
-    one = _write_config(tmp_path / "one.toml", tmp_path / "one", sections)
-    two = _write_config(tmp_path / "two.toml", tmp_path / "two", sections)
-    module = {"unet": unet_stage, "vae": vae_stage}[stage]
-    module.train(load_config(one, module.CONFIG), progress=False, log=lambda *a: None)
-    run = _mpirun(2, "train", stage, "--config", two, "--no-progress", cwd=tmp_path)
-    assert run.returncode == 0, run.stdout + run.stderr
+    _train_one_process_and_two_ranks(stage, tmp_path, sections)
     a = read_history_csv(str(tmp_path / "two" / "losses.csv"))
     b = read_history_csv(str(tmp_path / "one" / "losses.csv"))
     assert len(a) == len(b) == 30

@@ -170,6 +170,18 @@ def _host_memory():
         return 8 << 30, 8 << 30
 
 
+def _module_hooks(qualname, public, members):
+    """``__getattr__`` and ``__dir__`` for a stand-in module: ``members`` are listed, a CuPy name of
+    ``public`` it lacks says so, any other name is unknown."""
+    def __getattr__(name):
+        if name in public:
+            raise AttributeError(f"the CuPy stand-in does not implement {qualname}.{name} "
+                                 "(real CuPy has it)")
+        raise AttributeError(f"module {qualname!r} has no attribute {name!r}")
+
+    return __getattr__, lambda: sorted(members)
+
+
 def _namespace(qualname, public, members):
     """A module object exposing ``members`` (all in CuPy's ``public`` list), other CuPy names refused."""
     module = _types.ModuleType(qualname, f"The CuPy stand-in's {qualname}.")
@@ -178,16 +190,17 @@ def _namespace(qualname, public, members):
         if key not in public:
             raise AssertionError(f"the stand-in would expose {qualname}.{key}, which CuPy lacks")
         setattr(module, key, value)
-
-    def __getattr__(name):
-        if name in public:
-            raise AttributeError(f"the CuPy stand-in does not implement {qualname}.{name} "
-                                 "(real CuPy has it)")
-        raise AttributeError(f"module {qualname!r} has no attribute {name!r}")
-
-    module.__getattr__ = __getattr__
-    module.__dir__ = lambda: sorted(members)
+    module.__getattr__, module.__dir__ = _module_hooks(qualname, public, members)
     return module
+
+
+def _expose_only(namespace: dict, qualname, public, exports):
+    """Leave only ``exports`` (and private names) in a stand-in module's ``namespace``; returns its
+    ``__getattr__`` and ``__dir__`` (``_module_hooks``)."""
+    for key in [k for k in list(namespace) if not k.startswith("_") and k not in exports]:
+        del namespace[key]
+    namespace.update(exports)
+    return _module_hooks(qualname, public, exports)
 
 
 class _Device:
@@ -255,17 +268,4 @@ def _build():
 
 
 _EXPORTS = _build()
-for _key in [k for k in list(globals()) if not k.startswith("_") and k not in _EXPORTS]:
-    del globals()[_key]
-globals().update(_EXPORTS)
-del _key
-
-
-def __getattr__(name):
-    if name in _PUBLIC:
-        raise AttributeError(f"the CuPy stand-in does not implement cupy.{name} (real CuPy has it)")
-    raise AttributeError(f"module 'cupy' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(_EXPORTS)
+__getattr__, __dir__ = _expose_only(globals(), "cupy", _PUBLIC, _EXPORTS)

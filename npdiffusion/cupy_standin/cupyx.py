@@ -11,7 +11,7 @@ import numpy as _numpy
 import scipy.special as _special
 
 from npdiffusion.cupy_standin import _array
-from npdiffusion.cupy_standin.cupy import _function, _namespace, ufunc as _ufunc
+from npdiffusion.cupy_standin.cupy import _expose_only, _function, _namespace, ufunc as _ufunc
 from npdiffusion.cupy_standin.names import NAMES as _NAMES
 
 
@@ -48,19 +48,6 @@ _EXPORTS = {
     "scipy": scipy,
     "errstate": _numpy.errstate, "seterr": _numpy.seterr, "geterr": _numpy.geterr,
 }
-for _key in [k for k in list(globals()) if not k.startswith("_") and k not in _EXPORTS]:
-    del globals()[_key]
-globals().update(_EXPORTS)
 _PUBLIC = frozenset(_NAMES["cupyx"])
 assert set(_EXPORTS) <= _PUBLIC, set(_EXPORTS) - _PUBLIC
-del _key
-
-
-def __getattr__(name):
-    if name in _PUBLIC:
-        raise AttributeError(f"the CuPy stand-in does not implement cupyx.{name} (real cupyx has it)")
-    raise AttributeError(f"module 'cupyx' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(_EXPORTS)
+__getattr__, __dir__ = _expose_only(globals(), "cupyx", _PUBLIC, _EXPORTS)
