@@ -1,9 +1,11 @@
 """``Communicator``: what data-parallel training needs from a group of N processes ("ranks").
 
-An implementation provides ``rank``, ``size`` and three collectives on contiguous host (NumPy)
-buffers: ``allreduce_sum_(buf)`` (in place: every rank ends with the element-wise sum over ranks),
-``broadcast_(buf, root)`` (in place: every rank ends with root's buffer) and ``barrier()``. On them
-this class builds what the trainer calls:
+An implementation provides ``rank``, ``size`` and four collectives on contiguous buffers of its
+kind (host NumPy arrays, or device arrays when ``device_buffers``, as NCCL's): ``allreduce_sum_(buf)``
+(in place: every rank ends with the element-wise sum over ranks), ``broadcast_(buf, root)`` (in
+place: every rank ends with root's buffer), ``allgather(x)`` (x (b, ...) on every rank -> (N b, ...),
+the ranks' x in rank order) and ``barrier()``. ``to_buffer(x)`` turns any array into a buffer of
+that kind. On them this class builds what the trainer calls:
 
 * ``broadcast_parameters(module)``: every rank starts from rank 0's weights;
 * ``average_gradients(module, metrics)``: the gradients, packed into one flat buffer per dtype
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import numpy
 
+from npdiffusion.backend import to_numpy, xp
 from npdiffusion.distributed import flat
 from npdiffusion.distributed.sharding import Shard
 
@@ -28,6 +31,8 @@ class Communicator:
     name = "communicator"
     rank = 0
     size = 1
+    #: True when the collectives take device (CuPy) arrays (NCCL), False for host NumPy arrays
+    device_buffers = False
 
     # ------------------------------------------------------------------ the collectives (implemented below)
     def allreduce_sum_(self, buf: numpy.ndarray) -> None:
@@ -36,8 +41,18 @@ class Communicator:
     def broadcast_(self, buf: numpy.ndarray, root: int = 0) -> None:
         raise NotImplementedError
 
+    def allgather(self, x):
+        """x (b, ...), the same shape on every rank -> a new (N b, ...) array: rank 0's rows first."""
+        raise NotImplementedError
+
     def barrier(self) -> None:
         raise NotImplementedError
+
+    def to_buffer(self, x):
+        """``x`` as a C-contiguous buffer the collectives take (a copy only where one is needed)."""
+        if self.device_buffers:
+            return xp.ascontiguousarray(x)
+        return numpy.ascontiguousarray(to_numpy(x))
 
     # ------------------------------------------------------------------ built on them
     @property
@@ -53,7 +68,7 @@ class Communicator:
         if self.size == 1:
             return
         params = [p for _, p in module.named_parameters()]
-        buckets = flat.pack(params)
+        buckets = flat.pack(params, device=self.device_buffers)
         for _, buf, _ in buckets:
             self.broadcast_(buf, root)
         flat.unpack(buckets, params)
@@ -64,13 +79,18 @@ class Communicator:
         if self.size == 1:
             return metrics
         keys = sorted(metrics)
-        values = numpy.asarray([float(metrics[k]) for k in keys], dtype=numpy.float64)
+        if self.device_buffers:                     # no host read: the metrics may be device scalars
+            values = xp.stack([xp.asarray(metrics[k], dtype=xp.float64).reshape(()) for k in keys])
+        else:
+            values = numpy.asarray([float(metrics[k]) for k in keys], dtype=numpy.float64)
         self.allreduce_sum_(values)
         values /= self.size
         grads = [g for _, g in module.named_grads()]
-        buckets = flat.pack(grads)
+        buckets = flat.pack(grads, device=self.device_buffers)
         for dtype, buf, _ in buckets:
             self.allreduce_sum_(buf)
             buf *= dtype.type(1.0 / self.size)
         flat.unpack(buckets, grads)
+        if self.device_buffers:
+            return {k: values[i] for i, k in enumerate(keys)}
         return {k: float(v) for k, v in zip(keys, values)}

@@ -1,4 +1,4 @@
-"""``MPICommunicator``: MPI through mpi4py (``comm.Allreduce`` / ``comm.Bcast`` on host buffers).
+"""``MPICommunicator``: MPI through mpi4py (``comm.Allreduce`` / ``Bcast`` / ``Allgather`` on host buffers).
 
 Arrays go through Python's buffer interface (the upper-case mpi4py calls), never pickled. mpi4py is
 imported only when this communicator is built, so npdiffusion runs without it. Install it with
@@ -45,6 +45,12 @@ class MPICommunicator(Communicator):
     def broadcast_(self, buf, root: int = 0) -> None:
         self._check(buf, "broadcast_")
         self.comm.Bcast(buf, root=root)
+
+    def allgather(self, x):
+        self._check(x, "allgather")
+        out = numpy.empty((self.size,) + tuple(x.shape), dtype=x.dtype)
+        self.comm.Allgather(x, out)
+        return out.reshape((self.size * x.shape[0],) + tuple(x.shape[1:]))
 
     def barrier(self) -> None:
         self.comm.Barrier()

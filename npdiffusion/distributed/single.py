@@ -1,4 +1,5 @@
-"""``SingleProcess``: the communicator of one process (N = 1); every collective is a no-op."""
+"""``SingleProcess``: the communicator of one process (N = 1); every collective is a no-op (the
+all-gather of x is x itself)."""
 from __future__ import annotations
 
 from npdiffusion.distributed.communicator import Communicator
@@ -17,6 +18,9 @@ class SingleProcess(Communicator):
     def broadcast_(self, buf, root: int = 0) -> None:
         if root != 0:
             raise ValueError(f"SingleProcess.broadcast_: root must be 0 (one process), got {root}")
+
+    def allgather(self, x):
+        return x
 
     def barrier(self) -> None:
         pass

@@ -11,7 +11,9 @@ tokenizer stage wrote, and ``CLIPModel`` (docs/clip.md) computes::
     Z = exp(logit_scale) t v^T                                    (B, B)
     loss = (CE(Z, diag) + CE(Z^T, diag)) / 2                        the symmetric InfoNCE loss
 
-with the hand-written backward into both towers and ``logit_scale``; after each optimizer step
+with the hand-written backward into both towers and ``logit_scale``. Under ``mpiexec -n N`` the
+loss is taken over the global batch: the embeddings are all-gathered
+(``distributed/global_contrastive.py``). After each optimizer step
 ``logit_scale`` is clamped to [0, ln 100] as OpenAI's and open_clip's training do. Images enter as
 the loader gives them, in [-1, 1] (a model trained from scratch needs no ImageNet statistics).
 
@@ -122,9 +124,25 @@ class CLIPStage(Stage):
         from npdiffusion.backend import asarray  # noqa: PLC0415
 
         # host ids: CLIPTextModel range-checks them before they move (device ids would cost two syncs)
-        out = self.clip(batch.input_ids, asarray(batch.images, dtype=self.clip.dtype))
-        self.clip.backward(grad_loss=self.loss_scale)   # fp16: the loss's gradient x S in float32, then cast
-        return {"loss": out.loss, "logit_scale": self.clip.logit_scale}
+        images = asarray(batch.images, dtype=self.clip.dtype)
+        if self.comm is None or self.comm.size == 1:
+            out = self.clip(batch.input_ids, images)
+            self.clip.backward(grad_loss=self.loss_scale)   # fp16: the loss's gradient x S in float32, then cast
+            return {"loss": out.loss, "logit_scale": self.clip.logit_scale}
+        # N ranks: the loss over the global batch (all-gathered embeddings); this rank's loss_r and
+        # gradient shares, which the trainer averages (docs/distributed.md)
+        from npdiffusion.distributed.global_contrastive import (  # noqa: PLC0415
+            global_contrastive_loss_backward,
+            global_contrastive_loss_forward,
+        )
+
+        out = self.clip(batch.input_ids, images, return_loss=False)
+        loss, cache = global_contrastive_loss_forward(out.text_embeds, out.image_embeds, self.clip.logit_scale,
+                                                      self.comm)
+        d_text, d_image, d_scale = global_contrastive_loss_backward(self.loss_scale, cache)
+        self.clip.backward(grad_text_embeds=d_text, grad_image_embeds=d_image)
+        self.clip.accumulate_grad("logit_scale", d_scale)
+        return {"loss": loss, "logit_scale": self.clip.logit_scale}
 
     def after_step(self):
         self.clip.clamp_logit_scale_()
@@ -178,8 +196,6 @@ def build_stage(config: CLIPStageConfig, dataset) -> CLIPStage:
 
 def train(config: CLIPStageConfig, resume: bool = False, progress=None, log=print) -> str:
     """Train CLIP (see the module docstring); returns a one-line summary."""
-    from npdiffusion.training.stages import refuse_data_parallel, run_model_stage  # noqa: PLC0415
+    from npdiffusion.training.stages import run_model_stage  # noqa: PLC0415
 
-    refuse_data_parallel(NAME, "its contrastive loss is taken over the global batch, which needs an all-gather "
-                         "of the embeddings that is not written yet")
     return run_model_stage(config, build_stage, resume=resume, progress=progress, log=log)

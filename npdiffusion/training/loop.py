@@ -96,7 +96,8 @@ class Stage:
       each applied optimizer step), ``export_models(folder)`` (the final models, with the weights to
       export in place; default ``save_models``: a stage may measure something first, like the VAE's
       scaling factor, or write extra folders), ``state_dict()`` / ``load_state_dict(d)`` (JSON-able
-      extra state).
+      extra state). ``comm``: set by the trainer, the run's ``Communicator`` (for a loss that couples
+      the samples of the global batch, as CLIP's does).
     """
 
     name = "stage"
@@ -105,6 +106,7 @@ class Stage:
     supports_mixed_precision = False
     loss_scale = 1.0
     master_weights = None
+    comm = None
 
     def train_step(self, batch, rng):
         raise NotImplementedError
@@ -201,6 +203,7 @@ class Trainer:
         self.comm = comm if comm is not None else get_communicator()
         if not self.comm.is_root:
             progress, log = False, _quiet
+        stage.comm = self.comm
         self.stage = stage
         self.module = stage.module
         self.config = config

@@ -6,7 +6,8 @@ caption and merges the most frequent adjacent symbol pair until the vocabulary r
 ``tokenizer/`` folder (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json) in
 ``output_dir``, each file atomically; it loads in ``CLIPTokenizer.from_pretrained`` here and in
 transformers with the same ids. The run is deterministic (it depends only on the multiset of
-captions), so ``--resume`` has nothing to resume and simply trains again.
+captions), so ``--resume`` has nothing to resume and simply trains again. Under ``mpiexec -n N``
+rank 0 does the whole job and the other ranks return at once (it is one process's work).
 
 Config (TOML)::
 
@@ -54,9 +55,12 @@ def train(config: TokenizerStageConfig, resume: bool = False, progress=None, log
     from npdiffusion.models.clip.bpe_train import save_bpe_files, train_bpe  # noqa: PLC0415
     from npdiffusion.models.clip.tokenizer import CLIPTokenizer, normalize_text, pre_tokenize  # noqa: PLC0415
     from npdiffusion.training.checkpoint import prepare_output_dir  # noqa: PLC0415
-    from npdiffusion.training.stages import dataset_from_config, refuse_data_parallel  # noqa: PLC0415
+    from npdiffusion.distributed.world import get_communicator  # noqa: PLC0415
+    from npdiffusion.training.stages import dataset_from_config  # noqa: PLC0415
 
-    refuse_data_parallel(NAME, "learning the BPE merges is one process's work")
+    comm = get_communicator()
+    if not comm.is_root:     # mpiexec -n N: rank 0 learns and writes the tokenizer, exactly as one process
+        return f"{NAME}: learned by rank 0 of {comm.size}"
     out = prepare_output_dir(config.output_dir)           # fail before any work
     dataset = dataset_from_config(config.data)
     captions = list(dataset.captions)
