@@ -23,6 +23,7 @@ def public(module):
     ("cupy.cuda.runtime", cuda.runtime), ("cupyx", cupyx), ("cupyx.scipy", cupyx.scipy),
     ("cupyx.scipy.special", cupyx.scipy.special),
     ("cupy.ndarray", cupy_standin.cupy.ndarray), ("cupy.ufunc", cupy_standin.cupy.add),
+    ("cupy.cuda.nccl", cuda.nccl), ("cupy.cuda.nccl.NcclCommunicator", cuda.nccl.NcclCommunicator),
 ])
 def test_the_stand_in_exposes_only_names_cupy_has(key, module):
     extra = public(module) - set(NAMES[key])

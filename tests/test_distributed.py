@@ -146,9 +146,11 @@ def _write_config(path, output_dir, sections):
     return str(path)
 
 
-def _mpirun(n, *args, cwd):
-    cmd = [_mpiexec(), "-n", str(n), sys.executable, "-m", "npdiffusion", *args]
-    env = {**os.environ, "NPDIFFUSION_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+def _mpirun(n, *args, cwd, env=None):
+    """``mpiexec -n n python -m npdiffusion args`` (n = 0: without mpiexec), one thread per rank."""
+    cmd = ([_mpiexec(), "-n", str(n)] if n else []) + [sys.executable, "-m", "npdiffusion", *args]
+    env = {**os.environ, "NPDIFFUSION_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -238,6 +240,71 @@ def _train_unet_here(config, resume=False):
 def test_unet_stage_on_two_ranks_equals_one_process(frozen, tmp_path):
     _assert_n_ranks_match_one("unet", tmp_path, _unet_sections(frozen), "unet")
     assert os.path.isfile(tmp_path / "two" / "model" / "model_index.json")
+
+
+#: the CuPy backend on the CuPy stand-in, which says this host has 2 GPUs (one per rank)
+STANDIN = {"NPDIFFUSION_BACKEND": "cupy", "NPDIFFUSION_CUPY_STANDIN": "1", "NPDIFFUSION_CUPY_STANDIN_DEVICES": "2"}
+
+
+@needs_mpi
+@pytest.mark.parametrize("stage", ["unet", "clip"])
+def test_stage_on_two_ranks_over_nccl_on_the_cupy_standin_equals_one_process(frozen, tmp_path, stage):
+    """The CuPy backend under mpiexec -n 2 averages (and CLIP all-gathers) through the NCCL
+    communicator (device buffers, cupy.cuda.nccl; here the stand-in's, which carries NCCL's calls over
+    MPI) and ends where one process on the same backend ends."""
+    sections = {"unet": _unet_sections, "clip": _clip_sections}[stage](frozen, steps=10, checkpointing_steps=10)
+    one = _write_config(tmp_path / "one.toml", tmp_path / "one", sections)
+    two = _write_config(tmp_path / "two.toml", tmp_path / "two", sections)
+    for n, config in ((0, one), (2, two)):
+        run = _mpirun(n, "train", stage, "--config", config, "--no-progress", cwd=tmp_path, env=STANDIN)
+        assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stderr.count("of 2 is pid") == 2 and run.stderr.count("collectives over NCCL") == 2, run.stderr
+    for sub in (f"checkpoint-10/{stage}", stage):
+        err = _max_relative(load_weights(tmp_path / "two" / sub), load_weights(tmp_path / "one" / sub))
+        assert err < 1e-9, (sub, err)
+    a = read_history_csv(str(tmp_path / "two" / "losses.csv"))
+    b = read_history_csv(str(tmp_path / "one" / "losses.csv"))
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-9)
+
+
+NCCL_STANDIN_SCRIPT = """
+import numpy, pytest
+from npdiffusion.backend import set_backend, to_numpy, xp
+set_backend("cupy")
+import cupy
+from cupy.cuda import nccl
+from npdiffusion.distributed import get_communicator
+comm = get_communicator()
+r = comm.rank
+a = xp.arange(5, dtype=xp.float32) * (r + 1)
+comm.allreduce_sum_(a)
+assert to_numpy(a).tolist() == [0, 3, 6, 9, 12]
+g = comm.allgather(xp.full((2, 3), float(r)))
+assert to_numpy(g).tolist() == [[0.0] * 3] * 2 + [[1.0] * 3] * 2
+b = xp.full(4, 10.0 + r)
+comm.broadcast_(b, 1)
+assert to_numpy(b).tolist() == [11.0] * 4
+with pytest.raises(TypeError, match="must be a C-contiguous CuPy array"):
+    comm.allreduce_sum_(numpy.zeros(3))
+host = numpy.zeros(3)                      # a host pointer handed to NCCL itself
+with pytest.raises(ValueError, match="is not device memory"):
+    comm.comm.allReduce(host.ctypes.data, host.ctypes.data, 3, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, 0)
+with pytest.raises(nccl.NcclError, match="different unique ids"):
+    nccl.NcclCommunicator(2, nccl.get_unique_id(), r)      # each rank its own id
+comm.barrier()
+print("rank", r, "ok")
+"""
+
+
+@needs_mpi
+def test_nccl_communicator_on_the_cupy_standin():
+    """Sum, all-gather and broadcast of device arrays between 2 ranks through cupy.cuda.nccl (the
+    stand-in's, over MPI); host arrays refused by the communicator, a host pointer by NCCL, and
+    ranks that did not share rank 0's unique id by NcclCommunicator."""
+    env = {**os.environ, **STANDIN, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", NCCL_STANDIN_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
 
 
 @needs_mpi

@@ -4,11 +4,13 @@ The stand-in (``npdiffusion/cupy_standin``) exposes only names that real CuPy ha
 them from an installed ``cupy`` package (no GPU needed: importing CuPy and ``dir()`` work without a
 driver) and writes ``npdiffusion/cupy_standin/names.py``::
 
-    python3 -m venv /tmp/cupyvenv && /tmp/cupyvenv/bin/pip install cupy-cuda12x numpy
+    python3 -m venv /tmp/cupyvenv && /tmp/cupyvenv/bin/pip install cupy-cuda12x numpy "nvidia-nccl-cu12>=2.18.1,<3"
     /tmp/cupyvenv/bin/python tools/cupy_names.py            # rewrite names.py
     /tmp/cupyvenv/bin/python tools/cupy_names.py --check    # exit 1 if names.py differs
 
-``tests/test_cupy_standin_names.py`` runs the check whenever ``import cupy`` works.
+NCCL's library (``nvidia-nccl-cu12``) must be installed too, or ``cupy.cuda.nccl`` lists only
+``available`` (False); the script refuses then. ``tests/test_cupy_standin_names.py`` runs the check
+whenever ``import cupy`` works.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ NAMESPACES = {
     "cupy.linalg": ("cupy.linalg", None),
     "cupy.cuda": ("cupy.cuda", None),
     "cupy.cuda.runtime": ("cupy.cuda.runtime", None),
+    "cupy.cuda.nccl": ("cupy.cuda.nccl", None),
+    "cupy.cuda.nccl.NcclCommunicator": ("cupy.cuda.nccl", "NcclCommunicator"),
     "cupy.ndarray": ("cupy", "ndarray"),
     "cupy.ufunc": ("cupy", "ufunc"),
     "cupyx": ("cupyx", None),
@@ -50,6 +54,8 @@ def collect() -> dict:
     names = {"cupy_version": cupy.__version__}
     for module_name, _ in NAMESPACES.values():  # submodules first, so that dir() of parents lists them
         importlib.import_module(module_name)
+    if not importlib.import_module("cupy.cuda.nccl").available:
+        raise SystemExit("cupy.cuda.nccl could not load NCCL: pip install \"nvidia-nccl-cu12>=2.18.1,<3\" first")
     for key, (module_name, attr) in NAMESPACES.items():
         obj = importlib.import_module(module_name)
         if attr:

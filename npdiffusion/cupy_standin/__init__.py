@@ -1,7 +1,7 @@
 """A strict CPU stand-in for CuPy, to check the CuPy path of npdiffusion without a GPU.
 
-``install()`` puts the stand-in's modules in ``sys.modules`` as ``cupy``, ``cupyx``,
-``cupyx.scipy`` and ``cupyx.scipy.special`` (``uninstall()`` restores what was there), so every
+``install()`` puts the stand-in's modules in ``sys.modules`` as ``cupy``, ``cupy.cuda``,
+``cupy.cuda.nccl``, ``cupyx``, ``cupyx.scipy`` and ``cupyx.scipy.special`` (``uninstall()`` restores what was there), so every
 ``import cupy`` in the library, the tools and the tests gets it, and ``set_backend("cupy")``
 selects it. The library does that itself when ``NPDIFFUSION_CUPY_STANDIN=1``; the tests' ``backend``
 fixture does it for the ``[cupy]`` cases whenever no real GPU is present (unless
@@ -36,7 +36,8 @@ does not are accepted (only names are checked, not signatures); there are no str
 asynchrony (a "synchronization" is only counted, it waits for nothing), no device memory limit
 (``cuda.runtime.memGetInfo`` reports the host's memory) and no kernels (``ElementwiseKernel``,
 ``RawKernel``, ``fuse``, ``cupy.random``, ``cupy.fft`` are not implemented); float16 and float64
-run at NumPy's speed. So it shows host/device mixing, implicit conversions, NumPy-only names and
+run at NumPy's speed. ``cupy.cuda.nccl`` (``nccl.py``) carries NCCL's collectives between
+stand-in ranks over MPI; ``ndarray.data.ptr`` is the host address (``memory.py``). So it shows host/device mixing, implicit conversions, NumPy-only names and
 where a program waits for the device; it cannot show speed, CUDA rounding or kernel errors.
 """
 from __future__ import annotations
@@ -46,15 +47,15 @@ import sys
 
 from npdiffusion.cupy_standin._array import SyncLog, _open_logs
 
-MODULES = ("cupy", "cupyx", "cupyx.scipy", "cupyx.scipy.special")
+MODULES = ("cupy", "cupy.cuda", "cupy.cuda.nccl", "cupyx", "cupyx.scipy", "cupyx.scipy.special")
 _saved: list[dict] = []
 
 
 def _modules() -> dict:
     from npdiffusion.cupy_standin import cupy, cupyx  # noqa: PLC0415
 
-    return {"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy,
-            "cupyx.scipy.special": cupyx.scipy.special}
+    return {"cupy": cupy, "cupy.cuda": cupy.cuda, "cupy.cuda.nccl": cupy.cuda.nccl, "cupyx": cupyx,
+            "cupyx.scipy": cupyx.scipy, "cupyx.scipy.special": cupyx.scipy.special}
 
 
 def is_installed() -> bool:

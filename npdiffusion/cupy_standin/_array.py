@@ -233,6 +233,13 @@ class ndarray:  # noqa: N801 - CuPy's name
     imag = property(lambda self: ndarray._from(self._a.imag))
     base = property(lambda self: None if self._a.base is None else ndarray._from(self._a.base))
 
+    @property
+    def data(self):
+        """A ``MemoryPointer`` (``.ptr``: the address of the first element; memory.py)."""
+        from npdiffusion.cupy_standin.memory import MemoryPointer  # noqa: PLC0415
+
+        return MemoryPointer(self._a)
+
     @shape.setter
     def shape(self, value):
         self._a.shape = value

@@ -220,8 +220,31 @@ class _Device:
         return False
 
 
+class _Stream:
+    """The null stream: the stand-in runs every operation when it is called, so there is nothing to wait for."""
+
+    ptr = 0
+
+    def synchronize(self):
+        return None
+
+
+def _device_count():
+    """How many GPUs the stand-in says this host has: NPDIFFUSION_CUPY_STANDIN_DEVICES (default 1), so
+    that N ranks on one host may each take "their" GPU (distributed/nccl.py)."""
+    value = _os.environ.get("NPDIFFUSION_CUPY_STANDIN_DEVICES", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def _nccl_namespace():
+    from npdiffusion.cupy_standin import nccl as module  # noqa: PLC0415
+
+    public = _NAMES["cupy.cuda.nccl"]
+    return _namespace("cupy.cuda.nccl", public, {n: getattr(module, n) for n in public if hasattr(module, n)})
+
+
 runtime = _namespace("cupy.cuda.runtime", _NAMES["cupy.cuda.runtime"], {
-    "getDeviceCount": lambda: 1,
+    "getDeviceCount": _device_count,
     "getDevice": lambda: 0,
     "deviceSynchronize": lambda: None,
     "memGetInfo": _host_memory,
@@ -229,7 +252,8 @@ runtime = _namespace("cupy.cuda.runtime", _NAMES["cupy.cuda.runtime"], {
     "driverGetVersion": lambda: 12000,
 })
 cuda = _namespace("cupy.cuda", _NAMES["cupy.cuda"], {
-    "runtime": runtime, "Device": _Device, "is_available": lambda: True,
+    "runtime": runtime, "Device": _Device, "is_available": lambda: True, "nccl": _nccl_namespace(),
+    "get_current_stream": lambda device=None: _Stream(),
 })
 linalg = _namespace("cupy.linalg", _NAMES["cupy.linalg"], {
     n: _function(n, getattr(_numpy.linalg, n), f"cupy.linalg.{n}")

@@ -1,9 +1,11 @@
 """``get_communicator()``: the communicator of this process.
 
 Started by an MPI launcher (``mpiexec -n N``; recognised by the environment variables MPICH's Hydra,
-Open MPI and PMIx set) with N > 1: an ``MPICommunicator`` over ``MPI.COMM_WORLD`` (one clear
-ImportError when mpi4py is missing, rather than N independent runs writing the same folder).
-Otherwise, or with N = 1: ``SingleProcess``, and mpi4py is never imported.
+Open MPI and PMIx set) with N > 1: on the NumPy backend an ``MPICommunicator`` over
+``MPI.COMM_WORLD`` (one clear ImportError when mpi4py is missing, rather than N independent runs
+writing the same folder); on the CuPy backend an ``NCCLCommunicator`` (one GPU per rank, device
+arrays, built over that MPI communicator). Otherwise, or with N = 1: ``SingleProcess``, and mpi4py
+is never imported. The policy is read once per process (choose the backend before the first call).
 """
 from __future__ import annotations
 
@@ -37,9 +39,15 @@ def get_communicator():
 
         comm = MPICommunicator()
         if comm.size > 1:
+            from npdiffusion.backend import get_backend  # noqa: PLC0415
+
+            if get_backend() == "cupy":
+                from npdiffusion.distributed.nccl import NCCLCommunicator  # noqa: PLC0415
+
+                comm = NCCLCommunicator(comm)
             # One line per rank, so that the launcher's report of a dead process ("PID 1234 ... Killed",
             # MPICH) can be read as a rank: a rank killed outright cannot say anything itself.
             print(f"npdiffusion: MPI rank {comm.rank} of {comm.size} is pid {os.getpid()} on "
-                  f"{socket.gethostname()}", file=sys.stderr, flush=True)
+                  f"{socket.gethostname()}; collectives over {comm.name}", file=sys.stderr, flush=True)
         _WORLD.append(comm if comm.size > 1 else SingleProcess())
     return _WORLD[0]
