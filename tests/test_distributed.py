@@ -291,6 +291,18 @@ with pytest.raises(ValueError, match="is not device memory"):
     comm.comm.allReduce(host.ctypes.data, host.ctypes.data, 3, nccl.NCCL_FLOAT64, nccl.NCCL_SUM, 0)
 with pytest.raises(nccl.NcclError, match="different unique ids"):
     nccl.NcclCommunicator(2, nccl.get_unique_id(), r)      # each rank its own id
+# the trainer's calls: no host synchronization (the stand-in counts them), the mean of the ranks
+from npdiffusion.cupy_standin import count_syncs
+from npdiffusion.nn.linear import Linear
+lin = Linear(3, 2)
+lin(xp.ones((4, 3)) * (r + 1))
+lin.backward(xp.ones((4, 2)))
+with count_syncs() as log:
+    comm.broadcast_parameters(lin)
+    metrics = comm.average_gradients(lin, {"loss": xp.asarray(1.0 + r), "other": 2.0})
+assert log.total == 0, log.report()
+assert to_numpy(dict(lin.named_grads())["weight"]).tolist() == [[6.0] * 3] * 2      # (4 + 8) / 2
+assert float(metrics["loss"]) == 1.5 and float(metrics["other"]) == 2.0
 comm.barrier()
 print("rank", r, "ok")
 """
@@ -300,7 +312,8 @@ print("rank", r, "ok")
 def test_nccl_communicator_on_the_cupy_standin():
     """Sum, all-gather and broadcast of device arrays between 2 ranks through cupy.cuda.nccl (the
     stand-in's, over MPI); host arrays refused by the communicator, a host pointer by NCCL, and
-    ranks that did not share rank 0's unique id by NcclCommunicator."""
+    ranks that did not share rank 0's unique id by NcclCommunicator; the trainer's parameter
+    broadcast and gradient average without a host synchronization."""
     env = {**os.environ, **STANDIN, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", NCCL_STANDIN_SCRIPT], env=env,
                          capture_output=True, text=True, timeout=120)
