@@ -67,7 +67,7 @@ def read_checkpoint(path) -> dict:
 
 def describe(tensors) -> str:
     """'N tensors: 120 under a.b.*, ...' (the five largest two-part prefixes) for error messages."""
-    counts = Counter(".".join(k.split(".")[:2]) for k in tensors)
+    counts = Counter(".".join(k.split(".")[:max(1, min(2, k.count(".")))]) for k in tensors)
     shown = ", ".join(f"{n} under {p}.*" for p, n in counts.most_common(5))
     return f"{len(tensors)} tensors ({shown}{', ...' if len(counts) > 5 else ''})"
 
