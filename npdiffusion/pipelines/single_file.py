@@ -281,12 +281,12 @@ def _folder_weights(folder: str, names) -> dict:
 def folder_to_file(folder, path, text_encoder_format=None) -> str:
     """A diffusers pipeline folder -> one original-layout file + YAML, streamed (no model is built)."""
     folder = os.fspath(folder)
-    read_model_index(folder)
+    index = read_model_index(folder)
     unet_config = UNet2DConditionModel._resolve_config(read_config(os.path.join(folder, "unet")))
     defaults = {k: p.default for k, p in inspect.signature(AutoencoderKL.__init__).parameters.items() if k != "self"}
     vae_config = {**defaults, **{k: v for k, v in read_config(os.path.join(folder, "vae")).items() if k in defaults}}
     text_config = CLIPTextModel.config_class.from_dict(read_config(os.path.join(folder, "text_encoder"))).to_dict()
-    scheduler = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
+    scheduler = dict(scheduler_class(index["scheduler"][1]).from_pretrained(os.path.join(folder, "scheduler")).config)
     vae_state = AutoencoderKL.rename_legacy_keys(
         _folder_weights(os.path.join(folder, "vae"), ("diffusion_pytorch_model.safetensors",)),
         ["encoder.mid_block.attentions.0", "decoder.mid_block.attentions.0"])
