@@ -376,3 +376,28 @@ def test_loading_reads_one_tensor_at_a_time(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak <= 2 * largest + 64 * 1024
+
+
+def test_models_alone_from_single_files_read_off_their_shapes(sd2_folder, tmp_path):
+    """A VAE file of its own (no prefix, as vae-ft-mse-840000-ema-pruned) and the OpenCLIP text encoder load
+    without any config: their configs read off the shapes equal the folder's."""
+    from npdiffusion.models.clip.text_model import CLIPTextModel
+    from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
+
+    ours = _ours(sd2_folder)
+    path = ours.save_single_file(tmp_path / "sd2.safetensors")
+    os.remove(tmp_path / "sd2.yaml")
+    vae_only = {k[len("first_stage_model."):]: v for k, v in load_file(path).items()
+                if k.startswith("first_stage_model.")}
+    save_file(vae_only, tmp_path / "vae.safetensors")
+    for model, loaded in ((ours.vae, AutoencoderKL.from_single_file(tmp_path / "vae.safetensors")),
+                          (ours.text_encoder, CLIPTextModel.from_single_file(path))):
+        a, b = model.state_dict(), loaded.state_dict()
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for key in ("block_out_channels", "latent_channels", "layers_per_block", "mid_block_add_attention"):
+        assert AutoencoderKL.from_single_file(tmp_path / "vae.safetensors").config[key] == ours.vae.config[key]
+    text = CLIPTextModel.from_single_file(path).config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"):
+        assert getattr(text, key) == getattr(ours.text_encoder.config, key), key
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        StableDiffusionPipeline.from_single_file(path)
