@@ -70,6 +70,30 @@ def test_model_folder_loads_in_diffusers_with_the_same_images(quick_demo):
     np.testing.assert_allclose(mine, ref, atol=2e-4)
 
 
+def test_model_folder_converts_to_a_single_file_diffusers_loads_with_the_same_images(quick_demo, tmp_path):
+    """Issue 22: ``npdiffusion convert`` of the demo's folder (8 latent channels, no VAE mid attention, 4 groups)
+    gives a single file that diffusers' from_single_file (config: the folder) runs to the same images."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    out, _ = quick_demo
+    folder, single = str(out / "model"), str(tmp_path / "demo.safetensors")
+    assert main(["convert", folder, single]) == 0
+    theirs = diffusers.StableDiffusionPipeline.from_single_file(single, config=folder, local_files_only=True)
+    theirs.set_progress_bar_config(disable=True)
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    prompts = random_prompts(2, seed=7)
+    latents = np.random.default_rng(3).standard_normal((2, ours.unet.config["in_channels"], 8, 8)).astype(np.float32)
+    mine = ours(prompts, num_inference_steps=5, guidance_scale=3.0, latents=latents, output_type="np",
+                progress=False).images
+    with torch.no_grad():
+        ref = theirs(prompts, num_inference_steps=5, guidance_scale=3.0, latents=torch.from_numpy(latents),
+                     output_type="np").images
+    assert np.abs(mine - ref).max() <= 1e-4
+
+
 def test_cli_refuses_an_unwritable_output_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

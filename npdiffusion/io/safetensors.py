@@ -234,25 +234,34 @@ def _read_header_from(f: BinaryIO, size: int, source: str) -> Header:
     return _parse_header(bytes(raw), size - 8 - n, source)
 
 
+def read_tensor(f: BinaryIO, name: str, info: TensorInfo, source: str) -> numpy.ndarray:
+    """Tensor ``name`` (header entry ``info``) read from ``f`` at its current position into a new array
+    (C order, native byte order; BF16 widened to float32)."""
+    stored = _STORED[info.dtype]
+    try:
+        arr = numpy.empty(info.shape, dtype=stored)
+    except (ValueError, MemoryError) as exc:  # e.g. shape (0, 2**62) or more than 64 axes
+        raise SafetensorsError(f"{source}: tensor {name!r} of shape {list(info.shape)} cannot be "
+                               f"represented as a NumPy array ({exc})") from None
+    if arr.nbytes:
+        _read_exact(f, arr.reshape(-1).view(numpy.uint8), source)
+    if info.dtype == "BF16":
+        arr = (arr.astype(numpy.uint32) << 16).view(numpy.float32)
+    elif info.dtype == "BOOL" and arr.size and int(arr.view(numpy.uint8).max()) > 1:
+        raise SafetensorsError(f"{source}: BOOL tensor {name!r} holds bytes other than 0 and 1")
+    elif not stored.isnative:
+        arr = arr.astype(stored.newbyteorder("="))
+    return arr
+
+
+def loaded_dtype(code: str) -> numpy.dtype:
+    """The NumPy dtype ``read_tensor`` returns for the safetensors dtype ``code`` (BF16: float32)."""
+    return numpy.dtype(numpy.float32) if code == "BF16" else _STORED[code].newbyteorder("=")
+
+
 def _read_tensors(f: BinaryIO, header: Header, source: str) -> dict:
-    out = {}
-    for name, info in header.tensors.items():  # data order: sequential reads
-        stored = _STORED[info.dtype]
-        try:
-            arr = numpy.empty(info.shape, dtype=stored)
-        except (ValueError, MemoryError) as exc:  # e.g. shape (0, 2**62) or more than 64 axes
-            raise SafetensorsError(f"{source}: tensor {name!r} of shape {list(info.shape)} cannot be "
-                                   f"represented as a NumPy array ({exc})") from None
-        if arr.nbytes:
-            _read_exact(f, arr.reshape(-1).view(numpy.uint8), source)
-        if info.dtype == "BF16":
-            arr = (arr.astype(numpy.uint32) << 16).view(numpy.float32)
-        elif info.dtype == "BOOL" and arr.size and int(arr.view(numpy.uint8).max()) > 1:
-            raise SafetensorsError(f"{source}: BOOL tensor {name!r} holds bytes other than 0 and 1")
-        elif not stored.isnative:
-            arr = arr.astype(stored.newbyteorder("="))
-        out[name] = arr
-    return out
+    return {name: read_tensor(f, name, info, source)  # data order: sequential reads
+            for name, info in header.tensors.items()}
 
 
 def _source_name(path) -> str:

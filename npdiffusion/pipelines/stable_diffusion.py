@@ -209,6 +209,31 @@ class StableDiffusionPipeline:
             write_model_index(tmp, type(self.scheduler).__name__)
         return folder
 
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, prediction_type=None, tokenizer=None,
+                         scheduler=None, extract_ema: bool = False, dtype=None) -> "StableDiffusionPipeline":
+        """Load an original single-file checkpoint (one .safetensors in the CompVis layout, SD 1.x or 2.x).
+
+        ``config``: a diffusers folder giving the model configs, tokenizer and scheduler; else
+        ``original_config`` (a YAML path or dict; default: ``<name>.yaml`` beside the file when there is one)
+        or the tensor shapes give the configs, and ``tokenizer`` (a CLIPTokenizer or its folder) is needed.
+        ``prediction_type`` overrides the scheduler's (default as diffusers: v_prediction for SD 2.x, else
+        epsilon, unless the YAML says). ``extract_ema`` loads the U-Net's ``model_ema.*`` copy.
+        Docs: docs/checkpoints.md ("Original single-file checkpoints")."""
+        from npdiffusion.pipelines.single_file import load_pipeline  # noqa: PLC0415 - single files only
+
+        return load_pipeline(cls, path, config, original_config, prediction_type, tokenizer, scheduler,
+                             extract_ema, dtype)
+
+    def save_single_file(self, path, text_encoder_format: str | None = None, ema_unet=None) -> str:
+        """Write the pipeline as one original-layout .safetensors file (tensor by tensor, atomically) and
+        ``<name>.yaml`` beside it. ``text_encoder_format``: "clip" (SD 1.x) or "open_clip" (SD 2.x; the
+        default for a GELU text encoder). ``ema_unet``: EMA U-Net weights (a U-Net or state dict), written
+        as ``model_ema.*``. Returns the path."""
+        from npdiffusion.pipelines.single_file import save_pipeline  # noqa: PLC0415
+
+        return save_pipeline(self, path, text_encoder_format, ema_unet)
+
     # ------------------------------------------------------------------ prompt encoding
     def _tokenize(self, texts, max_length):
         """ids (P, T) padded and cut to ``max_length``; warns (as diffusers) about text that was cut off."""

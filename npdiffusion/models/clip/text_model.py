@@ -118,6 +118,16 @@ class CLIPTextModel(TowerFolders, Module):
         self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self._init_weights()
 
+    @classmethod
+    def from_single_file(cls, path, config=None, dtype=None):
+        """The text encoder of an original single-file checkpoint: SD 1.x's CLIP
+        (``cond_stage_model.transformer.*``) or SD 2.x's OpenCLIP (``cond_stage_model.model.*``, fused q/k/v
+        split). ``config``: a diffusers (pipeline or text_encoder) folder, else the config is read off the
+        shapes. Docs: docs/checkpoints.md ("Original single-file checkpoints")."""
+        from npdiffusion.pipelines.single_file import load_component  # noqa: PLC0415
+
+        return load_component("text_encoder", path, config, None, dtype)
+
     @property
     def eos_token_id(self):
         return self.config.eos_token_id

@@ -435,6 +435,15 @@ class UNet2DConditionModel(Module):
         model.load_state_dict(load_weights(path, (WEIGHTS_NAME,), variant=variant))
         return model
 
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, extract_ema: bool = False, dtype=None):
+        """The U-Net of an original single-file checkpoint (``model.diffusion_model.*``); ``config`` a diffusers
+        (pipeline or unet) folder, else ``original_config`` or the shapes give the config. Docs:
+        docs/checkpoints.md ("Original single-file checkpoints")."""
+        from npdiffusion.pipelines.single_file import load_component  # noqa: PLC0415
+
+        return load_component("unet", path, config, original_config, dtype, extract_ema=extract_ema)
+
     def save_pretrained(self, folder) -> str:
         """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (in the parameters' dtype) to
         ``folder``, a model folder diffusers' ``UNet2DConditionModel.from_pretrained`` loads. The folder

@@ -338,6 +338,15 @@ class AutoencoderKL(Module):
         model.load_state_dict(cls.rename_legacy_keys(dict(state), paths))
         return model.eval()
 
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, dtype=None) -> "AutoencoderKL":
+        """The VAE of an original single-file checkpoint (``first_stage_model.*``), or of a VAE file of its own
+        (vae-ft-mse-840000-ema-pruned.safetensors: ``encoder.*``, ``decoder.*``); configs as the U-Net's
+        ``from_single_file``. Docs: docs/checkpoints.md ("Original single-file checkpoints")."""
+        from npdiffusion.pipelines.single_file import load_component  # noqa: PLC0415
+
+        return load_component("vae", path, config, original_config, dtype)
+
     def save_pretrained(self, folder) -> str:
         """Write ``folder/config.json`` and ``folder/diffusion_pytorch_model.safetensors`` in diffusers'
         layout (diffusers' AutoencoderKL.from_pretrained reads it). The folder is replaced as a whole,
