@@ -47,6 +47,10 @@ UNET_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 class UNetOptions:
     """``[unet]``: the frozen models, the U-Net and the diffusion objective."""
 
+    pretrained: str = option("", "start from this model instead of random weights: a pipeline folder "
+                             "(model_index.json) or a U-Net folder, ours or diffusers'; the U-Net keeps its sizes, "
+                             "and the VAE, text encoder, tokenizer and schedule come from its pipeline unless given "
+                             "here (docs/training.md, 'Fine-tuning a pretrained model')")
     vae: str = option("runs/vae/vae", "the trained VAE folder (from `npdiffusion train vae`)")
     text_encoder: str = option("runs/clip/text_encoder", "the trained text encoder folder (from `npdiffusion "
                                "train clip`)")
@@ -105,6 +109,24 @@ def make_scheduler(opts: UNetOptions):
                                        rescale_betas_zero_snr=opts.rescale_betas_zero_snr)
 
 
+def start_of(opts: UNetOptions):
+    """The ``PretrainedStart`` of ``unet.pretrained`` (npdiffusion/training/pretrained.py), or None."""
+    from npdiffusion.training.pretrained import open_start  # noqa: PLC0415
+
+    return open_start(opts, "unet") if opts.pretrained else None
+
+
+def check_pretrained_unet(unet, base, vae, text_encoder, folders: dict) -> None:
+    """A ValueError when the pretrained U-Net cannot run on the VAE's latents or the text encoder's context."""
+    pairs = (("in_channels", unet.config["in_channels"], "vae", "latent_channels", vae.config["latent_channels"]),
+             ("cross_attention_dim", unet.config["cross_attention_dim"], "text_encoder", "hidden_size",
+              text_encoder.config.hidden_size))
+    for key, ours, name, their_key, theirs in pairs:
+        if ours != theirs:
+            raise ValueError(f"the pretrained U-Net {base.unet!r} has {key} = {ours!r} but the {name} "
+                             f"{folders[name]!r} has {their_key} = {theirs!r}: they do not fit together")
+
+
 def _check_folder(key: str, path: str, what: str, stage: str):
     if not os.path.isfile(os.path.join(path, "config.json" if what != "tokenizer" else "vocab.json")):
         raise ValueError(f"unet.{key} {path!r} is not a {what} folder; run `npdiffusion train {stage}` first "
@@ -119,25 +141,36 @@ class UNetStage(Stage):
 
     def __init__(self, config: UNetStageConfig, dataset, log=print):
         from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
-        from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
         from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
         from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
+        from npdiffusion.pipelines.loading import load_tokenizer  # noqa: PLC0415
 
         opts = config.unet
-        _check_folder("vae", opts.vae, "VAE", "vae")
-        _check_folder("text_encoder", opts.text_encoder, "text encoder", "clip")
-        _check_folder("tokenizer", opts.tokenizer, "tokenizer", "clip")
-        n = len(opts.block_out_channels)
-        if len(opts.down_block_types) != n:
-            raise ValueError(f"unet.down_block_types needs one entry per level of block_out_channels ({n}), "
-                             f"got {len(opts.down_block_types)}")
-        bad = [b for b in opts.down_block_types if b not in ("CrossAttnDownBlock2D", "DownBlock2D")]
-        if bad:
-            raise ValueError(f"unet.down_block_types entries must be CrossAttnDownBlock2D or DownBlock2D, got {bad[0]!r}")
+        self.start = start_of(opts)
+        if self.start is not None:                       # fine-tuning: unet.pretrained (pretrained.py)
+            opts, folders = self.start.options, self.start.folders
+        else:
+            _check_folder("vae", opts.vae, "VAE", "vae")
+            _check_folder("text_encoder", opts.text_encoder, "text encoder", "clip")
+            _check_folder("tokenizer", opts.tokenizer, "tokenizer", "clip")
+            folders = {"vae": opts.vae, "text_encoder": opts.text_encoder, "tokenizer": opts.tokenizer}
+            n = len(opts.block_out_channels)
+            if len(opts.down_block_types) != n:
+                raise ValueError(f"unet.down_block_types needs one entry per level of block_out_channels ({n}), "
+                                 f"got {len(opts.down_block_types)}")
+            bad = [b for b in opts.down_block_types if b not in ("CrossAttnDownBlock2D", "DownBlock2D")]
+            if bad:
+                raise ValueError(f"unet.down_block_types entries must be CrossAttnDownBlock2D or DownBlock2D, "
+                                 f"got {bad[0]!r}")
         self.dtype = numpy.dtype(config.train.dtype)
-        self.vae = AutoencoderKL.from_pretrained(opts.vae).eval()
-        self.text_encoder = CLIPTextModel.from_pretrained(opts.text_encoder).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(opts.tokenizer)
+        self.folders = folders
+        self.vae = AutoencoderKL.from_pretrained(folders["vae"]).eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(folders["text_encoder"]).eval()
+        self.tokenizer = load_tokenizer(folders["tokenizer"])
+        if self.start is not None:
+            self.unet = self.start.base.load_unet()
+            check_pretrained_unet(self.unet, self.start.base, self.vae, self.text_encoder, folders)
+        n = len(self.unet.config["block_out_channels"]) if self.start is not None else len(opts.block_out_channels)
         factor = 2 ** (len(self.vae.config["block_out_channels"]) - 1)
         side = config.data.resolution
         if side % factor:
@@ -148,12 +181,13 @@ class UNetStage(Stage):
         up = tuple("CrossAttnUpBlock2D" if b == "CrossAttnDownBlock2D" else "UpBlock2D"
                    for b in reversed(opts.down_block_types))
         latent_channels = self.vae.config["latent_channels"]
-        self.unet = UNet2DConditionModel(
-            sample_size=latent_side, in_channels=latent_channels, out_channels=latent_channels,
-            block_out_channels=tuple(opts.block_out_channels), layers_per_block=opts.layers_per_block,
-            down_block_types=tuple(opts.down_block_types), up_block_types=up,
-            cross_attention_dim=self.text_encoder.config.hidden_size, attention_head_dim=opts.attention_head_dim,
-            norm_num_groups=opts.norm_num_groups)
+        if self.start is None:
+            self.unet = UNet2DConditionModel(
+                sample_size=latent_side, in_channels=latent_channels, out_channels=latent_channels,
+                block_out_channels=tuple(opts.block_out_channels), layers_per_block=opts.layers_per_block,
+                down_block_types=tuple(opts.down_block_types), up_block_types=up,
+                cross_attention_dim=self.text_encoder.config.hidden_size, attention_head_dim=opts.attention_head_dim,
+                norm_num_groups=opts.norm_num_groups)
         self.unet.to(config.train.dtype).train()
         self.module = self.unet
         self.opts = opts
@@ -243,8 +277,9 @@ class UNetStage(Stage):
         """A ``StableDiffusionPipeline`` of the frozen models and ``unet`` (default: the trained one)."""
         from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
 
+        scheduler = self.start.scheduler() if self.start is not None else None
         return StableDiffusionPipeline(self.vae, self.text_encoder, self.tokenizer, unet or self.unet,
-                                       make_scheduler(self.opts))
+                                       scheduler or make_scheduler(self.opts))
 
 
 def build_stage(config: UNetStageConfig, dataset) -> UNetStage:
@@ -254,15 +289,23 @@ def build_stage(config: UNetStageConfig, dataset) -> UNetStage:
 def write_pipeline(config: UNetStageConfig, folder: str) -> str:
     """Assemble ``folder`` (a diffusers pipeline folder) from the stage's inputs and its exported unet/."""
     from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
-    from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
     from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
     from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
     from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
 
-    opts = config.unet
-    pipe = StableDiffusionPipeline(AutoencoderKL.from_pretrained(opts.vae),
-                                   CLIPTextModel.from_pretrained(opts.text_encoder),
-                                   CLIPTokenizer.from_pretrained(opts.tokenizer),
+    from npdiffusion.pipelines.loading import load_tokenizer  # noqa: PLC0415
+    from npdiffusion.training.pretrained import write_finetuned_pipeline  # noqa: PLC0415
+
+    opts, start = config.unet, start_of(config.unet)
+    folders = {"vae": opts.vae, "text_encoder": opts.text_encoder, "tokenizer": opts.tokenizer}
+    if start is not None:
+        opts, folders = start.options, start.folders
+        if start.base.pipeline is not None:   # the original's components and scheduler, the trained U-Net
+            trained = {"unet": os.path.join(config.output_dir, "unet")}
+            return write_finetuned_pipeline(start.base, folder, {**folders, **trained}, start.overrides)
+    pipe = StableDiffusionPipeline(AutoencoderKL.from_pretrained(folders["vae"]),
+                                   CLIPTextModel.from_pretrained(folders["text_encoder"]),
+                                   load_tokenizer(folders["tokenizer"]),
                                    UNet2DConditionModel.from_pretrained(os.path.join(config.output_dir, "unet")),
                                    make_scheduler(opts))
     return pipe.save_pretrained(folder)
