@@ -199,7 +199,10 @@ class UNetStage(Stage):
 
     # ------------------------------------------------------------------ the frozen models, once
     def _encode_dataset(self, dataset):
-        """Posterior mean and std of every training image (N, L, h, h), float32 on the host."""
+        self.latent_mean, self.latent_std = self.encode_images(dataset)
+
+    def encode_images(self, dataset):
+        """Posterior mean and std (N, L, h, h) of every image of ``dataset``, in the stage's dtype, on the host."""
         from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
         from npdiffusion.data.dataset import to_model_input  # noqa: PLC0415
         from npdiffusion.nn.module import no_cache  # noqa: PLC0415
@@ -211,8 +214,7 @@ class UNetStage(Stage):
                 post = self.vae.encode(asarray(to_model_input(dataset.get_images(idx)), dtype=self.dtype))
                 means.append(to_numpy(post.mean).astype(self.dtype))
                 stds.append(to_numpy(post.std).astype(self.dtype))
-        self.latent_mean = numpy.concatenate(means)
-        self.latent_std = numpy.concatenate(stds)
+        return numpy.concatenate(means), numpy.concatenate(stds)
 
     def encode_text(self, captions):
         """last_hidden_state (K, T, D) of ``captions`` under the frozen text encoder."""
@@ -240,27 +242,35 @@ class UNetStage(Stage):
         batch.caption_rows = numpy.asarray([self.caption_index[c] for c in captions], dtype=numpy.int64)
         return batch
 
-    def train_step(self, batch, rng):
+    def noisy_inputs(self, mean, std, caption_rows, draws):
+        """``(x_t, t, target, context)`` of latents drawn from the posteriors ``mean``, ``std`` (B, L, h, h)
+        with their caption rows (B,): z0, caption dropout, t and the noise drawn from ``draws`` in that order
+        (module docstring); x_t and the context in the U-Net's compute dtype, the target in the stage's."""
         from npdiffusion.backend import asarray  # noqa: PLC0415
         from npdiffusion.diffusion.forward import q_sample  # noqa: PLC0415
-        from npdiffusion.diffusion.objectives import simple_loss, training_target  # noqa: PLC0415
+        from npdiffusion.diffusion.objectives import training_target  # noqa: PLC0415
 
-        from npdiffusion.distributed.sharding import batch_draws  # noqa: PLC0415
-
-        idx = numpy.asarray(batch.indices)
-        mean, std = self.latent_mean[idx], self.latent_std[idx]
-        draws = batch_draws(rng, batch)  # drawn for the global batch, this rank's rows kept (sharding.py)
         z0 = (mean + std * draws.standard_normal(mean.shape[1:]).astype(self.dtype)) * self.dtype.type(self.scaling_factor)
-        rows = numpy.where(draws.random() < self.opts.caption_dropout, 0, batch.caption_rows)
+        rows = numpy.where(draws.random() < self.opts.caption_dropout, 0, caption_rows)
         t = draws.integers(0, self.opts.num_train_timesteps)
         noise = draws.standard_normal(z0.shape[1:]).astype(self.dtype)
         z0, noise = asarray(z0), asarray(noise)
         compute = self.unet.dtype                        # float16 under mixed precision, else self.dtype
         x_t = q_sample(z0, t, self.alphas_cumprod, noise).astype(compute)
         target = training_target(z0, noise, t, self.alphas_cumprod, self.opts.prediction_type)
-        out = self.unet(x_t, t, asarray(self.context[rows], dtype=compute))
+        return x_t, t, target.astype(self.dtype), asarray(self.context[rows], dtype=compute)
+
+    def train_step(self, batch, rng):
+        from npdiffusion.diffusion.objectives import simple_loss  # noqa: PLC0415
+        from npdiffusion.distributed.sharding import batch_draws  # noqa: PLC0415
+
+        idx = numpy.asarray(batch.indices)
+        draws = batch_draws(rng, batch)  # drawn for the global batch, this rank's rows kept (sharding.py)
+        x_t, t, target, context = self.noisy_inputs(self.latent_mean[idx], self.latent_std[idx], batch.caption_rows,
+                                                    draws)
+        out = self.unet(x_t, t, context)
         # the loss and its gradient in float32; the gradient scaled by S before its one cast to float16
-        loss, grad = simple_loss(out, target.astype(self.dtype), t, self.alphas_cumprod, self.opts.prediction_type,
+        loss, grad = simple_loss(out, target, t, self.alphas_cumprod, self.opts.prediction_type,
                                  self.opts.snr_gamma or None, grad_scale=self.loss_scale)
         self.unet.backward(grad)
         return {"loss": loss}
