@@ -122,6 +122,35 @@ def test_adamw_with_lr_schedule_matches_torch_and_diffusers(backend, name, kwarg
     assert opt.lr == topt.param_groups[0]["lr"] and sched.get_last_lr() == tsched.get_last_lr()[0]
 
 
+def test_adamw_lr_ratios_are_torch_parameter_groups(backend):
+    """lr_ratios {"lin.": 0.1}: the Linear's parameters at a tenth of the learning rate, under a cosine
+    schedule, equal torch's AdamW with two parameter groups (group lr 0.1 lr and lr) and diffusers' schedule."""
+    ours = make_toy("float64", seed=6)
+    twins = torch_twins(ours)
+    names = [n for n, _ in ours.named_parameters()]
+    opt = AdamW(ours, lr=2e-2, weight_decay=0.05, lr_ratios={"lin.": 0.1})
+    sched = get_scheduler("cosine", opt, num_warmup_steps=3, num_training_steps=20)
+    slow = [t for t, n in zip(twins, names) if n.startswith("lin.")]
+    fast = [t for t, n in zip(twins, names) if not n.startswith("lin.")]
+    assert slow and fast
+    topt = torch.optim.AdamW([{"params": slow, "lr": 2e-2 * 0.1}, {"params": fast}], lr=2e-2, weight_decay=0.05)
+    tsched = diffusers_opt.get_scheduler("cosine", topt, num_warmup_steps=3, num_training_steps=20)
+    for step, grads in enumerate(grad_sequence(ours, 20, seed=7)):
+        set_grads(ours, grads, twins)
+        opt.step()
+        topt.step()
+        sched.step()
+        tsched.step()
+        # the groups' lr is (lr * 0.1) * f here, (lr * f) * 0.1 in torch: one rounding apart
+        for t, (pname, p) in zip(twins, ours.named_parameters()):
+            assert_close(p, t, 1e-14, f"step {step + 1} param {pname}")
+    start = {n: to_numpy(p) for n, p in make_toy("float64", seed=6).named_parameters()}
+    moved = {n: float(np.abs(to_numpy(p) - start[n]).max()) for n, p in ours.named_parameters()}
+    assert moved["lin.weight"] < 0.3 * moved["scale"]                 # the slow group moved less
+    with pytest.raises(ValueError, match="lr_ratios"):
+        AdamW(ours, lr_ratios={"lin.": -1.0})
+
+
 def test_schedule_factors_equal_diffusers_exactly():
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     for warmup, total in [(0, 10), (1, 10), (7, 30), (10, 10)]:

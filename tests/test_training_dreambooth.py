@@ -101,7 +101,7 @@ def test_class_images_are_cached_and_an_interrupted_generation_resumes_exactly(t
     assert files(tmp_path / "cut") == files(tmp_path / "full")
     cached = StopsAfter(our_pipeline(), chunks=0)
     ensure_class_images(cached, tmp_path / "full", "a dog", 5, **kw)          # nothing to generate
-    with pytest.raises(ValueError, match="prompt = 'a dog', not 'a cat'"):
+    with pytest.raises(ValueError, match=r"prompts = \['a dog'\], not \['a cat'\]"):
         ensure_class_images(our_pipeline(), tmp_path / "full", "a cat", 5, **kw)
     images = read_class_images(full)
     assert all(im.shape == (16, 16, 3) for im in images) and np.abs(images[0].astype(int) - images[1]).max() > 0
@@ -119,7 +119,9 @@ def dreambooth_data(tmp_path, out, steps=3, **dreambooth):
 
 
 def test_dreambooth_logs_both_terms_and_writes_a_folder_diffusers_loads(tmp_path):
-    config = build_config(dreambooth_stage.CONFIG, dreambooth_data(tmp_path, tmp_path / "db"))
+    data = dreambooth_data(tmp_path, tmp_path / "db", class_prompts=["a dog", "a red cat"])
+    del data["dreambooth"]["class_prompt"]
+    config = build_config(dreambooth_stage.CONFIG, data)
     summary = dreambooth_stage.train(config, progress=False, log=lambda *a: None)
     assert summary.startswith("dreambooth: 3 steps")
     rows = read_history_csv(tmp_path / "db" / "losses.csv")
@@ -132,8 +134,9 @@ def test_dreambooth_logs_both_terms_and_writes_a_folder_diffusers_loads(tmp_path
     stage = dreambooth_stage.build_stage(config, dataset_from_config(config.data))
     assert set(stage.caption_index.values()) == {1}                    # every image: the instance prompt
     assert np.array_equal(stage.context[:2], stage.encode_text(["", "a sks dog"]))
-    assert np.array_equal(stage.context[stage.class_row], stage.encode_text(["a dog"])[0])
-    assert stage.class_row == 2 and stage.num_class == 3
+    assert stage.class_rows.tolist() == [2, 3, 2] and stage.num_class == 3       # class_prompts in turn
+    assert np.array_equal(stage.context[2], stage.encode_text(["a dog"])[0])
+    assert np.array_equal(stage.context[3], stage.encode_text(["a red cat"])[0])
 
 
 def test_dreambooth_needs_a_pretrained_model(tmp_path, capsys):

@@ -220,3 +220,75 @@ def test_finetuning_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
             "unet": {"pretrained": dummy_folder()}})
 
     kill_and_resume("unet", make_config, tmp_path)
+
+
+# ------------------------------------------------------------------------------ training the text encoder
+def test_text_encoder_gradient_is_a_central_difference(tmp_path):
+    """float64: the loss's derivative along a random direction of every text-encoder parameter (through
+    the U-Net's context gradient) against a central difference, the step's draws replayed each time."""
+    from npdiffusion.backend import to_numpy
+    from npdiffusion.training.stages import dataset_from_config
+
+    config = finetune_config(tmp_path, "grad", 1, train_text_encoder=True)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype="float64"))
+    dataset = dataset_from_config(config.data)
+    stage = unet_stage.build_stage(config, dataset)
+    assert {n.split(".")[0] for n, _ in stage.module.named_parameters()} == {"unet", "text_encoder"}
+    idx = np.arange(4)
+    batch = stage.collate(None, [dataset.captions[i] for i in idx], idx, 0, 0)
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+
+    def loss():
+        rng.bit_generator.state = state
+        stage.module.zero_grad()
+        return float(stage.train_step(batch, rng)["loss"])
+
+    loss()
+    params = dict(stage.text_encoder.named_parameters())
+    grads = {n: to_numpy(g).copy() for n, g in stage.text_encoder.named_grads()}
+    direction = {n: np.random.default_rng(1).standard_normal(p.shape) for n, p in params.items()}
+    analytic = sum(float((grads[n] * direction[n]).sum()) for n in params)
+    h, values = 1e-5, []
+    for sign in (1, -1):
+        for n, p in params.items():
+            p += sign * h * direction[n]
+        values.append(loss())
+        for n, p in params.items():
+            p -= sign * h * direction[n]
+    numeric = (values[0] - values[1]) / (2 * h)
+    assert abs(analytic) > 1e-6
+    # truncation ~h^2 (smooth loss) and rounding ~1e-16 |L| / h: both far below 1e-6 relative
+    assert abs(numeric - analytic) <= 1e-6 * abs(analytic)
+
+
+def test_training_the_text_encoder_its_own_rate_resume_and_diffusers(tmp_path):
+    from npdiffusion.training.stages import run_model_stage
+
+    config = finetune_config(tmp_path, "te", 4, train_text_encoder=True, text_encoder_learning_rate=3e-3)
+    unet_stage.train(config, progress=False, log=lambda *a: None)
+    model = os.path.join(config.output_dir, "model")
+    got, want = files(model), files(dummy_folder())
+    assert {k for k in got if got[k] != want.get(k)} == {"unet/diffusion_pytorch_model.safetensors",
+                                                          "text_encoder/model.safetensors"}
+    ours, theirs = images_both(model, seed=2)
+    assert float(np.abs(ours - theirs).max()) <= TOL
+    # resumed from its step-2 checkpoint: bitwise the uninterrupted run
+    half = finetune_config(tmp_path, "te_half", 2, train_text_encoder=True, text_encoder_learning_rate=3e-3)
+    run_model_stage(half, unet_stage.build_stage, progress=False, log=lambda *a: None)
+    rest = finetune_config(tmp_path, "te_half", 4, train_text_encoder=True, text_encoder_learning_rate=3e-3)
+    run_model_stage(rest, unet_stage.build_stage, resume=True, progress=False, log=lambda *a: None)
+    for name in ("unet", "text_encoder"):
+        a, b = load_weights(os.path.join(config.output_dir, name)), load_weights(os.path.join(rest.output_dir, name))
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    # the text encoder's rate: 3e-3 moved it further than 3e-4 would have, the U-Net's (1e-3) is unchanged
+    slow = finetune_config(tmp_path, "te_slow", 4, train_text_encoder=True, text_encoder_learning_rate=3e-4)
+    run_model_stage(slow, unet_stage.build_stage, progress=False, log=lambda *a: None)
+    original = load_weights(os.path.join(dummy_folder(), "text_encoder"))      # transformers 5: no text_model.
+
+    def moved(folder):
+        w = {k.removeprefix("text_model."): v for k, v in load_weights(os.path.join(folder, "text_encoder")).items()}
+        assert original.keys() <= w.keys()
+        return max(float(np.abs(w[k] - original[k]).max()) for k in original)
+
+    assert moved(slow.output_dir) < 0.5 * moved(config.output_dir)

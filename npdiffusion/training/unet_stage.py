@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from npdiffusion.nn.module import Module
 from npdiffusion.training.config import StageConfig, option, section
 from npdiffusion.training.loop import Stage
 
@@ -73,6 +74,10 @@ class UNetOptions:
                                 choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     beta_start: float = option(0.00085, "first beta (linear / scaled_linear)", min=0.0)
     beta_end: float = option(0.012, "last beta (linear / scaled_linear)", min=0.0)
+    train_text_encoder: bool = option(False, "train the text encoder too (its hand-written backward; the "
+                                      "captions are encoded at every step instead of once)")
+    text_encoder_learning_rate: float = option(0.0, "the text encoder's AdamW learning rate, on the same schedule "
+                                               "(0: train.learning_rate)", min=0.0)
     rescale_betas_zero_snr: bool = option(False, "rescale the schedule to zero terminal SNR (Lin et al. 2024); "
                                           "use with v_prediction: at SNR 0 the noise cannot be predicted")
 
@@ -107,6 +112,15 @@ def make_scheduler(opts: UNetOptions):
                                        beta_end=opts.beta_end, beta_schedule=opts.beta_schedule,
                                        prediction_type=opts.prediction_type,
                                        rescale_betas_zero_snr=opts.rescale_betas_zero_snr)
+
+
+class UNetAndTextEncoder(Module):
+    """The trained module when ``unet.train_text_encoder``: parameters ``unet.*`` and ``text_encoder.*``."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
 
 
 def start_of(opts: UNetOptions):
@@ -190,6 +204,12 @@ class UNetStage(Stage):
                 norm_num_groups=opts.norm_num_groups)
         self.unet.to(config.train.dtype).train()
         self.module = self.unet
+        self.train_text_encoder = opts.train_text_encoder
+        if self.train_text_encoder:                      # one module, two learning rates (AdamW lr_ratios)
+            self.text_encoder.to(config.train.dtype).train()
+            self.module = UNetAndTextEncoder(self.unet, self.text_encoder)
+            lr = config.train.learning_rate
+            self.lr_ratios = {"text_encoder.": (opts.text_encoder_learning_rate or lr) / lr if lr else 1.0}
         self.opts = opts
         self.alphas_cumprod = training_alphas_cumprod(opts)
         self.scaling_factor = float(self.vae.config["scaling_factor"])
@@ -231,7 +251,33 @@ class UNetStage(Stage):
     def _encode_captions(self, dataset):
         distinct = sorted(set(dataset.captions))
         self.caption_index = {c: i + 1 for i, c in enumerate(distinct)}      # 0 is the empty caption
-        self.context = self.encode_text([""] + distinct)                     # (K + 1, T, D)
+        self.set_captions([""] + distinct)
+
+    def set_captions(self, texts):
+        """The caption rows: token ids (K, T), and with a frozen text encoder their context (K, T, D)."""
+        self.caption_ids = self.tokenizer(list(texts))
+        self.context = None if self.train_text_encoder else self.encode_text(texts)
+
+    def append_caption(self, text: str) -> int:
+        """Add the caption row of ``text``; returns its row."""
+        self.caption_ids = numpy.concatenate([self.caption_ids, self.tokenizer([text])])
+        if self.context is not None:
+            self.context = numpy.concatenate([self.context, self.encode_text([text])])
+        return len(self.caption_ids) - 1
+
+    def context_of(self, rows):
+        """The U-Net's context (B, T, D) of caption rows (B,): cached, or through the trained text encoder."""
+        from npdiffusion.backend import asarray  # noqa: PLC0415
+
+        if self.train_text_encoder:
+            return self.text_encoder(self.caption_ids[rows])[0]
+        return asarray(self.context[rows], dtype=self.unet.dtype)
+
+    def backward(self, grad) -> None:
+        """The U-Net's backward of dL/dout (B, L, h, h); the context's gradient on into the text encoder."""
+        _, grad_context = self.unet.backward(grad)
+        if self.train_text_encoder:
+            self.text_encoder.backward(grad_context)
 
     # ------------------------------------------------------------------ training
     def collate(self, images, captions, indices, epoch, position):
@@ -243,9 +289,10 @@ class UNetStage(Stage):
         return batch
 
     def noisy_inputs(self, mean, std, caption_rows, draws):
-        """``(x_t, t, target, context)`` of latents drawn from the posteriors ``mean``, ``std`` (B, L, h, h)
+        """``(x_t, t, target, rows)`` of latents drawn from the posteriors ``mean``, ``std`` (B, L, h, h)
         with their caption rows (B,): z0, caption dropout, t and the noise drawn from ``draws`` in that order
-        (module docstring); x_t and the context in the U-Net's compute dtype, the target in the stage's."""
+        (module docstring); x_t in the U-Net's compute dtype, the target in the stage's, the caption rows
+        after dropout (``context_of`` gives their context)."""
         from npdiffusion.backend import asarray  # noqa: PLC0415
         from npdiffusion.diffusion.forward import q_sample  # noqa: PLC0415
         from npdiffusion.diffusion.objectives import training_target  # noqa: PLC0415
@@ -258,7 +305,7 @@ class UNetStage(Stage):
         compute = self.unet.dtype                        # float16 under mixed precision, else self.dtype
         x_t = q_sample(z0, t, self.alphas_cumprod, noise).astype(compute)
         target = training_target(z0, noise, t, self.alphas_cumprod, self.opts.prediction_type)
-        return x_t, t, target.astype(self.dtype), asarray(self.context[rows], dtype=compute)
+        return x_t, t, target.astype(self.dtype), rows
 
     def train_step(self, batch, rng):
         from npdiffusion.diffusion.objectives import simple_loss  # noqa: PLC0415
@@ -266,22 +313,26 @@ class UNetStage(Stage):
 
         idx = numpy.asarray(batch.indices)
         draws = batch_draws(rng, batch)  # drawn for the global batch, this rank's rows kept (sharding.py)
-        x_t, t, target, context = self.noisy_inputs(self.latent_mean[idx], self.latent_std[idx], batch.caption_rows,
-                                                    draws)
-        out = self.unet(x_t, t, context)
+        x_t, t, target, rows = self.noisy_inputs(self.latent_mean[idx], self.latent_std[idx], batch.caption_rows,
+                                                 draws)
+        out = self.unet(x_t, t, self.context_of(rows))
         # the loss and its gradient in float32; the gradient scaled by S before its one cast to float16
         loss, grad = simple_loss(out, target, t, self.alphas_cumprod, self.opts.prediction_type,
                                  self.opts.snr_gamma or None, grad_scale=self.loss_scale)
-        self.unet.backward(grad)
+        self.backward(grad)
         return {"loss": loss}
 
     def save_models(self, folder):
         self.unet.save_pretrained(os.path.join(folder, "unet"))
+        if self.train_text_encoder:
+            self.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
 
     def load_models(self, folder):
         from npdiffusion.io.pretrained import load_weights  # noqa: PLC0415
 
         self.unet.load_state_dict(load_weights(os.path.join(folder, "unet")))
+        if self.train_text_encoder:
+            self.text_encoder.load_state_dict(load_weights(os.path.join(folder, "text_encoder")))
 
     def pipeline(self, unet=None):
         """A ``StableDiffusionPipeline`` of the frozen models and ``unet`` (default: the trained one)."""
@@ -309,8 +360,12 @@ def write_pipeline(config: UNetStageConfig, folder: str) -> str:
     opts, start = config.unet, start_of(config.unet)
     folders = {"vae": opts.vae, "text_encoder": opts.text_encoder, "tokenizer": opts.tokenizer}
     if start is not None:
-        opts, folders = start.options, start.folders
-        if start.base.pipeline is not None:   # the original's components and scheduler, the trained U-Net
+        folders = start.folders
+    if opts.train_text_encoder:
+        folders = {**folders, "text_encoder": os.path.join(config.output_dir, "text_encoder")}
+    if start is not None:
+        opts = start.options
+        if start.base.pipeline is not None:   # the original's components and scheduler, the trained ones
             trained = {"unet": os.path.join(config.output_dir, "unet")}
             return write_finetuned_pipeline(start.base, folder, {**folders, **trained}, start.overrides)
     pipe = StableDiffusionPipeline(AutoencoderKL.from_pretrained(folders["vae"]),
