@@ -100,6 +100,18 @@ def test_adamw_matches_torch_over_20_steps(backend, hp, dtype, rtol):
     assert opt.step_count == 20 == int(topt.state[twins[0]]["step"])
 
 
+def steps_match_torch(ours, twins, steppers, seed, before=lambda step: None):
+    """20 steps of random gradients: each of ``steppers`` (optimizers, then schedules) steps, and every
+    parameter of ``ours`` stays within 1e-14 (relative) of its torch twin."""
+    for step, grads in enumerate(grad_sequence(ours, 20, seed=seed)):
+        before(step)
+        set_grads(ours, grads, twins)
+        for s in steppers:
+            s.step()
+        for t, (pname, p) in zip(twins, ours.named_parameters()):
+            assert_close(p, t, 1e-14, f"step {step + 1} param {pname}")
+
+
 @pytest.mark.parametrize("name,kwargs", [("cosine", dict(num_warmup_steps=4, num_training_steps=20)),
                                          ("constant_with_warmup", dict(num_warmup_steps=5)),
                                          ("linear", dict(num_warmup_steps=3, num_training_steps=15))])
@@ -110,15 +122,11 @@ def test_adamw_with_lr_schedule_matches_torch_and_diffusers(backend, name, kwarg
     sched = get_scheduler(name, opt, **kwargs)
     topt = torch.optim.AdamW(twins, lr=2e-2, weight_decay=0.05)
     tsched = diffusers_opt.get_scheduler(name, topt, **kwargs)
-    for step, grads in enumerate(grad_sequence(ours, 20, seed=5)):
+
+    def same_lr(step):
         assert opt.lr == topt.param_groups[0]["lr"], f"lr before step {step}"
-        set_grads(ours, grads, twins)
-        opt.step()
-        topt.step()
-        sched.step()
-        tsched.step()
-        for t, (pname, p) in zip(twins, ours.named_parameters()):
-            assert_close(p, t, 1e-14, f"step {step + 1} param {pname}")
+
+    steps_match_torch(ours, twins, (opt, topt, sched, tsched), seed=5, before=same_lr)
     assert opt.lr == topt.param_groups[0]["lr"] and sched.get_last_lr() == tsched.get_last_lr()[0]
 
 
@@ -135,15 +143,8 @@ def test_adamw_lr_ratios_are_torch_parameter_groups(backend):
     assert slow and fast
     topt = torch.optim.AdamW([{"params": slow, "lr": 2e-2 * 0.1}, {"params": fast}], lr=2e-2, weight_decay=0.05)
     tsched = diffusers_opt.get_scheduler("cosine", topt, num_warmup_steps=3, num_training_steps=20)
-    for step, grads in enumerate(grad_sequence(ours, 20, seed=7)):
-        set_grads(ours, grads, twins)
-        opt.step()
-        topt.step()
-        sched.step()
-        tsched.step()
-        # the groups' lr is (lr * 0.1) * f here, (lr * f) * 0.1 in torch: one rounding apart
-        for t, (pname, p) in zip(twins, ours.named_parameters()):
-            assert_close(p, t, 1e-14, f"step {step + 1} param {pname}")
+    # the groups' lr is (lr * 0.1) * f here, (lr * f) * 0.1 in torch: one rounding apart
+    steps_match_torch(ours, twins, (opt, topt, sched, tsched), seed=7)
     start = {n: to_numpy(p) for n, p in make_toy("float64", seed=6).named_parameters()}
     moved = {n: float(np.abs(to_numpy(p) - start[n]).max()) for n, p in ours.named_parameters()}
     assert moved["lin.weight"] < 0.3 * moved["scale"]                 # the slow group moved less

@@ -10,7 +10,6 @@ tests/pipeline_dummy.py, saved by diffusers in a temporary folder, with a folder
 * a run SIGKILLed mid-run and resumed with ``--resume`` ends bitwise equal to an uninterrupted one.
 """
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,8 @@ from npdiffusion.training import unet_stage
 from npdiffusion.training.config import build_config
 from npdiffusion.training.pretrained import open_start
 from parity import torch_threads
-from pipeline_dummy import PROMPTS, diffusers_pipeline, dummy_folder
+from pipeline_dummy import PROMPTS, dummy_folder
+from test_training_cli import snapshot as files           # {relative path: sha256} of a folder's files
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -66,16 +66,6 @@ def finetune_config(tmp_path, name, steps, **unet):
             "unet": {"pretrained": dummy_folder(), **unet}}
     config = build_config(unet_stage.CONFIG, data)
     return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
-
-
-def files(folder):
-    """{relative path: sha256} of every file under ``folder``."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for n in names:
-            p = os.path.join(root, n)
-            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def images_both(folder, seed=0):

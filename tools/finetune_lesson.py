@@ -198,7 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--per-caption", type=int, default=4, help="training crosses per caption (x 35)")
-    parser.add_argument("--class-images", type=int, default=105, help="DreamBooth's class images (old captions in turn)")
+    parser.add_argument("--class-images", type=int, default=105,
+                        help="DreamBooth's class images (old captions in turn)")
     parser.add_argument("--seeds", type=int, default=2, help="samples per prompt when scoring")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -218,8 +219,8 @@ def main(argv=None) -> int:
         print(f"{stage}:", {k: res[k] for k in ("new", "old", "wall_s", "cpu_s", "unet_bytes")}, flush=True)
     with open(os.path.join(args.out, "lesson.json"), "w") as f:
         json.dump(results, f, indent=1)
-    lines = ["| model | new concept (cross, colour, position) | cross read | old prompts (joint) | train wall / CPU | U-Net file |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | new concept (cross, colour, position) | cross read | old prompts (joint) | "
+             "train wall / CPU | U-Net file |", "|---|---|---|---|---|---|"]
     for name in ("base", "full", "dreambooth"):
         r = results[name]
         timing = f"{r['wall_s']:.0f} s / {r['cpu_s']:.0f} s" if "wall_s" in r else "-"

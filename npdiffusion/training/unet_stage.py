@@ -297,7 +297,8 @@ class UNetStage(Stage):
         from npdiffusion.diffusion.forward import q_sample  # noqa: PLC0415
         from npdiffusion.diffusion.objectives import training_target  # noqa: PLC0415
 
-        z0 = (mean + std * draws.standard_normal(mean.shape[1:]).astype(self.dtype)) * self.dtype.type(self.scaling_factor)
+        e0 = draws.standard_normal(mean.shape[1:]).astype(self.dtype)
+        z0 = (mean + std * e0) * self.dtype.type(self.scaling_factor)
         rows = numpy.where(draws.random() < self.opts.caption_dropout, 0, caption_rows)
         t = draws.integers(0, self.opts.num_train_timesteps)
         noise = draws.standard_normal(z0.shape[1:]).astype(self.dtype)
