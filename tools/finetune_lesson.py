@@ -30,7 +30,9 @@ the corners of its bounding box (farther than 0.3 box sides from its centre on b
 nearly empty (< 15 % filled) and it fills 35-66 % of the box: a square fills its corners, a triangle
 its lower ones, a circle fills more of its box (0.66-0.90). Its self-check is printed first: on
 3,500 rendered crosses and 3,500 dataset shapes it reads 99.9 % of the crosses and none of the
-shapes as crosses.
+shapes as crosses. The **VAE ceiling** follows: the same images after the model's frozen VAE (which
+never saw a cross and draws one as a four-pointed blob), read as crosses. ``--ceiling-only`` stops
+there.
 Writes DIR/lesson.md (the table) and DIR/lesson.json. Docs: docs/benchmarks.md ("Fine-tuning and
 DreamBooth").
 """
@@ -127,6 +129,28 @@ def self_check(n: int = 700) -> dict:
             "old_shapes_read_as_cross": float(is_cross(old.images).mean())}
 
 
+def vae_ceiling(folder: str, n: int = 700) -> dict:
+    """Crosses and dataset shapes after the model's VAE (encode, posterior mean, decode), read as crosses:
+    what a U-Net on these latents can at best draw (the VAE never saw a cross)."""
+    from npdiffusion.backend import to_numpy  # noqa: PLC0415
+    from npdiffusion.data.dataset import to_model_input, to_uint8  # noqa: PLC0415
+    from npdiffusion.data.shapes import make_shapes  # noqa: PLC0415
+    from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
+    from npdiffusion.nn.module import no_cache  # noqa: PLC0415
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
+
+    def round_trip(images):
+        with no_cache():
+            out = vae.decode(vae.encode(to_model_input(images).astype(numpy.float32)).mean)
+        return to_uint8(to_numpy(getattr(out, "sample", out)))
+
+    crosses, _ = render_crosses(n // 35, seed=99)
+    old = make_shapes(n, seed=98).images
+    return {"vae_crosses_read_as_cross": float(is_cross(round_trip(crosses)).mean()),
+            "vae_old_shapes_read_as_cross": float(is_cross(round_trip(old)).mean())}
+
+
 def evaluate(folder: str, seeds: int) -> dict:
     from npdiffusion.evaluation.shape_attributes import score  # noqa: PLC0415
     from npdiffusion.pipelines import StableDiffusionPipeline  # noqa: PLC0415
@@ -201,10 +225,13 @@ def main(argv=None) -> int:
     parser.add_argument("--class-images", type=int, default=105,
                         help="DreamBooth's class images (old captions in turn)")
     parser.add_argument("--seeds", type=int, default=2, help="samples per prompt when scoring")
+    parser.add_argument("--ceiling-only", action="store_true", help="only the reader's self-check and the VAE ceiling")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    results = {"args": vars(args), "self_check": self_check(3500)}
+    results = {"args": vars(args), "self_check": {**self_check(3500), **vae_ceiling(args.base)}}
     print("self-check:", results["self_check"], flush=True)
+    if args.ceiling_only:
+        return 0
     data = write_dataset(os.path.join(args.out, "crosses"), args.per_caption, seed=7)
     t = time.process_time()
     base = evaluate(args.base, args.seeds)
