@@ -100,6 +100,18 @@ def test_adamw_matches_torch_over_20_steps(backend, hp, dtype, rtol):
     assert opt.step_count == 20 == int(topt.state[twins[0]]["step"])
 
 
+def steps_match_torch(ours, twins, steppers, seed, before=lambda step: None):
+    """20 steps of random gradients: each of ``steppers`` (optimizers, then schedules) steps, and every
+    parameter of ``ours`` stays within 1e-14 (relative) of its torch twin."""
+    for step, grads in enumerate(grad_sequence(ours, 20, seed=seed)):
+        before(step)
+        set_grads(ours, grads, twins)
+        for s in steppers:
+            s.step()
+        for t, (pname, p) in zip(twins, ours.named_parameters()):
+            assert_close(p, t, 1e-14, f"step {step + 1} param {pname}")
+
+
 @pytest.mark.parametrize("name,kwargs", [("cosine", dict(num_warmup_steps=4, num_training_steps=20)),
                                          ("constant_with_warmup", dict(num_warmup_steps=5)),
                                          ("linear", dict(num_warmup_steps=3, num_training_steps=15))])
@@ -110,16 +122,34 @@ def test_adamw_with_lr_schedule_matches_torch_and_diffusers(backend, name, kwarg
     sched = get_scheduler(name, opt, **kwargs)
     topt = torch.optim.AdamW(twins, lr=2e-2, weight_decay=0.05)
     tsched = diffusers_opt.get_scheduler(name, topt, **kwargs)
-    for step, grads in enumerate(grad_sequence(ours, 20, seed=5)):
+
+    def same_lr(step):
         assert opt.lr == topt.param_groups[0]["lr"], f"lr before step {step}"
-        set_grads(ours, grads, twins)
-        opt.step()
-        topt.step()
-        sched.step()
-        tsched.step()
-        for t, (pname, p) in zip(twins, ours.named_parameters()):
-            assert_close(p, t, 1e-14, f"step {step + 1} param {pname}")
+
+    steps_match_torch(ours, twins, (opt, topt, sched, tsched), seed=5, before=same_lr)
     assert opt.lr == topt.param_groups[0]["lr"] and sched.get_last_lr() == tsched.get_last_lr()[0]
+
+
+def test_adamw_lr_ratios_are_torch_parameter_groups(backend):
+    """lr_ratios {"lin.": 0.1}: the Linear's parameters at a tenth of the learning rate, under a cosine
+    schedule, equal torch's AdamW with two parameter groups (group lr 0.1 lr and lr) and diffusers' schedule."""
+    ours = make_toy("float64", seed=6)
+    twins = torch_twins(ours)
+    names = [n for n, _ in ours.named_parameters()]
+    opt = AdamW(ours, lr=2e-2, weight_decay=0.05, lr_ratios={"lin.": 0.1})
+    sched = get_scheduler("cosine", opt, num_warmup_steps=3, num_training_steps=20)
+    slow = [t for t, n in zip(twins, names) if n.startswith("lin.")]
+    fast = [t for t, n in zip(twins, names) if not n.startswith("lin.")]
+    assert slow and fast
+    topt = torch.optim.AdamW([{"params": slow, "lr": 2e-2 * 0.1}, {"params": fast}], lr=2e-2, weight_decay=0.05)
+    tsched = diffusers_opt.get_scheduler("cosine", topt, num_warmup_steps=3, num_training_steps=20)
+    # the groups' lr is (lr * 0.1) * f here, (lr * f) * 0.1 in torch: one rounding apart
+    steps_match_torch(ours, twins, (opt, topt, sched, tsched), seed=7)
+    start = {n: to_numpy(p) for n, p in make_toy("float64", seed=6).named_parameters()}
+    moved = {n: float(np.abs(to_numpy(p) - start[n]).max()) for n, p in ours.named_parameters()}
+    assert moved["lin.weight"] < 0.3 * moved["scale"]                 # the slow group moved less
+    with pytest.raises(ValueError, match="lr_ratios"):
+        AdamW(ours, lr_ratios={"lin.": -1.0})
 
 
 def test_schedule_factors_equal_diffusers_exactly():

@@ -8,6 +8,10 @@ shape as p)::
     v <- beta2 v + (1 - beta2) g^2
     p <- p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
+``lr_ratios`` ({parameter name prefix: r}) gives the parameters under a prefix the learning rate
+r * lr (in the weight decay and the step alike): torch's parameter groups with group lr r * lr under a
+schedule that scales every group by the same factor (e.g. a text encoder's own learning rate).
+
 The same operations in the same order as torch's single-tensor path, so float64 results agree
 to the last bits (torch's CPU kernels fuse some multiply-adds, NumPy does not: about 1 ulp per op).
 Each parameter is updated in cache-sized blocks of its flattened entries on the CPU's threads
@@ -41,9 +45,17 @@ class AdamW(Optimizer):
     slots = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, module, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, lr_ratios: dict | None = None):
         super().__init__(module, lr)
         self._set_hyperparameters({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.lr_ratios = {str(k): check_float("AdamW", f"lr_ratios[{k!r}]", v) for k, v in (lr_ratios or {}).items()}
+
+    def _lr_of(self, name: str) -> float:
+        """The learning rate of parameter ``name``: lr, times its prefix's ratio in ``lr_ratios``."""
+        for prefix, ratio in self.lr_ratios.items():
+            if name.startswith(prefix):
+                return self.lr * ratio
+        return self.lr
 
     def hyperparameters(self) -> dict:
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
@@ -62,12 +74,10 @@ class AdamW(Optimizer):
         """One update of every parameter from its current gradient (see the module docstring)."""
         self.step_count += 1
         t = float(self.step_count)
-        lr, (beta1, beta2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
-        step_size = lr / (1.0 - beta1 ** t)
+        (beta1, beta2), eps, wd = self.betas, self.eps, self.weight_decay
         bias_correction2_sqrt = (1.0 - beta2 ** t) ** 0.5
-        decay = 1.0 - lr * wd
 
-        def update(p, g, m, v):
+        def update(p, g, m, v, step_size, decay):
             tmp = xp.empty_like(p)
             if wd != 0.0:
                 p *= decay
@@ -86,8 +96,10 @@ class AdamW(Optimizer):
         for name, p, g in self._params_and_grads():
             m = self._slot("exp_avg", name, p)
             v = self._slot("exp_avg_sq", name, p)
+            lr = self._lr_of(name)
+            rates = (lr / (1.0 - beta1 ** t), 1.0 - lr * wd)       # step_size, decay
             if not all(a.flags.c_contiguous for a in (p, m, v)):
-                update(p, g, m, v)              # flat views would be copies
+                update(p, g, m, v, *rates)      # flat views would be copies
                 continue
             flat = [a.reshape(-1) for a in (p, xp.ascontiguousarray(g), m, v)]
-            parallel_for(lambda lo, hi: update(*(a[lo:hi] for a in flat)), p.size, 1, BLOCK_ENTRIES)
+            parallel_for(lambda lo, hi: update(*(a[lo:hi] for a in flat), *rates), p.size, 1, BLOCK_ENTRIES)

@@ -418,7 +418,30 @@ def build_config(schema, data: dict, source: str = "config", prefix: str = ""):
             if any(v < low for v in vals):
                 raise ConfigError(f"{source}: {key!r} must be >= {low}, got {_got(data[name])}")
         kwargs[name] = value
-    return schema(**kwargs)
+    instance = schema(**kwargs)
+    object.__setattr__(instance, GIVEN_ATTRIBUTE, frozenset(n for n in data if not dataclasses.is_dataclass(hints[n])))
+    return instance
+
+
+GIVEN_ATTRIBUTE = "_keys_given"
+
+
+def given_keys(section_config) -> frozenset:
+    """The plain keys of a config section that were set: those its file held (``build_config`` records
+    them), or for a section built in Python, those whose value is not the default. A stage uses it to
+    tell a value the user chose from a default (e.g. ``unet.pretrained`` takes sizes from the folder
+    unless the config gives them)."""
+    recorded = getattr(section_config, GIVEN_ATTRIBUTE, None)
+    if recorded is not None:
+        return recorded
+    out = []
+    for f in dataclasses.fields(section_config):
+        if f.metadata.get("section"):
+            continue
+        default = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
+        if getattr(section_config, f.name) != default:
+            out.append(f.name)
+    return frozenset(out)
 
 
 def load_config(path, schema):

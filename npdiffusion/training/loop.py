@@ -96,8 +96,9 @@ class Stage:
       each applied optimizer step), ``export_models(folder)`` (the final models, with the weights to
       export in place; default ``save_models``: a stage may measure something first, like the VAE's
       scaling factor, or write extra folders), ``state_dict()`` / ``load_state_dict(d)`` (JSON-able
-      extra state). ``comm``: set by the trainer, the run's ``Communicator`` (for a loss that couples
-      the samples of the global batch, as CLIP's does).
+      extra state), ``lr_ratios`` ({parameter name prefix: r}: those parameters learn at r times the
+      learning rate; AdamW's ``lr_ratios``). ``comm``: set by the trainer, the run's ``Communicator``
+      (for a loss that couples the samples of the global batch, as CLIP's does).
     """
 
     name = "stage"
@@ -235,7 +236,8 @@ class Trainer:
         #: what the optimizer, the EMA and the clipping see: the masters under fp16, else the module
         self.target = self.master if self.master is not None else self.module
         self.optimizer = AdamW(self.target, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                               eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+                               eps=config.adam_epsilon, weight_decay=config.adam_weight_decay,
+                               lr_ratios=getattr(stage, "lr_ratios", None))
         self.lr_scheduler = get_scheduler(config.lr_scheduler, self.optimizer, config.lr_warmup_steps, config.steps)
         self.ema = EMA(self.target, decay=config.ema_decay) if config.use_ema else None
         self.rng = trainer_rng(config.seed)

@@ -27,6 +27,10 @@ STAGES = {
              [("npdiffusion.models.unet.unet_2d_condition", "the U-Net (UNet2DConditionModel)"),
               ("npdiffusion.models.vae.autoencoder_kl", "the VAE (AutoencoderKL)"),
               ("npdiffusion.models.clip.text_model", "the CLIP text encoder (CLIPTextModel)")]),
+    "dreambooth": ("npdiffusion.training.dreambooth_stage",
+                   [("npdiffusion.models.unet.unet_2d_condition", "the U-Net (UNet2DConditionModel)"),
+                    ("npdiffusion.models.vae.autoencoder_kl", "the VAE (AutoencoderKL)"),
+                    ("npdiffusion.models.clip.text_model", "the CLIP text encoder (CLIPTextModel)")]),
 }
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from npdiffusion.nn.module import Module
 from npdiffusion.training.config import StageConfig, option, section
 from npdiffusion.training.loop import Stage
 
@@ -47,6 +48,10 @@ UNET_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 class UNetOptions:
     """``[unet]``: the frozen models, the U-Net and the diffusion objective."""
 
+    pretrained: str = option("", "start from this model instead of random weights: a pipeline folder "
+                             "(model_index.json) or a U-Net folder, ours or diffusers'; the U-Net keeps its sizes, "
+                             "and the VAE, text encoder, tokenizer and schedule come from its pipeline unless given "
+                             "here (docs/training.md, 'Fine-tuning a pretrained model')")
     vae: str = option("runs/vae/vae", "the trained VAE folder (from `npdiffusion train vae`)")
     text_encoder: str = option("runs/clip/text_encoder", "the trained text encoder folder (from `npdiffusion "
                                "train clip`)")
@@ -69,6 +74,10 @@ class UNetOptions:
                                 choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     beta_start: float = option(0.00085, "first beta (linear / scaled_linear)", min=0.0)
     beta_end: float = option(0.012, "last beta (linear / scaled_linear)", min=0.0)
+    train_text_encoder: bool = option(False, "train the text encoder too (its hand-written backward; the "
+                                      "captions are encoded at every step instead of once)")
+    text_encoder_learning_rate: float = option(0.0, "the text encoder's AdamW learning rate, on the same schedule "
+                                               "(0: train.learning_rate)", min=0.0)
     rescale_betas_zero_snr: bool = option(False, "rescale the schedule to zero terminal SNR (Lin et al. 2024); "
                                           "use with v_prediction: at SNR 0 the noise cannot be predicted")
 
@@ -105,6 +114,33 @@ def make_scheduler(opts: UNetOptions):
                                        rescale_betas_zero_snr=opts.rescale_betas_zero_snr)
 
 
+class UNetAndTextEncoder(Module):
+    """The trained module when ``unet.train_text_encoder``: parameters ``unet.*`` and ``text_encoder.*``."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+
+def start_of(opts: UNetOptions):
+    """The ``PretrainedStart`` of ``unet.pretrained`` (npdiffusion/training/pretrained.py), or None."""
+    from npdiffusion.training.pretrained import open_start  # noqa: PLC0415
+
+    return open_start(opts, "unet") if opts.pretrained else None
+
+
+def check_pretrained_unet(unet, base, vae, text_encoder, folders: dict) -> None:
+    """A ValueError when the pretrained U-Net cannot run on the VAE's latents or the text encoder's context."""
+    pairs = (("in_channels", unet.config["in_channels"], "vae", "latent_channels", vae.config["latent_channels"]),
+             ("cross_attention_dim", unet.config["cross_attention_dim"], "text_encoder", "hidden_size",
+              text_encoder.config.hidden_size))
+    for key, ours, name, their_key, theirs in pairs:
+        if ours != theirs:
+            raise ValueError(f"the pretrained U-Net {base.unet!r} has {key} = {ours!r} but the {name} "
+                             f"{folders[name]!r} has {their_key} = {theirs!r}: they do not fit together")
+
+
 def _check_folder(key: str, path: str, what: str, stage: str):
     if not os.path.isfile(os.path.join(path, "config.json" if what != "tokenizer" else "vocab.json")):
         raise ValueError(f"unet.{key} {path!r} is not a {what} folder; run `npdiffusion train {stage}` first "
@@ -119,25 +155,36 @@ class UNetStage(Stage):
 
     def __init__(self, config: UNetStageConfig, dataset, log=print):
         from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
-        from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
         from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
         from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
+        from npdiffusion.pipelines.loading import load_tokenizer  # noqa: PLC0415
 
         opts = config.unet
-        _check_folder("vae", opts.vae, "VAE", "vae")
-        _check_folder("text_encoder", opts.text_encoder, "text encoder", "clip")
-        _check_folder("tokenizer", opts.tokenizer, "tokenizer", "clip")
-        n = len(opts.block_out_channels)
-        if len(opts.down_block_types) != n:
-            raise ValueError(f"unet.down_block_types needs one entry per level of block_out_channels ({n}), "
-                             f"got {len(opts.down_block_types)}")
-        bad = [b for b in opts.down_block_types if b not in ("CrossAttnDownBlock2D", "DownBlock2D")]
-        if bad:
-            raise ValueError(f"unet.down_block_types entries must be CrossAttnDownBlock2D or DownBlock2D, got {bad[0]!r}")
+        self.start = start_of(opts)
+        if self.start is not None:                       # fine-tuning: unet.pretrained (pretrained.py)
+            opts, folders = self.start.options, self.start.folders
+        else:
+            _check_folder("vae", opts.vae, "VAE", "vae")
+            _check_folder("text_encoder", opts.text_encoder, "text encoder", "clip")
+            _check_folder("tokenizer", opts.tokenizer, "tokenizer", "clip")
+            folders = {"vae": opts.vae, "text_encoder": opts.text_encoder, "tokenizer": opts.tokenizer}
+            n = len(opts.block_out_channels)
+            if len(opts.down_block_types) != n:
+                raise ValueError(f"unet.down_block_types needs one entry per level of block_out_channels ({n}), "
+                                 f"got {len(opts.down_block_types)}")
+            bad = [b for b in opts.down_block_types if b not in ("CrossAttnDownBlock2D", "DownBlock2D")]
+            if bad:
+                raise ValueError(f"unet.down_block_types entries must be CrossAttnDownBlock2D or DownBlock2D, "
+                                 f"got {bad[0]!r}")
         self.dtype = numpy.dtype(config.train.dtype)
-        self.vae = AutoencoderKL.from_pretrained(opts.vae).eval()
-        self.text_encoder = CLIPTextModel.from_pretrained(opts.text_encoder).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(opts.tokenizer)
+        self.folders = folders
+        self.vae = AutoencoderKL.from_pretrained(folders["vae"]).eval()
+        self.text_encoder = CLIPTextModel.from_pretrained(folders["text_encoder"]).eval()
+        self.tokenizer = load_tokenizer(folders["tokenizer"])
+        if self.start is not None:
+            self.unet = self.start.base.load_unet()
+            check_pretrained_unet(self.unet, self.start.base, self.vae, self.text_encoder, folders)
+        n = len(self.unet.config["block_out_channels"]) if self.start is not None else len(opts.block_out_channels)
         factor = 2 ** (len(self.vae.config["block_out_channels"]) - 1)
         side = config.data.resolution
         if side % factor:
@@ -148,14 +195,21 @@ class UNetStage(Stage):
         up = tuple("CrossAttnUpBlock2D" if b == "CrossAttnDownBlock2D" else "UpBlock2D"
                    for b in reversed(opts.down_block_types))
         latent_channels = self.vae.config["latent_channels"]
-        self.unet = UNet2DConditionModel(
-            sample_size=latent_side, in_channels=latent_channels, out_channels=latent_channels,
-            block_out_channels=tuple(opts.block_out_channels), layers_per_block=opts.layers_per_block,
-            down_block_types=tuple(opts.down_block_types), up_block_types=up,
-            cross_attention_dim=self.text_encoder.config.hidden_size, attention_head_dim=opts.attention_head_dim,
-            norm_num_groups=opts.norm_num_groups)
+        if self.start is None:
+            self.unet = UNet2DConditionModel(
+                sample_size=latent_side, in_channels=latent_channels, out_channels=latent_channels,
+                block_out_channels=tuple(opts.block_out_channels), layers_per_block=opts.layers_per_block,
+                down_block_types=tuple(opts.down_block_types), up_block_types=up,
+                cross_attention_dim=self.text_encoder.config.hidden_size, attention_head_dim=opts.attention_head_dim,
+                norm_num_groups=opts.norm_num_groups)
         self.unet.to(config.train.dtype).train()
         self.module = self.unet
+        self.train_text_encoder = opts.train_text_encoder
+        if self.train_text_encoder:                      # one module, two learning rates (AdamW lr_ratios)
+            self.text_encoder.to(config.train.dtype).train()
+            self.module = UNetAndTextEncoder(self.unet, self.text_encoder)
+            lr = config.train.learning_rate
+            self.lr_ratios = {"text_encoder.": (opts.text_encoder_learning_rate or lr) / lr if lr else 1.0}
         self.opts = opts
         self.alphas_cumprod = training_alphas_cumprod(opts)
         self.scaling_factor = float(self.vae.config["scaling_factor"])
@@ -165,7 +219,10 @@ class UNetStage(Stage):
 
     # ------------------------------------------------------------------ the frozen models, once
     def _encode_dataset(self, dataset):
-        """Posterior mean and std of every training image (N, L, h, h), float32 on the host."""
+        self.latent_mean, self.latent_std = self.encode_images(dataset)
+
+    def encode_images(self, dataset):
+        """Posterior mean and std (N, L, h, h) of every image of ``dataset``, in the stage's dtype, on the host."""
         from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
         from npdiffusion.data.dataset import to_model_input  # noqa: PLC0415
         from npdiffusion.nn.module import no_cache  # noqa: PLC0415
@@ -177,8 +234,7 @@ class UNetStage(Stage):
                 post = self.vae.encode(asarray(to_model_input(dataset.get_images(idx)), dtype=self.dtype))
                 means.append(to_numpy(post.mean).astype(self.dtype))
                 stds.append(to_numpy(post.std).astype(self.dtype))
-        self.latent_mean = numpy.concatenate(means)
-        self.latent_std = numpy.concatenate(stds)
+        return numpy.concatenate(means), numpy.concatenate(stds)
 
     def encode_text(self, captions):
         """last_hidden_state (K, T, D) of ``captions`` under the frozen text encoder."""
@@ -195,7 +251,33 @@ class UNetStage(Stage):
     def _encode_captions(self, dataset):
         distinct = sorted(set(dataset.captions))
         self.caption_index = {c: i + 1 for i, c in enumerate(distinct)}      # 0 is the empty caption
-        self.context = self.encode_text([""] + distinct)                     # (K + 1, T, D)
+        self.set_captions([""] + distinct)
+
+    def set_captions(self, texts):
+        """The caption rows: token ids (K, T), and with a frozen text encoder their context (K, T, D)."""
+        self.caption_ids = self.tokenizer(list(texts))
+        self.context = None if self.train_text_encoder else self.encode_text(texts)
+
+    def append_caption(self, text: str) -> int:
+        """Add the caption row of ``text``; returns its row."""
+        self.caption_ids = numpy.concatenate([self.caption_ids, self.tokenizer([text])])
+        if self.context is not None:
+            self.context = numpy.concatenate([self.context, self.encode_text([text])])
+        return len(self.caption_ids) - 1
+
+    def context_of(self, rows):
+        """The U-Net's context (B, T, D) of caption rows (B,): cached, or through the trained text encoder."""
+        from npdiffusion.backend import asarray  # noqa: PLC0415
+
+        if self.train_text_encoder:
+            return self.text_encoder(self.caption_ids[rows])[0]
+        return asarray(self.context[rows], dtype=self.unet.dtype)
+
+    def backward(self, grad) -> None:
+        """The U-Net's backward of dL/dout (B, L, h, h); the context's gradient on into the text encoder."""
+        _, grad_context = self.unet.backward(grad)
+        if self.train_text_encoder:
+            self.text_encoder.backward(grad_context)
 
     # ------------------------------------------------------------------ training
     def collate(self, images, captions, indices, epoch, position):
@@ -206,45 +288,60 @@ class UNetStage(Stage):
         batch.caption_rows = numpy.asarray([self.caption_index[c] for c in captions], dtype=numpy.int64)
         return batch
 
-    def train_step(self, batch, rng):
+    def noisy_inputs(self, mean, std, caption_rows, draws):
+        """``(x_t, t, target, rows)`` of latents drawn from the posteriors ``mean``, ``std`` (B, L, h, h)
+        with their caption rows (B,): z0, caption dropout, t and the noise drawn from ``draws`` in that order
+        (module docstring); x_t in the U-Net's compute dtype, the target in the stage's, the caption rows
+        after dropout (``context_of`` gives their context)."""
         from npdiffusion.backend import asarray  # noqa: PLC0415
         from npdiffusion.diffusion.forward import q_sample  # noqa: PLC0415
-        from npdiffusion.diffusion.objectives import simple_loss, training_target  # noqa: PLC0415
+        from npdiffusion.diffusion.objectives import training_target  # noqa: PLC0415
 
-        from npdiffusion.distributed.sharding import batch_draws  # noqa: PLC0415
-
-        idx = numpy.asarray(batch.indices)
-        mean, std = self.latent_mean[idx], self.latent_std[idx]
-        draws = batch_draws(rng, batch)  # drawn for the global batch, this rank's rows kept (sharding.py)
-        z0 = (mean + std * draws.standard_normal(mean.shape[1:]).astype(self.dtype)) * self.dtype.type(self.scaling_factor)
-        rows = numpy.where(draws.random() < self.opts.caption_dropout, 0, batch.caption_rows)
+        e0 = draws.standard_normal(mean.shape[1:]).astype(self.dtype)
+        z0 = (mean + std * e0) * self.dtype.type(self.scaling_factor)
+        rows = numpy.where(draws.random() < self.opts.caption_dropout, 0, caption_rows)
         t = draws.integers(0, self.opts.num_train_timesteps)
         noise = draws.standard_normal(z0.shape[1:]).astype(self.dtype)
         z0, noise = asarray(z0), asarray(noise)
         compute = self.unet.dtype                        # float16 under mixed precision, else self.dtype
         x_t = q_sample(z0, t, self.alphas_cumprod, noise).astype(compute)
         target = training_target(z0, noise, t, self.alphas_cumprod, self.opts.prediction_type)
-        out = self.unet(x_t, t, asarray(self.context[rows], dtype=compute))
+        return x_t, t, target.astype(self.dtype), rows
+
+    def train_step(self, batch, rng):
+        from npdiffusion.diffusion.objectives import simple_loss  # noqa: PLC0415
+        from npdiffusion.distributed.sharding import batch_draws  # noqa: PLC0415
+
+        idx = numpy.asarray(batch.indices)
+        draws = batch_draws(rng, batch)  # drawn for the global batch, this rank's rows kept (sharding.py)
+        x_t, t, target, rows = self.noisy_inputs(self.latent_mean[idx], self.latent_std[idx], batch.caption_rows,
+                                                 draws)
+        out = self.unet(x_t, t, self.context_of(rows))
         # the loss and its gradient in float32; the gradient scaled by S before its one cast to float16
-        loss, grad = simple_loss(out, target.astype(self.dtype), t, self.alphas_cumprod, self.opts.prediction_type,
+        loss, grad = simple_loss(out, target, t, self.alphas_cumprod, self.opts.prediction_type,
                                  self.opts.snr_gamma or None, grad_scale=self.loss_scale)
-        self.unet.backward(grad)
+        self.backward(grad)
         return {"loss": loss}
 
     def save_models(self, folder):
         self.unet.save_pretrained(os.path.join(folder, "unet"))
+        if self.train_text_encoder:
+            self.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
 
     def load_models(self, folder):
         from npdiffusion.io.pretrained import load_weights  # noqa: PLC0415
 
         self.unet.load_state_dict(load_weights(os.path.join(folder, "unet")))
+        if self.train_text_encoder:
+            self.text_encoder.load_state_dict(load_weights(os.path.join(folder, "text_encoder")))
 
     def pipeline(self, unet=None):
         """A ``StableDiffusionPipeline`` of the frozen models and ``unet`` (default: the trained one)."""
         from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
 
+        scheduler = self.start.scheduler() if self.start is not None else None
         return StableDiffusionPipeline(self.vae, self.text_encoder, self.tokenizer, unet or self.unet,
-                                       make_scheduler(self.opts))
+                                       scheduler or make_scheduler(self.opts))
 
 
 def build_stage(config: UNetStageConfig, dataset) -> UNetStage:
@@ -254,15 +351,27 @@ def build_stage(config: UNetStageConfig, dataset) -> UNetStage:
 def write_pipeline(config: UNetStageConfig, folder: str) -> str:
     """Assemble ``folder`` (a diffusers pipeline folder) from the stage's inputs and its exported unet/."""
     from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
-    from npdiffusion.models.clip.tokenizer import CLIPTokenizer  # noqa: PLC0415
     from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
     from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
     from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
 
-    opts = config.unet
-    pipe = StableDiffusionPipeline(AutoencoderKL.from_pretrained(opts.vae),
-                                   CLIPTextModel.from_pretrained(opts.text_encoder),
-                                   CLIPTokenizer.from_pretrained(opts.tokenizer),
+    from npdiffusion.pipelines.loading import load_tokenizer  # noqa: PLC0415
+    from npdiffusion.training.pretrained import write_finetuned_pipeline  # noqa: PLC0415
+
+    opts, start = config.unet, start_of(config.unet)
+    folders = {"vae": opts.vae, "text_encoder": opts.text_encoder, "tokenizer": opts.tokenizer}
+    if start is not None:
+        folders = start.folders
+    if opts.train_text_encoder:
+        folders = {**folders, "text_encoder": os.path.join(config.output_dir, "text_encoder")}
+    if start is not None:
+        opts = start.options
+        if start.base.pipeline is not None:   # the original's components and scheduler, the trained ones
+            trained = {"unet": os.path.join(config.output_dir, "unet")}
+            return write_finetuned_pipeline(start.base, folder, {**folders, **trained}, start.overrides)
+    pipe = StableDiffusionPipeline(AutoencoderKL.from_pretrained(folders["vae"]),
+                                   CLIPTextModel.from_pretrained(folders["text_encoder"]),
+                                   load_tokenizer(folders["tokenizer"]),
                                    UNet2DConditionModel.from_pretrained(os.path.join(config.output_dir, "unet")),
                                    make_scheduler(opts))
     return pipe.save_pretrained(folder)
