@@ -72,6 +72,18 @@ def dataset_from_config(data):
                         seed=data.seed, caption_column=data.caption_column)
 
 
+def refuse_data_parallel(name: str, why: str) -> None:
+    """A ``TrainingError`` (one line) when this process is one of N > 1 MPI ranks: stage ``name`` trains in
+    one process only, because ``why``."""
+    from npdiffusion.distributed.world import get_communicator  # noqa: PLC0415
+    from npdiffusion.training.loop import TrainingError  # noqa: PLC0415
+
+    size = get_communicator().size
+    if size > 1:
+        raise TrainingError(f"the {name} stage cannot run as {size} MPI processes yet: {why}; run it as one "
+                            "process (without mpiexec). docs/distributed.md")
+
+
 def run_model_stage(config, build_stage, *, resume: bool = False, progress=None, log=print) -> str:
     """The ``train`` of a model stage: everything but building the stage itself.
 
