@@ -16,6 +16,7 @@ EVAL_PROMPTS = 50
 EVAL_SEEDS = 4
 EVAL_STEPS = 25
 EVAL_SCHEDULER = "DDPMScheduler"
+DEFAULT_SEED = 0                       # every model stage's train.seed (``--seed``)
 DIGIT_SEEDS = 20                       # digits demo: 10 prompts x 20 seeds, as many samples as 50 x 4
 DEMO_DATASETS = ("shapes", "digits")
 
@@ -85,9 +86,16 @@ def demo_settings(quick: bool = False, dataset: str = "shapes") -> dict:
     return settings
 
 
-def stage_configs(out: str, quick: bool = False, dataset: str = "shapes") -> dict:
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"demo: seed must be an int >= 0, got {seed!r}")
+    return seed
+
+
+def stage_configs(out: str, quick: bool = False, dataset: str = "shapes", seed: int = DEFAULT_SEED) -> dict:
     """``{stage: config dataclass}`` of the demo's four stages on ``dataset`` ("shapes" or "digits"),
-    with outputs under ``out/runs``."""
+    with outputs under ``out/runs``; ``seed`` is every model stage's ``train.seed`` (initial weights,
+    data order, the steps' draws; the data themselves stay ``data.seed``'s)."""
     from npdiffusion.training import clip_stage, tokenizer_stage, unet_stage, vae_stage  # noqa: PLC0415
     from npdiffusion.training.config import build_config  # noqa: PLC0415
 
@@ -105,6 +113,6 @@ def stage_configs(out: str, quick: bool = False, dataset: str = "shapes") -> dic
     }
     for name in ("clip", "vae", "unet"):
         raw[name]["train"] = {**raw[name]["train"], "checkpointing_steps": raw[name]["train"]["steps"],
-                              "checkpoints_total_limit": 1}
+                              "checkpoints_total_limit": 1, "seed": check_seed(seed)}
     schemas = {"tokenizer": tokenizer_stage.CONFIG, "clip": clip_stage.CONFIG, "vae": vae_stage.CONFIG, "unet": unet_stage.CONFIG}
     return {name: build_config(schemas[name], raw[name], source=f"demo {name} settings") for name in raw}
