@@ -31,8 +31,8 @@ def _stage_rows(report: str) -> dict:
     rows = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0] in ("tokenizer", "clip", "vae", "unet"):
-            rows[cells[0]] = int(cells[2])
+        if len(cells) == 5 and cells[0] in ("tokenizer", "clip", "vae", "unet"):
+            rows[cells[0]] = int(cells[3])
     return rows
 
 
@@ -147,3 +147,28 @@ def test_mpiexec_is_found_next_to_python_before_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert demo_processes.find_mpiexec() is None
     assert "mpiexec" in demo_processes.mpi_missing() or "mpi4py" in demo_processes.mpi_missing()
+
+
+def test_report_json_records_seed_processes_times_and_scores(two_process_run):
+    import json
+
+    out, _, _ = two_process_run
+    record = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
+    assert record["seed"] == SEED and record["processes"] == {"tokenizer": 1, "clip": 1, "vae": 2, "unet": 2}
+    assert set(record["seconds"]) == set(record["cpu_seconds"]) == {"tokenizer", "clip", "vae", "unet",
+                                                                     "evaluation", "pictures"}
+    assert all(v >= 0 for v in record["cpu_seconds"].values())
+    assert record["sampling"]["steps"] == 4 and record["scores"]["guided"]["n"] == 8   # quick: 4 prompts x 2
+
+
+def test_spread_is_quoted_only_for_the_settings_it_measured():
+    from npdiffusion.training.demo.report import spread_sentence
+    from npdiffusion.training.demo.settings import settings_fingerprint
+
+    spread = {"settings": settings_fingerprint(), "seeds": [0, 1, 2], "date": "2026-12-07", "processes": 2,
+              "minutes": [4.5, 4.9], "all_three": {"DDPM 25, guidance 2 (report)": [0.97, 0.995]}}
+    text = spread_sentence(spread)
+    assert "seeds 0, 1, 2" in text and "97.0-99.5%" in text and "4.5-4.9 min" in text
+    stale = spread_sentence({**spread, "settings": "0" * 12})
+    assert "not measured for these settings" in stale and "97.0" not in stale
+    assert "not measured" in spread_sentence({})

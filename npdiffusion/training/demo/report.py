@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from npdiffusion.training.demo.settings import EVAL_SCHEDULER, GUIDANCE_SCALE, demo_settings
+from npdiffusion.training.demo.settings import EVAL_SCHEDULER, GUIDANCE_SCALE, demo_settings, settings_fingerprint
 
 PICTURES = "Pictures: samples.png (prompts x seeds), diffusion.png (noising and denoising), losses.png."
 
@@ -15,7 +15,8 @@ PICTURES = "Pictures: samples.png (prompts x seeds), diffusion.png (noising and 
 class DemoRun:
     """What a demo run measured, for its report: seconds per stage and in all, each stage's summary line,
     the evaluation's prompts, seeds and steps, and where the model and pictures were written; the
-    training ``seed`` and the MPI ranks ``processes`` of each stage (``{stage: N}``)."""
+    training ``seed``, the MPI ranks ``processes`` and the ``cpu`` seconds (its ranks' included) of each
+    stage (``{stage: N}``, ``{stage: seconds}``)."""
 
     out: str
     model: str
@@ -31,6 +32,7 @@ class DemoRun:
     steps: int
     seed: int = 0
     processes: dict = None
+    cpu: dict = None
 
     @property
     def most_processes(self) -> int:
@@ -46,10 +48,11 @@ class DemoRun:
 def _frame(run: DemoRun, title: str, trained_on: str, body: list[str]) -> str:
     """The report around its results ``body``: title, what was trained, time per stage, settings."""
     settings_json = json.dumps(demo_settings(run.quick, run.dataset), indent=1)
-    ranks = run.processes or {}
-    timing = ["## Time per stage", "", "| stage | seconds | processes | summary |", "|---|---|---|---|",
-              *[f"| {n} | {t:.1f} | {ranks.get(n, 1)} | {run.summaries.get(n, '')} |" for n, t in run.times.items()],
-              f"| total | {run.total:.1f} | | |", ""]
+    ranks, cpu = run.processes or {}, run.cpu or {}
+    timing = ["## Time per stage", "", "| stage | seconds | CPU seconds | processes | summary |", "|---|---|---|---|---|",
+              *[f"| {n} | {t:.1f} | {cpu.get(n, 0.0):.1f} | {ranks.get(n, 1)} | {run.summaries.get(n, '')} |"
+                for n, t in run.times.items()],
+              f"| total | {run.total:.1f} | {sum(cpu.values()):.1f} | | |", ""]
     lines = [
         f"# {title}", "",
         f"Trained from scratch on {trained_on} in {run.total / 60:.1f} min "
@@ -72,6 +75,20 @@ def _processes_sentence(run: DemoRun) -> str:
             + ", ".join(n for n, k in ranks.items() if k == 1) + " in one process (npdiffusion demo --processes).")
 
 
+def spread_sentence(spread: dict | None = None) -> str:
+    """The spread over training seeds that tools/demo_seeds.py last measured (measured.py), when it measured
+    the demo's current settings; else a sentence saying it has not been measured for them."""
+    if spread is None:
+        from npdiffusion.training.demo.measured import SPREAD as spread  # noqa: PLC0415
+    if not spread or spread.get("settings") != settings_fingerprint():
+        return ("Spread over training seeds: not measured for these settings yet (python tools/demo_seeds.py "
+                "--write-spread).")
+    parts = "; ".join(f"{sampling}: {100 * lo:.1f}-{100 * hi:.1f}%" for sampling, (lo, hi) in spread["all_three"].items())
+    lo, hi = spread["minutes"]
+    return (f"Over training seeds {', '.join(str(s) for s in spread['seeds'])} (tools/demo_seeds.py, {spread['date']}; "
+            f"{spread['processes']} processes, {lo:.1f}-{hi:.1f} min each), all three right: {parts}.")
+
+
 def _wrote(run: DemoRun) -> str:
     return f"wrote {run.model}, samples.png, diffusion.png, losses.png, report.md in {run.out}"
 
@@ -84,6 +101,7 @@ def shapes_report(run: DemoRun, scores: dict, num_images: int) -> tuple[str, str
         f"Guided: classifier-free guidance scale {GUIDANCE_SCALE}; unguided: scale 1 (the conditional model "
         "alone). Read by npdiffusion.evaluation.shape_attributes (hue, centroid, bounding-box fill).", "",
         score_rows(scores), "",
+        *([] if run.quick else [spread_sentence(), ""]),
     ]
     text = _frame(run, "npdiffusion demo report", f"{num_images} synthetic 32x32 shapes", body)
     guided, unguided = scores["guided"].as_dict(), scores["unguided"].as_dict()
@@ -118,6 +136,20 @@ def digits_report(run: DemoRun, scores: dict, num_images: int, resolution: int, 
                f"with {run.processes_phrase()} (total {run.total / 60:.1f} min); prompted digit recognized in {100 * guided.overall:.0f}% of "
                f"samples with guidance {GUIDANCE_SCALE}, {100 * unguided.overall:.0f}% without; {_wrote(run)}")
     return text, summary
+
+
+def report_record(run: DemoRun, scores: dict) -> dict:
+    """report.json: what report.md says, for tools (tools/demo_seeds.py): seed, processes, seconds and CPU
+    seconds per stage, the sampling settings and the scores (``as_dict`` of each, or a DigitScore's
+    overall accuracy)."""
+    def plain(s):
+        return s.as_dict() if hasattr(s, "as_dict") else {"n": int(s.n), "overall": float(s.overall)}
+
+    return {"dataset": run.dataset, "quick": run.quick, "seed": run.seed, "processes": run.processes or {},
+            "seconds": run.times, "cpu_seconds": run.cpu or {}, "total_seconds": run.total,
+            "sampling": {"scheduler": EVAL_SCHEDULER, "steps": run.steps, "guidance_scale": GUIDANCE_SCALE,
+                         "prompts": run.n_prompts, "seeds": run.n_seeds},
+            "scores": {name: plain(s) for name, s in scores.items()}}
 
 
 def digit_rows(scores: dict) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import resource
 import time
 
 import numpy
@@ -11,7 +13,7 @@ import numpy
 from npdiffusion.training.demo.evaluation import eval_scheduler, evaluate, evaluate_digits, vae_round_trip_digits
 from npdiffusion.training.demo.pictures import diffusion_png, losses_png, samples_png
 from npdiffusion.training.demo.processes import available_cores, check_processes, mpi_missing, run_stage_mpi, stage_processes
-from npdiffusion.training.demo.report import DemoRun, digits_report, shapes_report
+from npdiffusion.training.demo.report import DemoRun, digits_report, report_record, shapes_report
 from npdiffusion.training.demo.settings import (
     DEFAULT_SEED,
     DIGIT_SEEDS,
@@ -46,6 +48,12 @@ def limit_blas_threads(n: int = 1) -> bool:
                 done = True
                 break
     return done
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and by its children that have ended (a stage's MPI ranks)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, log=print,
@@ -95,9 +103,9 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
         atomic_write_text(os.path.join(out, "configs", f"{name}.toml"),
                           f"# npdiffusion train {name} --config {name}.toml  (written by npdiffusion demo)\n"
                           + config_to_toml(config_to_dict(cfg)))
-    times, summaries = {}, {}
+    times, cpu, summaries = {}, {}, {}
     for name, module in (("tokenizer", tokenizer_stage), ("clip", clip_stage), ("vae", vae_stage), ("unet", unet_stage)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         if ranks[name] > 1:
             summaries[name] = run_stage_mpi(name, os.path.join(out, "configs", f"{name}.toml"), ranks[name],
                                             progress=progress, log=log)
@@ -107,14 +115,14 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
             summaries[name] = run_model_stage(configs[name], unet_stage.build_stage, progress=progress, log=log)
         else:
             summaries[name] = module.train(configs[name], progress=progress, log=log)
-        times[name] = time.perf_counter() - t0
+        times[name], cpu[name] = time.perf_counter() - t0, cpu_seconds() - c0
         log(summaries[name])
     model = os.path.join(out, "model")
     unet_stage.write_pipeline(configs["unet"], model)
     histories = {n: read_history_csv(os.path.join(configs[n].output_dir, "losses.csv")) for n in ("clip", "vae", "unet")}
     losses_png(histories, os.path.join(out, "losses.png"))
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.scheduler = eval_scheduler(pipe.scheduler.config)
     steps = 4 if quick else EVAL_STEPS
@@ -127,8 +135,8 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
     else:
         n_prompts, n_seeds = (4, 2) if quick else (EVAL_PROMPTS, EVAL_SEEDS)
         scores = evaluate(pipe, n_prompts, n_seeds, GUIDANCE_SCALE, steps)
-    times["evaluation"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    times["evaluation"], cpu["evaluation"] = time.perf_counter() - t0, cpu_seconds() - c0
+    t0, c0 = time.perf_counter(), cpu_seconds()
     data = dataset_from_config(configs["unet"].data)
     if digits:
         from npdiffusion.evaluation.digits import score as digit_score  # noqa: PLC0415
@@ -138,10 +146,10 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
         vae = vae_round_trip_digits(pipe, data, clf, n_vae)
     samples_png(pipe, os.path.join(out, "samples.png"), GUIDANCE_SCALE, steps, dataset)
     diffusion_png(pipe, data, os.path.join(out, "diffusion.png"), GUIDANCE_SCALE, steps)
-    times["pictures"] = time.perf_counter() - t0
+    times["pictures"], cpu["pictures"] = time.perf_counter() - t0, cpu_seconds() - c0
     total = time.perf_counter() - start
     measured = DemoRun(out=out, model=model, dataset=dataset, quick=quick, blas_one=blas_one, times=times,
-                       seed=seed, processes=ranks,
+                       seed=seed, processes=ranks, cpu=cpu,
                        summaries=summaries, total=total, train_seconds=sum(times[n] for n in configs),
                        n_prompts=n_prompts, n_seeds=n_seeds, steps=steps)
     if digits:
@@ -149,4 +157,5 @@ def run_demo(out: str = "npdiffusion-demo", quick: bool = False, progress=None, 
     else:
         text, summary = shapes_report(measured, scores, configs["unet"].data.num_images)
     atomic_write_text(os.path.join(out, "report.md"), text)
+    atomic_write_text(os.path.join(out, "report.json"), json.dumps(report_record(measured, scores), indent=1))
     return summary

@@ -7,6 +7,8 @@ and the evaluation constants (guidance scale, prompts, seeds, sampler, steps).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 
 # Guidance and sampler of the report: the settings that followed the prompts best in the studies
@@ -84,6 +86,14 @@ def demo_settings(quick: bool = False, dataset: str = "shapes") -> dict:
         if dataset != "shapes":
             settings["data"]["num_images"] = DIGITS["data"]["num_images"]
     return settings
+
+
+def settings_fingerprint(dataset: str = "shapes") -> str:
+    """12 hex digits naming the demo's settings and report sampling, so a measurement (measured.py) is quoted
+    only for the settings it measured."""
+    what = {"settings": demo_settings(False, dataset), "sampling": [EVAL_SCHEDULER, EVAL_STEPS, GUIDANCE_SCALE,
+                                                                     EVAL_PROMPTS, EVAL_SEEDS]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def check_seed(seed) -> int:
