@@ -97,6 +97,23 @@ def sample_scores(model: str, guidance: list, steps: int, n_prompts: int, n_imag
             for g in guidance}
 
 
+def cached_sample_scores(folder: str, guidance: list, args) -> dict:
+    """``sample_scores`` of FOLDER/model, kept in FOLDER/samplings.json (keyed by the sampling and the number
+    of prompts and images) so that a rerun over more seeds does not sample the finished ones again."""
+    from npdiffusion.io.atomic import atomic_write_text  # noqa: PLC0415
+
+    path = os.path.join(folder, "samplings.json")
+    cache = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    key = f"{args.prompts}x{args.images_per_prompt}"
+    want = [g for g in guidance if f"{key} {args.steps} {g:g}" not in cache]
+    if want:
+        fresh = sample_scores(os.path.join(folder, "model"), want, args.steps, args.prompts, args.images_per_prompt)
+        for g, (label, d) in zip(want, fresh.items()):
+            cache[f"{key} {args.steps} {g:g}"] = [label, d]
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    return dict(cache[f"{key} {args.steps} {g:g}"] for g in guidance)
+
+
 def report_scores(record: dict) -> dict:
     """The demo report's own two samplings, labelled like ``sample_scores``."""
     s = record["sampling"]
@@ -180,9 +197,8 @@ def run(argv=None) -> dict:
     else:
         for seed in args.seeds or [0, 1, 2]:
             records[seed] = train_seed(seed, args.work, args.processes, args.quick)
-            model = os.path.join(records[seed]["folder"], "model")
             scores[f"seed {seed}"] = {**report_scores(records[seed]),
-                                      **sample_scores(model, guidance, args.steps, args.prompts, args.images_per_prompt)}
+                                      **cached_sample_scores(records[seed]["folder"], guidance, args)}
         text = time_table(records) + "\n" + accuracy_table(scores)
         if args.write_spread:
             write_spread(spread(records, scores, args.steps))

@@ -34,9 +34,10 @@ SETTINGS = {
                       "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20},
             "vae": {"block_out_channels": [16, 32, 32], "latent_channels": 8, "norm_num_groups": 8,
                     "mid_block_add_attention": False, "reconstruction": "l2"}},
-    "unet": {"train": {"steps": 2500, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
+    "unet": {"train": {"steps": 1500, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
                        "lr_warmup_steps": 20, "use_ema": True, "ema_decay": 0.999},
-             "unet": {"block_out_channels": [32, 64], "snr_gamma": 5.0, "caption_dropout": 0.1}},
+             "unet": {"block_out_channels": [32, 64], "prediction_type": "sample", "snr_gamma": 5.0,
+                      "caption_dropout": 0.1}},
 }
 
 #: ``--quick``: the same pipeline at toy sizes (a smoke test, about a minute; the images are noise).
