@@ -166,9 +166,9 @@ def test_spread_is_quoted_only_for_the_settings_it_measured():
     from npdiffusion.training.demo.settings import settings_fingerprint
 
     spread = {"settings": settings_fingerprint(), "seeds": [0, 1, 2], "date": "2026-12-07", "processes": 2,
-              "minutes": [4.5, 4.9], "all_three": {"DDPM 25, guidance 2 (report)": [0.97, 0.995]}}
+              "minutes": [20.0, 21.0], "cpu_minutes": [4.5, 4.9], "all_three": {"DDPM 25, guidance 2 (report)": [0.97, 0.995]}}
     text = spread_sentence(spread)
-    assert "seeds 0, 1, 2" in text and "97.0-99.5%" in text and "4.5-4.9 min" in text
+    assert "seeds 0, 1, 2" in text and "97.0-99.5%" in text and "4.5-4.9 CPU minutes" in text
     stale = spread_sentence({**spread, "settings": "0" * 12})
     assert "not measured for these settings" in stale and "97.0" not in stale
     assert "not measured" in spread_sentence({})

@@ -169,6 +169,8 @@ def spread(records: dict, scores: dict, steps: int) -> dict:
             "processes": max(max(r["processes"].values()) for r in records.values()),
             "minutes": [min(r["total_seconds"] for r in records.values()) / 60,
                         max(r["total_seconds"] for r in records.values()) / 60],
+            "cpu_minutes": [min(sum(r["cpu_seconds"].values()) for r in records.values()) / 60,
+                            max(sum(r["cpu_seconds"].values()) for r in records.values()) / 60],
             "all_three": {s: [min(by[s]["joint"] for by in scores.values()), max(by[s]["joint"] for by in scores.values())]
                           for s in samplings}, "steps": steps}
 
@@ -178,7 +180,7 @@ def write_spread(data: dict) -> None:
 
     atomic_write_text(SPREAD_FILE, '"""The demo over training seeds, as tools/demo_seeds.py --write-spread last measured it '
                       '(written by that tool; do not edit).\n\n``SPREAD``: ``settings`` (settings_fingerprint() of the '
-                      'demo measured), ``seeds``, ``date``, ``processes``, ``minutes`` (min, max wall), ``all_three`` '
+                      'demo measured), ``seeds``, ``date``, ``processes``, ``minutes`` / ``cpu_minutes`` (min, max wall / CPU), ``all_three`` '
                       '({sampling: [min, max]} share of samples with colour, shape and position right).\n"""\n'
                       f"SPREAD = {json.dumps(data, indent=1)}\n")
     print(f"wrote {SPREAD_FILE}")

@@ -1,8 +1,8 @@
 """``npdiffusion demo [--out DIR] [--dataset shapes|digits] [--seed S] [--processes N] [--quick]``: train a
 text-to-image model from nothing.
 
-Runs the tokenizer + CLIP, VAE and U-Net stages on 10,000 synthetic captioned shapes (about 13 minutes
-on a 2-core CPU), then writes DIR/model (a diffusers pipeline folder), DIR/samples.png,
+Runs the tokenizer + CLIP, VAE and U-Net stages on 10,000 synthetic captioned shapes (about 9 CPU
+minutes: about 5 minutes on a quiet 2-core machine with the ``mpi`` extra, docs/benchmarks.md), then writes DIR/model (a diffusers pipeline folder), DIR/samples.png,
 DIR/diffusion.png, DIR/losses.png and DIR/report.md, and prints a one-line summary. ``--dataset
 digits`` trains the same stages on scikit-learn's 1,797 handwritten digits ("a handwritten digit
 seven"; needs scikit-learn, the ``digits`` extra) and reports how often a digits classifier reads the

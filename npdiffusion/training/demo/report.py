@@ -84,9 +84,9 @@ def spread_sentence(spread: dict | None = None) -> str:
         return ("Spread over training seeds: not measured for these settings yet (python tools/demo_seeds.py "
                 "--write-spread).")
     parts = "; ".join(f"{sampling}: {100 * lo:.1f}-{100 * hi:.1f}%" for sampling, (lo, hi) in spread["all_three"].items())
-    lo, hi = spread["minutes"]
+    lo, hi = spread["cpu_minutes"]
     return (f"Over training seeds {', '.join(str(s) for s in spread['seeds'])} (tools/demo_seeds.py, {spread['date']}; "
-            f"{spread['processes']} processes, {lo:.1f}-{hi:.1f} min each), all three right: {parts}.")
+            f"{spread['processes']} processes, {lo:.1f}-{hi:.1f} CPU minutes each), all three right: {parts}.")
 
 
 def _wrote(run: DemoRun) -> str:

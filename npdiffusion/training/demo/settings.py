@@ -58,7 +58,7 @@ QUICK = {
 
 #: ``dataset="digits"``: what differs from ``SETTINGS``. Only the data: 1,797 digits at 32x32 keep the
 #: shapes' VAE (8x8x8 latents hold the 8x8 source with room to spare) and U-Net. The U-Net keeps the
-#: shapes' steps (at 2,500 x 32 images, about 45 passes over the digits) rather than fewer: a digit's
+#: shapes' steps (at 1,500 x 32 images, about 27 passes over the digits) rather than fewer: a digit's
 #: identity is a shape, and shape was the slowest attribute the shapes demo learned (docs/benchmarks.md,
 #: "Whole demo runs").
 #: ``num_images`` is only a record here (the digits dataset always has all 1,797 images).
