@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -178,11 +179,11 @@ def spread(records: dict, scores: dict, steps: int) -> dict:
 def write_spread(data: dict) -> None:
     from npdiffusion.io.atomic import atomic_write_text  # noqa: PLC0415
 
-    atomic_write_text(SPREAD_FILE, '"""The demo over training seeds, as tools/demo_seeds.py --write-spread last measured it '
-                      '(written by that tool; do not edit).\n\n``SPREAD``: ``settings`` (settings_fingerprint() of the '
-                      'demo measured), ``seeds``, ``date``, ``processes``, ``minutes`` / ``cpu_minutes`` (min, max wall / CPU), ``all_three`` '
-                      '({sampling: [min, max]} share of samples with colour, shape and position right).\n"""\n'
-                      f"SPREAD = {json.dumps(data, indent=1)}\n")
+    doc = ("The demo over training seeds, as tools/demo_seeds.py --write-spread last measured it (written by that "
+           "tool; do not edit). ``SPREAD``: ``settings`` (settings_fingerprint() of the demo measured), ``seeds``, "
+           "``date``, ``processes``, ``minutes`` / ``cpu_minutes`` (min, max wall / CPU minutes), ``all_three`` "
+           "({sampling: [min, max]} share of samples with colour, shape and position right).")
+    atomic_write_text(SPREAD_FILE, '"""' + textwrap.fill(doc, 104) + '\n"""\n' + f"SPREAD = {json.dumps(data, indent=1)}\n")
     print(f"wrote {SPREAD_FILE}")
 
 

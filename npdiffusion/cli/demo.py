@@ -2,14 +2,16 @@
 text-to-image model from nothing.
 
 Runs the tokenizer + CLIP, VAE and U-Net stages on 10,000 synthetic captioned shapes (about 9 CPU
-minutes: about 5 minutes on a quiet 2-core machine with the ``mpi`` extra, docs/benchmarks.md), then writes DIR/model (a diffusers pipeline folder), DIR/samples.png,
-DIR/diffusion.png, DIR/losses.png and DIR/report.md, and prints a one-line summary. ``--dataset
-digits`` trains the same stages on scikit-learn's 1,797 handwritten digits ("a handwritten digit
-seven"; needs scikit-learn, the ``digits`` extra) and reports how often a digits classifier reads the
-prompted digit. ``--seed S`` is every stage's training seed (initial weights, data order, noise draws).
-``--processes N`` (default: every core this process may use) trains the VAE and U-Net stages as N MPI
-ranks through the ``mpiexec`` of the ``mpi`` extra; without it the demo says so in one line and trains
-in one process (npdiffusion/training/demo/processes.py). ``--quick`` runs the same steps at toy sizes (a smoke test whose images are noise).
+minutes: about 5 minutes on a quiet 2-core machine with the ``mpi`` extra, docs/benchmarks.md), then
+writes DIR/model (a diffusers pipeline folder), DIR/samples.png, DIR/diffusion.png, DIR/losses.png and
+DIR/report.md (and report.json), and prints a one-line summary. ``--dataset digits`` trains the same
+stages on scikit-learn's 1,797 handwritten digits ("a handwritten digit seven"; needs scikit-learn, the
+``digits`` extra) and reports how often a digits classifier reads the prompted digit. ``--seed S`` is
+every stage's training seed (initial weights, data order, noise draws). ``--processes N`` (default:
+every core this process may use) trains the VAE and U-Net stages as N MPI ranks through the ``mpiexec``
+of the ``mpi`` extra; without it the demo says so in one line and trains in one process
+(npdiffusion/training/demo/processes.py). ``--quick`` runs the same steps at toy sizes (a smoke test
+whose images are noise).
 Docs: docs/training.md ("The demo", "Digits").
 """
 from __future__ import annotations
