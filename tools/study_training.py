@@ -17,7 +17,7 @@ seed) and the U-Net architecture of --model (its ``unet/config.json``), changing
   v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0, with the plain MSE or the Min-SNR-gamma weight
   (gamma = the demo's, 5): w_t = min(SNR_t, gamma) / SNR_t for epsilon, min(SNR_t, gamma) / (SNR_t + 1)
   for v (docs/diffusion.md), SNR_t = abar_t / (1 - abar_t);
-* schedules, with the demo's objective (epsilon, Min-SNR 5): linear (DDPM's 1e-4 .. 0.02),
+* schedules, with the objective the demo used until 2026-12-07 (epsilon, Min-SNR 5): linear (DDPM's 1e-4 .. 0.02),
   scaled_linear (the demo's: the row "epsilon-minsnr") and cosine (``squaredcos_cap_v2``).
 
 Equal compute: every variant takes the same --steps optimizer steps with the same batch, learning
@@ -70,7 +70,7 @@ import study_common as sc  # noqa: E402
 #: name -> (the [unet] keys that define it, one line saying what it is). Objectives first, then schedules.
 VARIANTS = {
     "epsilon": ({"prediction_type": "epsilon", "snr_gamma": 0.0}, "predict the noise, plain MSE"),
-    "epsilon-minsnr": ({"prediction_type": "epsilon", "snr_gamma": 5.0}, "predict the noise, Min-SNR-5 (the demo)"),
+    "epsilon-minsnr": ({"prediction_type": "epsilon", "snr_gamma": 5.0}, "predict the noise, Min-SNR-5 (the demo until 2026-12-07)"),
     "v": ({"prediction_type": "v_prediction", "snr_gamma": 0.0}, "predict v, plain MSE"),
     "v-minsnr": ({"prediction_type": "v_prediction", "snr_gamma": 5.0}, "predict v, Min-SNR-5"),
     "x0": ({"prediction_type": "sample", "snr_gamma": 0.0}, "predict z0, plain MSE"),

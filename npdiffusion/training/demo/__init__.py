@@ -25,9 +25,15 @@ Small models on a 2-core CPU run fastest with one BLAS thread (OpenBLAS threads 
 the many small matrix products; measured in docs/benchmarks.md, "Training"), so the demo limits
 BLAS to one thread while it runs (``limit_blas_threads``). Docs: docs/training.md ("The demo").
 
+The VAE and U-Net stages train as N MPI ranks (``processes``: ``--processes N``, default every core;
+one process, said in one line, without mpi4py or mpiexec); ``--seed S`` is every model stage's
+training seed.
+
 Modules: ``settings`` (SETTINGS, QUICK, DIGITS, the evaluation constants, each stage's config),
-``evaluation`` (sampling and scoring), ``pictures`` (the PNGs), ``report`` (report.md and the summary),
-``run`` (``run_demo``, the whole run in order).
+``processes`` (how many ranks train each stage, and launching them), ``evaluation`` (sampling and
+scoring), ``pictures`` (the PNGs), ``report`` (report.md, report.json and the summary), ``measured``
+(the spread over training seeds, written by tools/demo_seeds.py), ``run`` (``run_demo``, the whole run
+in order).
 """
 from npdiffusion.training.demo.evaluation import (
     digit_prompts,

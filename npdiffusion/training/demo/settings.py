@@ -7,6 +7,8 @@ and the evaluation constants (guidance scale, prompts, seeds, sampler, steps).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 
 # Guidance and sampler of the report: the settings that followed the prompts best in the studies
@@ -16,6 +18,7 @@ EVAL_PROMPTS = 50
 EVAL_SEEDS = 4
 EVAL_STEPS = 25
 EVAL_SCHEDULER = "DDPMScheduler"
+DEFAULT_SEED = 0                       # every model stage's train.seed (``--seed``)
 DIGIT_SEEDS = 20                       # digits demo: 10 prompts x 20 seeds, as many samples as 50 x 4
 DEMO_DATASETS = ("shapes", "digits")
 
@@ -31,9 +34,10 @@ SETTINGS = {
                       "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20},
             "vae": {"block_out_channels": [16, 32, 32], "latent_channels": 8, "norm_num_groups": 8,
                     "mid_block_add_attention": False, "reconstruction": "l2"}},
-    "unet": {"train": {"steps": 2500, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
+    "unet": {"train": {"steps": 1500, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
                        "lr_warmup_steps": 20, "use_ema": True, "ema_decay": 0.999},
-             "unet": {"block_out_channels": [32, 64], "snr_gamma": 5.0, "caption_dropout": 0.1}},
+             "unet": {"block_out_channels": [32, 64], "prediction_type": "sample", "snr_gamma": 5.0,
+                      "caption_dropout": 0.1}},
 }
 
 #: ``--quick``: the same pipeline at toy sizes (a smoke test, about a minute; the images are noise).
@@ -54,7 +58,7 @@ QUICK = {
 
 #: ``dataset="digits"``: what differs from ``SETTINGS``. Only the data: 1,797 digits at 32x32 keep the
 #: shapes' VAE (8x8x8 latents hold the 8x8 source with room to spare) and U-Net. The U-Net keeps the
-#: shapes' steps (at 2,500 x 32 images, about 45 passes over the digits) rather than fewer: a digit's
+#: shapes' steps (at 1,500 x 32 images, about 27 passes over the digits) rather than fewer: a digit's
 #: identity is a shape, and shape was the slowest attribute the shapes demo learned (docs/benchmarks.md,
 #: "Whole demo runs").
 #: ``num_images`` is only a record here (the digits dataset always has all 1,797 images).
@@ -85,9 +89,24 @@ def demo_settings(quick: bool = False, dataset: str = "shapes") -> dict:
     return settings
 
 
-def stage_configs(out: str, quick: bool = False, dataset: str = "shapes") -> dict:
+def settings_fingerprint(dataset: str = "shapes") -> str:
+    """12 hex digits naming the demo's settings and report sampling, so a measurement (measured.py) is quoted
+    only for the settings it measured."""
+    what = {"settings": demo_settings(False, dataset), "sampling": [EVAL_SCHEDULER, EVAL_STEPS, GUIDANCE_SCALE,
+                                                                     EVAL_PROMPTS, EVAL_SEEDS]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"demo: seed must be an int >= 0, got {seed!r}")
+    return seed
+
+
+def stage_configs(out: str, quick: bool = False, dataset: str = "shapes", seed: int = DEFAULT_SEED) -> dict:
     """``{stage: config dataclass}`` of the demo's four stages on ``dataset`` ("shapes" or "digits"),
-    with outputs under ``out/runs``."""
+    with outputs under ``out/runs``; ``seed`` is every model stage's ``train.seed`` (initial weights,
+    data order, the steps' draws; the data themselves stay ``data.seed``'s)."""
     from npdiffusion.training import clip_stage, tokenizer_stage, unet_stage, vae_stage  # noqa: PLC0415
     from npdiffusion.training.config import build_config  # noqa: PLC0415
 
@@ -105,6 +124,6 @@ def stage_configs(out: str, quick: bool = False, dataset: str = "shapes") -> dic
     }
     for name in ("clip", "vae", "unet"):
         raw[name]["train"] = {**raw[name]["train"], "checkpointing_steps": raw[name]["train"]["steps"],
-                              "checkpoints_total_limit": 1}
+                              "checkpoints_total_limit": 1, "seed": check_seed(seed)}
     schemas = {"tokenizer": tokenizer_stage.CONFIG, "clip": clip_stage.CONFIG, "vae": vae_stage.CONFIG, "unet": unet_stage.CONFIG}
     return {name: build_config(schemas[name], raw[name], source=f"demo {name} settings") for name in raw}
