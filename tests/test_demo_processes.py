@@ -69,22 +69,21 @@ def test_missing_mpiexec_falls_back_in_one_line(fallback_run):
     assert f"training seed {SEED}" in report
 
 
-def test_two_processes_train_vae_and_unet_as_ranks_and_say_so(two_process_run):
+def test_two_processes_train_clip_vae_and_unet_as_ranks_and_say_so(two_process_run):
     out, summary, lines = two_process_run
     assert "with 2 processes " in summary
     assert not [line for line in lines if "one process" in line]
     report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
-    assert _stage_rows(report) == {"tokenizer": 1, "clip": 1, "vae": 2, "unet": 2}
-    assert "vae as 2 MPI ranks, unet as 2 MPI ranks" in report
+    assert _stage_rows(report) == {"tokenizer": 1, "clip": 2, "vae": 2, "unet": 2}
+    assert "clip as 2 MPI ranks, vae as 2 MPI ranks, unet as 2 MPI ranks" in report
     assert os.path.isfile(os.path.join(out, "model", "model_index.json"))
 
 
 def test_two_processes_train_what_one_process_trains(fallback_run, two_process_run):
-    """Same seed, same global batches: the 2-rank VAE and U-Net loss curves are the one-process ones up to
-    summation order (float32: 1e-4 relative); CLIP trains in one process in both runs, bit for bit."""
+    """Same seed, same global batches: the 2-rank CLIP, VAE and U-Net loss curves are the one-process ones
+    up to summation order (float32: 1e-4 relative, docs/distributed.md)."""
     one, two = fallback_run[0], two_process_run[0]
-    np.testing.assert_array_equal(_losses(one, "clip"), _losses(two, "clip"))
-    for stage in ("vae", "unet"):
+    for stage in ("clip", "vae", "unet"):
         a, b = _losses(one, stage), _losses(two, stage)
         assert a.shape == b.shape and a.size > 0, stage
         np.testing.assert_allclose(b, a, rtol=1e-4, err_msg=stage)
@@ -113,7 +112,6 @@ def test_seed_reaches_every_model_stage_and_defaults_to_today():
 
 def test_stage_processes_divide_the_batch_and_keep_single_process_stages():
     configs = stage_configs("x")
-    assert demo_processes.stage_processes("clip", configs["clip"], 2) == 1
     assert demo_processes.stage_processes("tokenizer", configs["tokenizer"], 4) == 1
     batch = configs["vae"].train.batch_size
     for n in range(1, 2 * batch + 1):
@@ -154,7 +152,7 @@ def test_report_json_records_seed_processes_times_and_scores(two_process_run):
 
     out, _, _ = two_process_run
     record = json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))
-    assert record["seed"] == SEED and record["processes"] == {"tokenizer": 1, "clip": 1, "vae": 2, "unet": 2}
+    assert record["seed"] == SEED and record["processes"] == {"tokenizer": 1, "clip": 2, "vae": 2, "unet": 2}
     assert set(record["seconds"]) == set(record["cpu_seconds"]) == {"tokenizer", "clip", "vae", "unet",
                                                                      "evaluation", "pictures"}
     assert all(v >= 0 for v in record["cpu_seconds"].values())

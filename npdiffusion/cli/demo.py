@@ -8,7 +8,7 @@ DIR/report.md (and report.json), and prints a one-line summary. ``--dataset digi
 stages on scikit-learn's 1,797 handwritten digits ("a handwritten digit seven"; needs scikit-learn, the
 ``digits`` extra) and reports how often a digits classifier reads the prompted digit. ``--seed S`` is
 every stage's training seed (initial weights, data order, noise draws). ``--processes N`` (default:
-every core this process may use) trains the VAE and U-Net stages as N MPI ranks through the ``mpiexec``
+every core this process may use) trains the CLIP, VAE and U-Net stages as N MPI ranks through the ``mpiexec``
 of the ``mpi`` extra; without it the demo says so in one line and trains in one process
 (npdiffusion/training/demo/processes.py). ``--quick`` runs the same steps at toy sizes (a smoke test
 whose images are noise).
@@ -36,7 +36,7 @@ def add_parser(subparsers):
                    help="seed of every stage's training: initial weights, data order, noise draws (default: the "
                         "demo's own, 0)")
     p.add_argument("--processes", type=int, default=None, metavar="N",
-                   help="MPI processes for the VAE and U-Net stages (default: the cores this process may use; "
+                   help="MPI processes for the CLIP, VAE and U-Net stages (default: the cores this process may use; "
                         "one process, said in one line, when mpi4py or mpiexec is missing)")
     p.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of the whole run (noise images)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -25,7 +25,7 @@ Small models on a 2-core CPU run fastest with one BLAS thread (OpenBLAS threads 
 the many small matrix products; measured in docs/benchmarks.md, "Training"), so the demo limits
 BLAS to one thread while it runs (``limit_blas_threads``). Docs: docs/training.md ("The demo").
 
-The VAE and U-Net stages train as N MPI ranks (``processes``: ``--processes N``, default every core;
+The CLIP, VAE and U-Net stages train as N MPI ranks (``processes``: ``--processes N``, default every core;
 one process, said in one line, without mpi4py or mpiexec); ``--seed S`` is every model stage's
 training seed.
 
