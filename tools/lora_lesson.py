@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--targets", nargs="+", default=None, help="U-Net layers to adapt (default: to_q to_k "
+                        "to_v to_out.0)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--new-prompts", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=4)
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
         data=DataConfig(num_images=args.num_images, resolution=32, seed=7, shapes=tuple(args.shapes)),
         train=TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr, lr_scheduler="constant",
                           checkpointing_steps=args.steps, checkpoints_total_limit=1, seed=0),
-        lora=lora_stage.LoraOptions(model=args.model, rank=args.rank))
+        lora=lora_stage.LoraOptions(model=args.model, rank=args.rank,
+                                    **({"unet_targets": tuple(args.targets)} if args.targets else {})))
     wall, cpu = time.perf_counter(), time.process_time()
     print(lora_stage.train(config, progress=False, log=print))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -74,7 +74,8 @@ class LoraStage(UNetStage):
     name = NAME
     supports_mixed_precision = False
 
-    def __init__(self, config: LoraStageConfig, dataset, log=print):  # noqa: super().__init__ builds a new U-Net
+    def __init__(self, config: LoraStageConfig, dataset, log=print):
+        # UNetStage.__init__ is not called: it builds a new U-Net; this one comes from the model folder
         from npdiffusion.lora.attach import add_lora  # noqa: PLC0415
         from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
 
