@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for name, step in steps.items():
             times[name].append(timed(step))
-    print(f"U-Net {full_unet.num_parameters():,} parameters, LoRA rank {args.rank} on {', '.join(UNET_ATTENTION_TARGETS)}: "
+    print(f"U-Net {full_unet.num_parameters():,} parameters, LoRA rank {args.rank} on "
+          f"{', '.join(UNET_ATTENTION_TARGETS)}: "
           f"{adapters.num_parameters():,} trainable; batch {args.batch}, {args.repeats} pairs")
     for name in steps:
         wall = statistics.median(t[0] for t in times[name])

@@ -47,9 +47,11 @@ def scores(pipe, prompts, seeds):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="the demo's model folder (npdiffusion demo --out DIR: DIR/model)")
+    parser.add_argument("--model", required=True,
+                        help="the demo's model folder (npdiffusion demo --out DIR: DIR/model)")
     parser.add_argument("--out", required=True, help="output folder of the LoRA run (must not hold checkpoints)")
-    parser.add_argument("--shapes", nargs="+", default=["cross"], help="shapes of the training data (default: cross)")
+    parser.add_argument("--shapes", nargs="+", default=["cross"], help="shapes of the training data (default: cross; a "
+                        "name given twice is drawn twice as often)")
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", nargs="+", default=None, help="U-Net layers to adapt (default: to_q to_k "
                         "to_v to_out.0)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr-scheduler", default="constant", help="constant or cosine (diffusers' names)")
+    parser.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma weighting (the demo's U-Net: 5)")
     parser.add_argument("--new-prompts", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--old-prompts", type=int, default=None, help="old prompts (default: the demo report's 50)")
@@ -75,9 +79,10 @@ def main(argv=None) -> int:
     config = lora_stage.CONFIG(
         output_dir=args.out,
         data=DataConfig(num_images=args.num_images, resolution=32, seed=7, shapes=tuple(args.shapes)),
-        train=TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr, lr_scheduler="constant",
+        train=TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
+                          lr_scheduler=args.lr_scheduler,
                           checkpointing_steps=args.steps, checkpoints_total_limit=1, seed=0),
-        lora=lora_stage.LoraOptions(model=args.model, rank=args.rank,
+        lora=lora_stage.LoraOptions(model=args.model, rank=args.rank, snr_gamma=args.snr_gamma,
                                     **({"unet_targets": tuple(args.targets)} if args.targets else {})))
     wall, cpu = time.perf_counter(), time.process_time()
     print(lora_stage.train(config, progress=False, log=print))

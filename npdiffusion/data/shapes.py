@@ -74,17 +74,18 @@ class ShapeParams:
 
 
 def check_shapes(shapes) -> tuple[str, ...]:
-    """``shapes`` as a tuple of distinct names from ALL_SHAPES, or a ValueError naming them."""
+    """``shapes`` as a tuple of names from ALL_SHAPES (a name listed k times is drawn k times as often),
+    or a ValueError naming them."""
     shapes = tuple(shapes) if isinstance(shapes, (tuple, list)) else shapes
-    if not isinstance(shapes, tuple) or not shapes or any(s not in ALL_SHAPES for s in shapes) \
-            or len(set(shapes)) != len(shapes):
-        raise ValueError(f"shapes: shapes must be distinct names from {ALL_SHAPES}, got {shapes!r}")
+    if not isinstance(shapes, tuple) or not shapes or any(s not in ALL_SHAPES for s in shapes):
+        raise ValueError(f"shapes: shapes must be names from {ALL_SHAPES}, got {shapes!r}")
     return shapes
 
 
 def draw_params(num_images: int, seed: int = 0, size: int = SIDE, shapes=SHAPES) -> ShapeParams:
     """Draw the attributes, centre and radius of ``num_images`` images from ``seed``, each shape
-    uniformly from ``shapes`` (default: the demo's three; the same seed gives the same images)."""
+    uniformly from the list ``shapes`` (default: the demo's three; the same seed gives the same images;
+    a name listed twice is drawn twice as often)."""
     num_images = check_int("num_images", num_images, 1, "shapes")
     shapes = check_shapes(shapes)
     size = check_int("size", size, 8, "shapes")
