@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-scheduler", default="constant", help="constant or cosine (diffusers' names)")
     parser.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma weighting (the demo's U-Net: 5)")
+    parser.add_argument("--caption-dropout", type=float, default=0.0,
+                        help="share of steps on the empty caption (the demo's U-Net: 0.1)")
     parser.add_argument("--new-prompts", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--old-prompts", type=int, default=None, help="old prompts (default: the demo report's 50)")
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
                           lr_scheduler=args.lr_scheduler,
                           checkpointing_steps=args.steps, checkpoints_total_limit=1, seed=0),
         lora=lora_stage.LoraOptions(model=args.model, rank=args.rank, snr_gamma=args.snr_gamma,
+                                    caption_dropout=args.caption_dropout,
                                     **({"unet_targets": tuple(args.targets)} if args.targets else {})))
     wall, cpu = time.perf_counter(), time.process_time()
     print(lora_stage.train(config, progress=False, log=print))
