@@ -77,6 +77,12 @@ LAYERS = {
               lambda m, rng: (m.GEGLU(6, 5), [_x(rng, 2, 3, 6)], {})),
     "FeedForward": ("npdiffusion.nn.feedforward",
                     lambda m, rng: (m.FeedForward(6, mult=2), [_x(rng, 2, 3, 6)], {})),
+    "LoRA-Linear": ("npdiffusion.nn.lora",
+                    lambda m, rng: (m.LoraLayer(m.Linear(4, 3), 2, 3.0), [_x(rng, 2, 3, 4)], {})),
+    "LoRA-Conv2d": ("npdiffusion.nn.lora",
+                    lambda m, rng: (m.LoraLayer(m.Conv2d(2, 3, 3, padding=1), 2, 3.0), [_x(rng, 2, 2, 5, 5)], {})),
+    "LoRA-Conv2d-1x1": ("npdiffusion.nn.lora",
+                        lambda m, rng: (m.LoraLayer(m.Conv2d(3, 4, 1), 2, 1.0), [_x(rng, 2, 3, 4, 4)], {})),
 }
 
 

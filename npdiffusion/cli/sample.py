@@ -91,6 +91,11 @@ def add_parser(subparsers):
     add_common_options(p)
     p.add_argument("--guidance-rescale", metavar="PHI", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2023; default 0, off)")
+    p.add_argument("--lora", metavar="FILE", default=None,
+                   help="a LoRA file to apply: ours or diffusers' pytorch_lora_weights.safetensors (PEFT layout), "
+                        "or a kohya/A1111 file (lora_unet_..., lora_te_...) (docs/lora.md)")
+    p.add_argument("--lora-scale", metavar="S", type=float, default=None,
+                   help="scale of the LoRA's change (default 1: as trained; 0: off)")
     g = p.add_argument_group("gradient guidance (docs/guidance.md)")
     g.add_argument("--classifier", metavar="DIR", default=None,
                    help="a noise-aware classifier folder (saved by the classifier training stage) on the model's "
@@ -121,6 +126,10 @@ def check_guidance(args) -> None:
         raise ValueError("--clip-model needs --clip-guidance S (a nonzero scale)")
     if args.classifier is not None and not os.path.isdir(args.classifier):
         raise FileNotFoundError(f"--classifier {args.classifier!r} is not a folder")
+    if args.lora_scale is not None and (args.lora is None or not math.isfinite(args.lora_scale)):
+        raise ValueError(f"--lora-scale needs --lora FILE and a finite number, got {args.lora_scale}")
+    if args.lora is not None and not os.path.isfile(args.lora):
+        raise FileNotFoundError(f"--lora {args.lora!r} is not a file")
 
 
 def _classifier_targets(args, classifier, attribute, batch_prompts) -> list[int]:
@@ -330,6 +339,11 @@ def load_pipeline(args):
     from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    if getattr(args, "lora", None) is not None:
+        from npdiffusion.lora.files import load_lora  # noqa: PLC0415
+
+        scale = 1.0 if args.lora_scale is None else args.lora_scale
+        load_lora(args.lora, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, scale)
     if args.scheduler is not None:
         cls = SCHEDULERS[SCHEDULER_NAMES[args.scheduler.lower()]]
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
@@ -371,8 +385,11 @@ def write_grid(path, images, labels, cols: int) -> None:
 
 
 def base_params(args, pipe, seed: int) -> dict:
-    return {"model": os.path.abspath(args.model), "negative_prompt": args.negative_prompt, "steps": args.steps,
-            "guidance": args.guidance, "scheduler": type(pipe.scheduler).__name__, "seed": seed, "noise": args.noise}
+    params = {"model": os.path.abspath(args.model), "negative_prompt": args.negative_prompt, "steps": args.steps,
+              "guidance": args.guidance, "scheduler": type(pipe.scheduler).__name__, "seed": seed, "noise": args.noise}
+    if getattr(args, "lora", None) is not None:
+        params.update(lora=os.path.abspath(args.lora), lora_scale=1.0 if args.lora_scale is None else args.lora_scale)
+    return params
 
 
 def run(args) -> int:

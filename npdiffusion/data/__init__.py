@@ -15,17 +15,17 @@ from npdiffusion.data.dataset import ArrayDataset, Dataset, to_model_input, to_u
 from npdiffusion.data.digits import DigitsDataset, make_digits
 from npdiffusion.data.folder import FolderDataset
 from npdiffusion.data.loader import Batch, DataLoader
-from npdiffusion.data.shapes import ShapesDataset, make_shapes
+from npdiffusion.data.shapes import SHAPES, ShapesDataset, make_shapes
 
 DATASETS = ("shapes", "digits", "folder")
 
 
 def load_dataset(name: str, *, path: str = "", num_images: int = 10000, resolution: int = 32, seed: int = 0,
-                 caption_column: str = "text") -> Dataset:
-    """``"shapes"`` (``num_images`` drawn from ``seed``), ``"digits"`` or ``"folder"`` (``path``), at
-    ``resolution`` x ``resolution``."""
+                 caption_column: str = "text", shapes=SHAPES) -> Dataset:
+    """``"shapes"`` (``num_images`` drawn from ``seed``, each one of ``shapes``), ``"digits"`` or ``"folder"``
+    (``path``), at ``resolution`` x ``resolution``."""
     if name == "shapes":
-        return ShapesDataset(num_images, seed=seed, size=resolution)
+        return ShapesDataset(num_images, seed=seed, size=resolution, shapes=shapes)
     if name == "digits":
         return DigitsDataset(resolution)
     if name == "folder":

@@ -6,6 +6,8 @@ Shape legend: N images, S image side (32), C = 3 colour channels; images are uin
 Each image is black except one filled shape:
 
 * shape: ``circle``, ``square`` (axis-aligned) or ``triangle`` (upright: apex at the top, flat base);
+  on request (``shapes=``) also ``cross``, an upright plus sign whose arms reach r from the centre and
+  are 2 * 0.25 r wide: the new shape of the LoRA lesson (docs/lora.md), never in the default data;
 * colour: ``red``, ``green``, ``blue``, ``yellow``, ``cyan``, ``magenta`` or ``white`` (pure 0/255
   channel values, so the hue is exact);
 * position: centred on the middle of the ``top left``, ``top right``, ``bottom left`` or
@@ -37,6 +39,8 @@ COLORS = {
     "cyan": (0, 255, 255), "magenta": (255, 0, 255), "white": (255, 255, 255),
 }
 SHAPES = ("circle", "square", "triangle")
+#: every shape the renderer draws; ``shapes=`` picks among them (default SHAPES: the demo's data)
+ALL_SHAPES = SHAPES + ("cross",)
 #: Position names and their anchor as fractions (row, column) of the image side.
 POSITIONS = {
     "top left": (0.25, 0.25), "top right": (0.25, 0.75), "bottom left": (0.75, 0.25),
@@ -49,6 +53,7 @@ SIDE = 32
 RADIUS_RANGE = (4.5, 7.0)   # pixels at S = 32
 JITTER = 1.0                # pixels at S = 32, each axis
 SQUARE_HALF_SIDE = 0.85     # times r
+CROSS_HALF_WIDTH = 0.25    # times r: half the width of the cross's arms
 _CHUNK = 2048               # images per broadcast (2048 * 32 * 32 float32 = 8 MB per temporary)
 
 
@@ -62,15 +67,27 @@ class ShapeParams:
     """The drawn parameters of N images (indices into COLOR_NAMES, SHAPES, POSITION_NAMES; pixels)."""
 
     color: numpy.ndarray      # (N,) int64
-    shape: numpy.ndarray      # (N,) int64
+    shape: numpy.ndarray      # (N,) int64, an index into ALL_SHAPES
     position: numpy.ndarray   # (N,) int64
     center: numpy.ndarray     # (N, 2) float64, (row, column) of the shape's centre, in pixels
     radius: numpy.ndarray     # (N,) float64
 
 
-def draw_params(num_images: int, seed: int = 0, size: int = SIDE) -> ShapeParams:
-    """Draw the attributes, centre and radius of ``num_images`` images from ``seed``."""
+def check_shapes(shapes) -> tuple[str, ...]:
+    """``shapes`` as a tuple of names from ALL_SHAPES (a name listed k times is drawn k times as often),
+    or a ValueError naming them."""
+    shapes = tuple(shapes) if isinstance(shapes, (tuple, list)) else shapes
+    if not isinstance(shapes, tuple) or not shapes or any(s not in ALL_SHAPES for s in shapes):
+        raise ValueError(f"shapes: shapes must be names from {ALL_SHAPES}, got {shapes!r}")
+    return shapes
+
+
+def draw_params(num_images: int, seed: int = 0, size: int = SIDE, shapes=SHAPES) -> ShapeParams:
+    """Draw the attributes, centre and radius of ``num_images`` images from ``seed``, each shape
+    uniformly from the list ``shapes`` (default: the demo's three; the same seed gives the same images;
+    a name listed twice is drawn twice as often)."""
     num_images = check_int("num_images", num_images, 1, "shapes")
+    shapes = check_shapes(shapes)
     size = check_int("size", size, 8, "shapes")
     if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0:
         raise ValueError(f"shapes: seed must be a non-negative int, got {seed!r}")
@@ -78,7 +95,8 @@ def draw_params(num_images: int, seed: int = 0, size: int = SIDE) -> ShapeParams
     # seed starts with the same images.
     u = numpy.random.default_rng(int(seed)).random((num_images, 6))
     color = numpy.minimum((u[:, 0] * len(COLORS)).astype(numpy.int64), len(COLORS) - 1)
-    shape = numpy.minimum((u[:, 1] * len(SHAPES)).astype(numpy.int64), len(SHAPES) - 1)
+    drawn = numpy.minimum((u[:, 1] * len(shapes)).astype(numpy.int64), len(shapes) - 1)
+    shape = numpy.asarray([ALL_SHAPES.index(s) for s in shapes], dtype=numpy.int64)[drawn]
     position = numpy.minimum((u[:, 2] * len(POSITIONS)).astype(numpy.int64), len(POSITIONS) - 1)
     scale = size / SIDE
     lo, hi = RADIUS_RANGE
@@ -108,14 +126,16 @@ def render(params: ShapeParams, size: int = SIDE) -> numpy.ndarray:
         square = (numpy.abs(dy) <= h) & (numpy.abs(dx) <= h)
         # Upright triangle: apex (cy - r, cx), base from (cy + r, cx - r) to (cy + r, cx + r).
         triangle = (dy >= -r) & (dy <= r) & (2.0 * numpy.abs(dx) <= dy + r)
-        mask = numpy.where(kind == 0, circle, numpy.where(kind == 1, square, triangle))
+        w = CROSS_HALF_WIDTH * r
+        cross = ((numpy.abs(dy) <= r) & (numpy.abs(dx) <= w)) | ((numpy.abs(dx) <= r) & (numpy.abs(dy) <= w))
+        mask = numpy.select([kind == 0, kind == 1, kind == 2], [circle, square, triangle], cross)
         out[sl] = mask[..., None] * palette[params.color[sl]][:, None, None, :]
     return out
 
 
-def make_shapes(num_images: int, seed: int = 0, size: int = SIDE) -> "ShapesDataset":
+def make_shapes(num_images: int, seed: int = 0, size: int = SIDE, shapes=SHAPES) -> "ShapesDataset":
     """``num_images`` captioned shape images drawn from ``seed`` (see the module docstring)."""
-    return ShapesDataset(num_images, seed=seed, size=size)
+    return ShapesDataset(num_images, seed=seed, size=size, shapes=shapes)
 
 
 class ShapesDataset(ArrayDataset):
@@ -125,14 +145,15 @@ class ShapesDataset(ArrayDataset):
     and ``attributes(i)`` gives image i's ``(color, shape, position)`` names.
     """
 
-    def __init__(self, num_images: int = 10000, seed: int = 0, size: int = SIDE):
-        params = draw_params(num_images, seed, size)
-        captions = [caption(COLOR_NAMES[c], SHAPES[s], POSITION_NAMES[p])
+    def __init__(self, num_images: int = 10000, seed: int = 0, size: int = SIDE, shapes=SHAPES):
+        params = draw_params(num_images, seed, size, shapes)
+        captions = [caption(COLOR_NAMES[c], ALL_SHAPES[s], POSITION_NAMES[p])
                     for c, s, p in zip(params.color.tolist(), params.shape.tolist(), params.position.tolist())]
-        super().__init__(render(params, size), captions, name=f"shapes(num_images={num_images}, seed={seed})")
+        extra = "" if tuple(shapes) == SHAPES else f", shapes={tuple(shapes)}"
+        super().__init__(render(params, size), captions, name=f"shapes(num_images={num_images}, seed={seed}{extra})")
         self.params = params
         self.seed = seed
 
     def attributes(self, i: int) -> tuple[str, str, str]:
         p = self.params
-        return COLOR_NAMES[p.color[i]], SHAPES[p.shape[i]], POSITION_NAMES[p.position[i]]
+        return COLOR_NAMES[p.color[i]], ALL_SHAPES[p.shape[i]], POSITION_NAMES[p.position[i]]

@@ -18,6 +18,11 @@ For each image:
    triangle below 0.64, square from 0.92 up, circle between. On the dataset's pixelated shapes
    (r >= 4.5 px) circles measure 0.66-0.90 (99 % below 0.88; small circles have flat sides, so their
    ratio runs above pi/4), triangles 0.50-0.63 and squares exactly 1.
+   With ``shapes`` holding ``cross`` (the LoRA lesson's new shape, a plus sign of fill ~0.44, as low
+   as a triangle's), a low-fill image is a triangle when it is bottom-heavy, else a cross: the
+   centroid's drop below the bounding box's middle, as a fraction of its height, is 1/6 for an
+   upright triangle (the centroid sits 2/3 of the way down from the apex) and 0 for a cross; the
+   cut is halfway, at ``TRIANGLE_CENTROID_DROP`` = 1/12.
 
 Everything is vectorized over the whole stack: one ``scipy.ndimage.label`` call with a structure that
 does not connect different images, then bincounts. ``score(images, prompts)`` parses each prompt
@@ -31,12 +36,13 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from npdiffusion.data.shapes import COLOR_NAMES, POSITION_NAMES, POSITIONS, SHAPES
+from npdiffusion.data.shapes import ALL_SHAPES, COLOR_NAMES, POSITION_NAMES, POSITIONS, SHAPES, check_shapes
 
 HUES = {"red": 0.0, "yellow": 60.0, "green": 120.0, "cyan": 180.0, "blue": 240.0, "magenta": 300.0}
 WHITE_SATURATION = 0.35
 TRIANGLE_BELOW = 0.64
 SQUARE_FROM = 0.92
+TRIANGLE_CENTROID_DROP = 1 / 12
 ATTRIBUTES = ("color", "shape", "position")
 _PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) in the (?P<position>[\w ]+)$")
 
@@ -74,8 +80,10 @@ class Attributes:
         return self.color[i], self.shape[i], self.position[i]
 
 
-def read_attributes(images, threshold: float = 0.5) -> Attributes:
-    """Colour, shape and position of each image (see the module docstring)."""
+def read_attributes(images, threshold: float = 0.5, shapes=SHAPES) -> Attributes:
+    """Colour, shape and position of each image (see the module docstring); ``shapes``: the shapes an
+    image may show (the demo's three, or with ``cross``)."""
+    shapes = check_shapes(shapes)
     from scipy import ndimage  # noqa: PLC0415
 
     images = _as_uint8(images)
@@ -132,7 +140,12 @@ def read_attributes(images, threshold: float = 0.5) -> Attributes:
     with numpy.errstate(invalid="ignore", divide="ignore"):
         fill = numpy.where(has, npix / numpy.maximum(height * width, 1), numpy.nan)
     kind = numpy.where(fill < TRIANGLE_BELOW, 2, numpy.where(fill >= SQUARE_FROM, 1, 0))
-    shape = [SHAPES[k] if h else None for k, h in zip(kind.tolist(), has.tolist())]
+    if "cross" in shapes:
+        top = rows.argmax(axis=1)                                           # (N,) first foreground row
+        with numpy.errstate(invalid="ignore", divide="ignore"):
+            drop = (centroid[:, 0] - top) / numpy.maximum(height, 1) - 0.5  # triangle 1/6, cross 0
+        kind = numpy.where((kind == 2) & ~(drop >= TRIANGLE_CENTROID_DROP), 3, kind)
+    shape = [ALL_SHAPES[k] if h else None for k, h in zip(kind.tolist(), has.tolist())]
     return Attributes(color, shape, position, fill, centroid, npix)
 
 
@@ -145,14 +158,14 @@ def _hue_degrees(rgb, mx, mn):
     return numpy.where(mx - mn > 0, h * 60.0, 0.0)
 
 
-def parse_prompt(prompt: str) -> tuple[str, str, str]:
+def parse_prompt(prompt: str, shapes=SHAPES) -> tuple[str, str, str]:
     """``"a {color} {shape} in the {position}"`` -> ``(color, shape, position)``, or a ValueError."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     m = _PROMPT.match(prompt.strip())
-    if m is None or m["color"] not in COLOR_NAMES or m["shape"] not in SHAPES or m["position"] not in POSITION_NAMES:
+    if m is None or m["color"] not in COLOR_NAMES or m["shape"] not in shapes or m["position"] not in POSITION_NAMES:
         raise ValueError(f"prompt {prompt!r} is not of the form 'a {{color}} {{shape}} in the {{position}}' with "
-                         f"color in {COLOR_NAMES}, shape in {SHAPES}, position in {POSITION_NAMES}")
+                         f"color in {COLOR_NAMES}, shape in {tuple(shapes)}, position in {POSITION_NAMES}")
     return m["color"], m["shape"], m["position"]
 
 
@@ -176,15 +189,16 @@ class ShapeScore:
                 f"position {100 * self.position:.1f}%, all three {100 * self.joint:.1f}%")
 
 
-def score(images, prompts, threshold: float = 0.5) -> ShapeScore:
-    """Score ``images`` (N of them) against their ``prompts`` (N strings)."""
+def score(images, prompts, threshold: float = 0.5, shapes=SHAPES) -> ShapeScore:
+    """Score ``images`` (N of them) against their ``prompts`` (N strings); ``shapes`` as in
+    ``read_attributes`` (a prompt's shape must be one of them)."""
     prompts = list(prompts)
-    read = read_attributes(images, threshold)
+    read = read_attributes(images, threshold, shapes)
     if len(prompts) != len(read.color):
         raise ValueError(f"score: {len(read.color)} images but {len(prompts)} prompts")
     if not prompts:
         raise ValueError("score: no images to score")
-    wanted = [parse_prompt(p) for p in prompts]
+    wanted = [parse_prompt(p, shapes) for p in prompts]
     correct = {}
     for k, attr in enumerate(ATTRIBUTES):
         got = getattr(read, attr)

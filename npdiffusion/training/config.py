@@ -73,6 +73,9 @@ class DataConfig:
     resolution: int = option(32, "image side in pixels (folder images are resized and center-cropped to it)", min=8)
     seed: int = option(0, "shapes dataset: the seed that generates the images", min=0)
     caption_column: str = option("text", "folder dataset: the metadata.jsonl key holding each caption")
+    shapes: tuple[str, ...] = option(("circle", "square", "triangle"), "shapes dataset: the shapes drawn, "
+                                     "from circle, square, triangle and cross (cross: the LoRA lesson's new shape); a name listed "
+                                     "twice is drawn twice as often")
 
 
 @dataclass

@@ -31,6 +31,9 @@ STAGES = {
                    [("npdiffusion.models.unet.unet_2d_condition", "the U-Net (UNet2DConditionModel)"),
                     ("npdiffusion.models.vae.autoencoder_kl", "the VAE (AutoencoderKL)"),
                     ("npdiffusion.models.clip.text_model", "the CLIP text encoder (CLIPTextModel)")]),
+    "lora": ("npdiffusion.training.lora_stage",
+             [("npdiffusion.models.unet.unet_2d_condition", "the U-Net (UNet2DConditionModel)"),
+              ("npdiffusion.nn.lora", "the LoRA layer (LoraLayer)")]),
 }
 
 
@@ -69,7 +72,7 @@ def dataset_from_config(data):
     from npdiffusion.data import load_dataset  # noqa: PLC0415
 
     return load_dataset(data.dataset, path=data.path, num_images=data.num_images, resolution=data.resolution,
-                        seed=data.seed, caption_column=data.caption_column)
+                        seed=data.seed, caption_column=data.caption_column, shapes=data.shapes)
 
 
 def refuse_data_parallel(name: str, why: str) -> None:

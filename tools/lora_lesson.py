@@ -1,0 +1,123 @@
+"""The LoRA lesson: teach the demo's model a shape it never saw (a cross), rank 4 on the U-Net's attention.
+
+    python tools/lora_lesson.py --model DEMO_OUT/model --out /tmp/lora-lesson
+    python tools/lora_lesson.py --model DEMO_OUT/model --out DIR --steps 600 --shapes cross circle square triangle
+
+Shapes: images uint8 (N, 32, 32, 3); prompts "a {color} {shape} in the {position}".
+
+1. Train (``npdiffusion train lora``'s stage): adapters of rank ``--rank`` on to_q, to_k, to_v, to_out.0
+   of the demo's U-Net (everything else frozen) on ``--num-images`` shapes drawn from ``--shapes``
+   (default: the cross alone), ``--steps`` steps of batch ``--batch``. Wall and CPU time are printed.
+2. Evaluate as the demo's report does (guidance 2, 25 DDPM steps, one NumPy seed per image), reading
+   the samples with the shape evaluator that knows the cross (``score(..., shapes=ALL_SHAPES)``):
+   * new prompts: ``--new-prompts`` random "a {color} cross in the {position}" x ``--seeds`` seeds:
+     how often the sample is a cross (shape accuracy), and all three attributes right;
+   * old prompts: the demo report's 50 random prompts x 4 seeds, with the base model and with the
+     LoRA: each attribute's accuracy and all three, and the change in points.
+The numbers go to docs/benchmarks.md ("LoRA"). The machine is shared: read CPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def new_prompts(n: int, seed: int = 4321) -> list[str]:
+    from npdiffusion.data.shapes import COLOR_NAMES, POSITION_NAMES, caption
+
+    rng = np.random.default_rng(seed)
+    return [caption(COLOR_NAMES[rng.integers(len(COLOR_NAMES))], "cross",
+                    POSITION_NAMES[rng.integers(len(POSITION_NAMES))]) for _ in range(n)]
+
+
+def scores(pipe, prompts, seeds):
+    from npdiffusion.data.shapes import ALL_SHAPES
+    from npdiffusion.evaluation.shape_attributes import score
+    from npdiffusion.training.demo import EVAL_STEPS, GUIDANCE_SCALE, generate
+
+    flat = [p for p in prompts for _ in seeds]
+    return score(generate(pipe, prompts, seeds, GUIDANCE_SCALE, EVAL_STEPS), flat, shapes=ALL_SHAPES)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="the demo's model folder (npdiffusion demo --out DIR: DIR/model)")
+    parser.add_argument("--out", required=True, help="output folder of the LoRA run (must not hold checkpoints)")
+    parser.add_argument("--shapes", nargs="+", default=["cross"], help="shapes of the training data (default: cross; a "
+                        "name given twice is drawn twice as often)")
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--targets", nargs="+", default=None, help="U-Net layers to adapt (default: to_q to_k "
+                        "to_v to_out.0)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr-scheduler", default="constant", help="constant or cosine (diffusers' names)")
+    parser.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma weighting (the demo's U-Net: 5)")
+    parser.add_argument("--caption-dropout", type=float, default=0.0,
+                        help="share of steps on the empty caption (the demo's U-Net: 0.1)")
+    parser.add_argument("--new-prompts", type=int, default=25)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--old-prompts", type=int, default=None, help="old prompts (default: the demo report's 50)")
+    args = parser.parse_args(argv)
+
+    from npdiffusion import parallel
+    from npdiffusion.lora import load_lora
+    from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
+    from npdiffusion.training import lora_stage
+    from npdiffusion.training.config import DataConfig, TrainConfig
+    from npdiffusion.training.demo import EVAL_PROMPTS, EVAL_SEEDS, eval_scheduler, random_prompts
+    from npdiffusion.training.demo.run import limit_blas_threads
+
+    limit_blas_threads(1)
+    parallel.set_num_threads(1)
+    config = lora_stage.CONFIG(
+        output_dir=args.out,
+        data=DataConfig(num_images=args.num_images, resolution=32, seed=7, shapes=tuple(args.shapes)),
+        train=TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
+                          lr_scheduler=args.lr_scheduler,
+                          checkpointing_steps=args.steps, checkpoints_total_limit=1, seed=0),
+        lora=lora_stage.LoraOptions(model=args.model, rank=args.rank, snr_gamma=args.snr_gamma,
+                                    caption_dropout=args.caption_dropout,
+                                    **({"unet_targets": tuple(args.targets)} if args.targets else {})))
+    wall, cpu = time.perf_counter(), time.process_time()
+    print(lora_stage.train(config, progress=False, log=print))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"training: {wall:.1f} s wall, {cpu:.1f} s CPU (data {args.num_images} images of {args.shapes}, "
+          f"{args.steps} steps x {args.batch}, rank {args.rank}, lr {args.lr:g})")
+
+    def pipeline(with_lora: bool):
+        pipe = StableDiffusionPipeline.from_pretrained(args.model)
+        pipe.scheduler = eval_scheduler(pipe.scheduler.config)
+        if with_lora:
+            load_lora(os.path.join(args.out, "pytorch_lora_weights.safetensors"),
+                      {"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+        return pipe
+
+    old, seeds = random_prompts(args.old_prompts or EVAL_PROMPTS), list(range(EVAL_SEEDS))
+    new = new_prompts(args.new_prompts)
+    results = {}
+    for name, with_lora in (("base", False), ("lora", True)):
+        pipe = pipeline(with_lora)
+        results[name] = {"new": scores(pipe, new, list(range(args.seeds))), "old": scores(pipe, old, seeds)}
+    print(f"\nnew prompts ({len(new)} x {args.seeds} seeds; shape = drew a cross):")
+    for name in results:
+        print(f"  {name}: {results[name]['new'].summary()}")
+    print(f"old prompts (the demo report's {len(old)} x {len(seeds)}):")
+    for name in results:
+        print(f"  {name}: {results[name]['old'].summary()}")
+    for attr in ("color", "shape", "position", "joint"):
+        delta = 100 * (getattr(results["lora"]["old"], attr) - getattr(results["base"]["old"], attr))
+        print(f"  change of old {attr}: {delta:+.1f} points")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
