@@ -41,6 +41,7 @@ COMMANDS = [
     "npdiffusion.cli.demo",
     "npdiffusion.cli.sample",
     "npdiffusion.cli.img2img",
+    "npdiffusion.cli.inpaint",
 ]
 
 #: Exit code of an expected failure (the same as argparse's usage errors).
