@@ -42,6 +42,7 @@ COMMANDS = [
     "npdiffusion.cli.sample",
     "npdiffusion.cli.img2img",
     "npdiffusion.cli.convert",
+    "npdiffusion.cli.inpaint",
 ]
 
 #: Exit code of an expected failure (the same as argparse's usage errors).

@@ -49,28 +49,28 @@ def add_parser(subparsers):
     return p
 
 
-def read_image(path):
-    """The image at ``path`` as an RGB PIL image; a one-line error if it is missing, not an image, or over
-    Pillow's pixel limit ``PIL.Image.MAX_IMAGE_PIXELS`` (checked from the header, before decoding)."""
+def read_image(path, option: str = "--image"):
+    """The image at ``path`` as an RGB PIL image; a one-line error (naming ``option``) if it is missing, not
+    an image, or over Pillow's pixel limit ``PIL.Image.MAX_IMAGE_PIXELS`` (checked from the header)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     from npdiffusion.memory import check_image_pixels  # noqa: PLC0415
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--image {path!r} does not exist or is not a file")
+        raise FileNotFoundError(f"{option} {path!r} does not exist or is not a file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # refused below, in one line
             im = Image.open(path)
         with im:
-            check_image_pixels(f"--image {path!r}", im.width, im.height, Image.MAX_IMAGE_PIXELS)
+            check_image_pixels(f"{option} {path!r}", im.width, im.height, Image.MAX_IMAGE_PIXELS)
             im.load()
             return im.convert("RGB")
     except Image.DecompressionBombError as exc:                 # over twice the limit: Image.open refuses it
-        raise ValueError(f"--image {path!r} is over the limit of {Image.MAX_IMAGE_PIXELS:,} pixels for an input "
+        raise ValueError(f"{option} {path!r} is over the limit of {Image.MAX_IMAGE_PIXELS:,} pixels for an input "
                          f"image (Pillow: {exc}); shrink it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"--image {path!r} is not an image Pillow can read: {exc}") from None
+        raise ValueError(f"{option} {path!r} is not an image Pillow can read: {exc}") from None
 
 
 def run(args) -> int:

@@ -333,20 +333,21 @@ def check_memory_early(args, image_size=None) -> None:
                  "lower --height/--width or --num-images")
 
 
-def load_pipeline(args):
-    """The pipeline of ``--model`` with ``--scheduler`` swapped in (diffusers' ``from_config`` rule)."""
+def load_pipeline(args, cls=None):
+    """The pipeline (``cls``, default StableDiffusionPipeline) of ``--model`` with ``--scheduler`` swapped in
+    (diffusers' ``from_config`` rule)."""
     from npdiffusion.pipelines.loading import SCHEDULERS  # noqa: PLC0415 - keep `--help` fast
     from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    pipe = (cls or StableDiffusionPipeline).from_pretrained(args.model)
     if getattr(args, "lora", None) is not None:
         from npdiffusion.lora.files import load_lora  # noqa: PLC0415
 
         scale = 1.0 if args.lora_scale is None else args.lora_scale
         load_lora(args.lora, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, scale)
     if args.scheduler is not None:
-        cls = SCHEDULERS[SCHEDULER_NAMES[args.scheduler.lower()]]
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        scheduler_cls = SCHEDULERS[SCHEDULER_NAMES[args.scheduler.lower()]]
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     return pipe
 
 

@@ -63,11 +63,29 @@ def default_size(height: int, width: int, factor: int) -> tuple[int, int]:
     return height - height % factor, width - width % factor
 
 
-def _nearest_indices(size_in: int, size_out: int) -> numpy.ndarray:
+def nearest_indices(size_in: int, size_out: int) -> numpy.ndarray:
     """torch's 'nearest' source index for each output index: min(floor(i * (in / out)), in - 1), in float32."""
     scale = numpy.float32(size_in / size_out)
     idx = numpy.floor(numpy.arange(size_out, dtype=numpy.float32) * scale).astype(numpy.int64)
     return numpy.minimum(idx, size_in - 1)
+
+
+def float_array(value, what: str) -> numpy.ndarray:
+    """``value`` (any backend's array) as a host NumPy array of floats, else TypeError naming ``what``."""
+    arr = numpy.asarray(to_numpy(value))
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{what} must hold floats in [0, 1], got dtype {arr.dtype}")
+    return arr
+
+
+def array_size(arr, height: int | None, width: int | None, factor: int) -> tuple[int, int]:
+    """(height, width) of an NCHW array's output: the given ones or the array's, rounded down to ``factor``."""
+    return default_size(arr.shape[2] if height is None else height, arr.shape[3] if width is None else width, factor)
+
+
+def resize_nearest(arr, height: int, width: int):
+    """(B, C, H, W) -> (B, C, height, width) as ``torch.nn.functional.interpolate(mode='nearest')``."""
+    return arr[:, :, nearest_indices(arr.shape[2], height)][:, :, :, nearest_indices(arr.shape[3], width)]
 
 
 def preprocess_image(image, vae_scale_factor: int, height: int | None = None, width: int | None = None,
@@ -92,9 +110,7 @@ def preprocess_image(image, vae_scale_factor: int, height: int | None = None, wi
         images = [im.resize((w, h), resample=Image.LANCZOS, reducing_gap=None) for im in images]
         arr = pil_to_numpy(images).transpose(0, 3, 1, 2)                     # (B, 3, H, W)
     elif hasattr(image, "shape") and hasattr(image, "dtype"):
-        arr = numpy.asarray(to_numpy(image))
-        if arr.dtype.kind != "f":
-            raise TypeError(f"preprocess_image: an image array must hold floats in [0, 1], got dtype {arr.dtype}")
+        arr = float_array(image, "preprocess_image: an image array")
         if arr.ndim == 4 and arr.shape[1] == 4:
             return asarray(arr.astype(numpy.float32, copy=False))             # latents, as diffusers
         if arr.ndim == 3:
@@ -103,12 +119,11 @@ def preprocess_image(image, vae_scale_factor: int, height: int | None = None, wi
             raise ValueError(f"preprocess_image: an image array must have shape (H, W, 3) or (B, H, W, 3), "
                              f"got shape {arr.shape}")
         arr = arr.astype(numpy.float32, copy=False).transpose(0, 3, 1, 2)      # (B, 3, H, W)
-        h, w = default_size(arr.shape[2] if height is None else height, arr.shape[3] if width is None else width,
-                            vae_scale_factor)
+        h, w = array_size(arr, height, width, vae_scale_factor)
         _check_size(h, w, vae_scale_factor)
         if on_size is not None:
             on_size(arr.shape[0], h, w)
-        arr = arr[:, :, _nearest_indices(arr.shape[2], h)][:, :, :, _nearest_indices(arr.shape[3], w)]
+        arr = resize_nearest(arr, h, w)
     else:
         raise TypeError(f"preprocess_image: image must be a PIL image, a list of PIL images or a float array "
                         f"(H, W, 3) / (B, H, W, 3), got {type(image).__name__}")

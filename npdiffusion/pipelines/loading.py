@@ -116,11 +116,11 @@ def read_model_index(folder) -> dict:
     return components
 
 
-def write_model_index(folder, scheduler_class: str) -> str:
+def write_model_index(folder, scheduler_class: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
     """Write ``folder/model_index.json`` (atomically) as diffusers' StableDiffusionPipeline does, with
     the safety checker, feature extractor and image encoder null and requires_safety_checker false."""
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": pipeline_class,
         "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],

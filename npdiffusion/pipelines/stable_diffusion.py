@@ -87,6 +87,9 @@ class StableDiffusionPipeline:
     ``safety_checker`` / ``feature_extractor`` must be None: npdiffusion has no safety checker.
     """
 
+    #: the ``_class_name`` save_pretrained writes into model_index.json
+    pipeline_class_name = "StableDiffusionPipeline"
+
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
                  feature_extractor=None, image_encoder=None, requires_safety_checker: bool = False):
         for name, value, cls in (("vae", vae, AutoencoderKL), ("text_encoder", text_encoder, CLIPTextModel),
@@ -206,7 +209,7 @@ class StableDiffusionPipeline:
             self.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
             self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
             self.scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
-            write_model_index(tmp, type(self.scheduler).__name__)
+            write_model_index(tmp, type(self.scheduler).__name__, self.pipeline_class_name)
         return folder
 
     @classmethod
@@ -375,29 +378,45 @@ class StableDiffusionPipeline:
         """A scheduler timestep (a NumPy scalar) as the (1,) array the U-Net takes, keeping int / float."""
         return numpy.asarray(t).reshape(1)
 
+    def step_kwargs(self, noise: NoiseSource | None, eta: float) -> dict:
+        """diffusers' ``prepare_extra_step_kwargs``: ``eta`` and the noise stream, where scheduler.step takes them."""
+        accepted = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in accepted:
+            kwargs["eta"] = eta
+        if noise is not None and "rng" in accepted:
+            kwargs["rng"] = noise.scheduler_rng()
+        return kwargs
+
+    def predict_noise(self, latents, t, prompt_embeds, guidance_scale: float, guidance_rescale: float = 0.0,
+                      extra_channels=None):
+        """One U-Net prediction at ``t``: (guided eps (B, 4, h, w), raw output (2B or B, 4, h, w)).
+
+        ``extra_channels`` (2B or B, E, h, w), if given, are appended to the scaled model input along the
+        channels (the inpainting U-Net's mask and masked-image latents)."""
+        do_cfg = guidance_scale > 1.0
+        x_in = xp.concatenate([latents, latents], axis=0) if do_cfg else latents        # (2B, 4, h, w)
+        x_in = self.scheduler.scale_model_input(x_in, t)
+        if extra_channels is not None:
+            x_in = xp.concatenate([x_in, extra_channels], axis=1)                       # (2B, 4 + E, h, w)
+        eps = raw = self.unet(x_in, self._unet_timestep(t), prompt_embeds)             # (2B, 4, h, w)
+        if do_cfg:
+            eps = guided_prediction(raw, guidance_scale, guidance_rescale)             # (B, 4, h, w)
+        return eps, raw
+
     @numpy.errstate(over="ignore", invalid="ignore", divide="ignore")     # check_step reports NaN/inf instead
     def denoise(self, latents, timesteps, prompt_embeds, guidance_scale: float, guidance_rescale: float,
                 noise: NoiseSource | None, num_inference_steps: int, eta: float = 0.0,
                 callback_on_step_end=None, progress: bool = True):
         """The loop of step 5: latents (B, 4, h, w), context (2B, T, D) with guidance else (B, T, D) -> latents."""
-        do_cfg = guidance_scale > 1.0
         scheduler = self.scheduler
-        accepted = inspect.signature(scheduler.step).parameters       # diffusers' prepare_extra_step_kwargs
-        step_kwargs = {}
-        if "eta" in accepted:
-            step_kwargs["eta"] = eta
-        if noise is not None and "rng" in accepted:
-            step_kwargs["rng"] = noise.scheduler_rng()
+        step_kwargs = self.step_kwargs(noise, eta)
         order = getattr(scheduler, "order", 1)
         num_warmup = len(timesteps) - num_inference_steps * order
         bar = self._progress_bar(num_inference_steps) if progress else None
         try:
             for i, t in enumerate(timesteps):
-                x_in = xp.concatenate([latents, latents], axis=0) if do_cfg else latents    # (2B, 4, h, w)
-                x_in = scheduler.scale_model_input(x_in, t)
-                eps = raw = self.unet(x_in, self._unet_timestep(t), prompt_embeds)         # (2B, 4, h, w)
-                if do_cfg:
-                    eps = guided_prediction(raw, guidance_scale, guidance_rescale)         # (B, 4, h, w)
+                eps, raw = self.predict_noise(latents, t, prompt_embeds, guidance_scale, guidance_rescale)
                 before, latents = latents, scheduler.step(eps, t, latents, return_dict=False, **step_kwargs)[0]
                 check_step(latents, i, len(timesteps), t, before, raw, eps, guidance_scale)  # NaN: stop here
                 if callback_on_step_end is not None:

@@ -19,6 +19,9 @@ Per step (diffusers' examples/text_to_image/train_text_to_image.py; docs/trainin
     target = noise (epsilon) or sqrt(abar_t) noise - sqrt(1 - abar_t) z0 (v_prediction)
     loss   = mean_b w_b mean_i (unet(z_t, t, c) - target)^2,  w_b = 1 or the Min-SNR-gamma weight
 
+With ``[unet] inpainting = true`` the U-Net takes 2L + 1 channels, [z_t | mask | masked-image latents],
+a random mask per sample (``inpaint_masks.py``; docs/inpainting.md, "The inpainting model").
+
 Every draw comes from the trainer's generator, so a resumed run is exact; each is drawn for the
 whole global batch and a data-parallel rank keeps its own rows (``distributed.sharding``), so N
 ranks train on the draws of one process. The exported U-Net is
@@ -80,6 +83,8 @@ class UNetOptions:
                                                "(0: train.learning_rate)", min=0.0)
     rescale_betas_zero_snr: bool = option(False, "rescale the schedule to zero terminal SNR (Lin et al. 2024); "
                                           "use with v_prediction: at SNR 0 the noise cannot be predicted")
+    inpainting: bool = option(False, "train an inpainting U-Net: 2L + 1 input channels, the latents, a random mask "
+                              "and the masked image's latents (SD inpainting recipe; docs/inpainting.md)")
 
 
 @dataclass
@@ -197,7 +202,8 @@ class UNetStage(Stage):
         latent_channels = self.vae.config["latent_channels"]
         if self.start is None:
             self.unet = UNet2DConditionModel(
-                sample_size=latent_side, in_channels=latent_channels, out_channels=latent_channels,
+                sample_size=latent_side, in_channels=2 * latent_channels + 1 if opts.inpainting else latent_channels,
+                out_channels=latent_channels,
                 block_out_channels=tuple(opts.block_out_channels), layers_per_block=opts.layers_per_block,
                 down_block_types=tuple(opts.down_block_types), up_block_types=up,
                 cross_attention_dim=self.text_encoder.config.hidden_size, attention_head_dim=opts.attention_head_dim,
@@ -281,10 +287,15 @@ class UNetStage(Stage):
 
     # ------------------------------------------------------------------ training
     def collate(self, images, captions, indices, epoch, position):
-        """Runs in the prefetch thread: no pixels needed (the latents are cached), caption rows only."""
+        """Runs in the prefetch thread: caption rows; pixels only for an inpainting U-Net (the latents are cached)."""
         from npdiffusion.data.loader import Batch  # noqa: PLC0415
 
-        batch = Batch(None, captions, indices, epoch, position)
+        pixels = None
+        if self.opts.inpainting:                         # the masked images are encoded per step
+            from npdiffusion.data.dataset import to_model_input  # noqa: PLC0415
+
+            pixels = to_model_input(images)
+        batch = Batch(pixels, captions, indices, epoch, position)
         batch.caption_rows = numpy.asarray([self.caption_index[c] for c in captions], dtype=numpy.int64)
         return batch
 
@@ -316,11 +327,17 @@ class UNetStage(Stage):
         draws = batch_draws(rng, batch)  # drawn for the global batch, this rank's rows kept (sharding.py)
         x_t, t, target, rows = self.noisy_inputs(self.latent_mean[idx], self.latent_std[idx], batch.caption_rows,
                                                  draws)
+        if self.opts.inpainting:                         # [z_t | mask | masked-image latents] (inpaint_masks.py)
+            from npdiffusion.backend import xp  # noqa: PLC0415
+            from npdiffusion.training.inpaint_masks import inpainting_channels  # noqa: PLC0415
+
+            extra = inpainting_channels(self.vae, batch.images, draws, self.scaling_factor, self.dtype)
+            x_t = xp.concatenate([x_t, extra.astype(x_t.dtype)], axis=1)
         out = self.unet(x_t, t, self.context_of(rows))
         # the loss and its gradient in float32; the gradient scaled by S before its one cast to float16
         loss, grad = simple_loss(out, target, t, self.alphas_cumprod, self.opts.prediction_type,
                                  self.opts.snr_gamma or None, grad_scale=self.loss_scale)
-        self.backward(grad)
+        self.backward(grad)                              # (an inpainting U-Net's extra channels' gradient unused)
         return {"loss": loss}
 
     def save_models(self, folder):
@@ -336,12 +353,22 @@ class UNetStage(Stage):
             self.text_encoder.load_state_dict(load_weights(os.path.join(folder, "text_encoder")))
 
     def pipeline(self, unet=None):
-        """A ``StableDiffusionPipeline`` of the frozen models and ``unet`` (default: the trained one)."""
-        from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
-
+        """A ``StableDiffusionPipeline`` (``StableDiffusionInpaintPipeline`` for an inpainting U-Net) of the
+        frozen models and ``unet`` (default: the trained one)."""
         scheduler = self.start.scheduler() if self.start is not None else None
-        return StableDiffusionPipeline(self.vae, self.text_encoder, self.tokenizer, unet or self.unet,
-                                       scheduler or make_scheduler(self.opts))
+        return pipeline_class(self.opts)(self.vae, self.text_encoder, self.tokenizer, unet or self.unet,
+                                         scheduler or make_scheduler(self.opts))
+
+
+def pipeline_class(opts: UNetOptions):
+    """The pipeline that runs the trained U-Net: the inpainting pipeline for ``[unet] inpainting``."""
+    if opts.inpainting:
+        from npdiffusion.pipelines.inpaint import StableDiffusionInpaintPipeline  # noqa: PLC0415
+
+        return StableDiffusionInpaintPipeline
+    from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
+
+    return StableDiffusionPipeline
 
 
 def build_stage(config: UNetStageConfig, dataset) -> UNetStage:
@@ -353,8 +380,6 @@ def write_pipeline(config: UNetStageConfig, folder: str) -> str:
     from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
     from npdiffusion.models.unet.unet_2d_condition import UNet2DConditionModel  # noqa: PLC0415
     from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL  # noqa: PLC0415
-    from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
-
     from npdiffusion.pipelines.loading import load_tokenizer  # noqa: PLC0415
     from npdiffusion.training.pretrained import write_finetuned_pipeline  # noqa: PLC0415
 
@@ -369,11 +394,11 @@ def write_pipeline(config: UNetStageConfig, folder: str) -> str:
         if start.base.pipeline is not None:   # the original's components and scheduler, the trained ones
             trained = {"unet": os.path.join(config.output_dir, "unet")}
             return write_finetuned_pipeline(start.base, folder, {**folders, **trained}, start.overrides)
-    pipe = StableDiffusionPipeline(AutoencoderKL.from_pretrained(folders["vae"]),
-                                   CLIPTextModel.from_pretrained(folders["text_encoder"]),
-                                   load_tokenizer(folders["tokenizer"]),
-                                   UNet2DConditionModel.from_pretrained(os.path.join(config.output_dir, "unet")),
-                                   make_scheduler(opts))
+    pipe = pipeline_class(config.unet)(AutoencoderKL.from_pretrained(folders["vae"]),
+                                       CLIPTextModel.from_pretrained(folders["text_encoder"]),
+                                       load_tokenizer(folders["tokenizer"]),
+                                       UNet2DConditionModel.from_pretrained(os.path.join(config.output_dir, "unet")),
+                                       make_scheduler(opts))
     return pipe.save_pretrained(folder)
 
 
