@@ -5,6 +5,8 @@
 
 Shapes: images uint8 (N, 32, 32, 3); prompts "a {color} {shape} in the {position}".
 
+Results and what they taught: docs/benchmarks.md ("LoRA"; the target of issue 23 is not reached yet).
+
 1. Train (``npdiffusion train lora``'s stage): adapters of rank ``--rank`` on to_q, to_k, to_v, to_out.0
    of the demo's U-Net (everything else frozen) on ``--num-images`` shapes drawn from ``--shapes``
    (default: the cross alone), ``--steps`` steps of batch ``--batch``. Wall and CPU time are printed.
