@@ -5,6 +5,8 @@
 
 Shapes: images uint8 (N, 32, 32, 3); prompts "a {color} {shape} in the {position}".
 
+Results and what they taught: docs/benchmarks.md ("LoRA"; the target of issue 23 is not reached yet).
+
 1. Train (``npdiffusion train lora``'s stage): adapters of rank ``--rank`` on to_q, to_k, to_v, to_out.0
    of the demo's U-Net (everything else frozen) on ``--num-images`` shapes drawn from ``--shapes``
    (default: the cross alone), ``--steps`` steps of batch ``--batch``. Wall and CPU time are printed.
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-scheduler", default="constant", help="constant or cosine (diffusers' names)")
     parser.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma weighting (the demo's U-Net: 5)")
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="export an EMA of the adapters (0: off)")
     parser.add_argument("--caption-dropout", type=float, default=0.0,
                         help="share of steps on the empty caption (the demo's U-Net: 0.1)")
     parser.add_argument("--new-prompts", type=int, default=25)
@@ -82,7 +85,8 @@ def main(argv=None) -> int:
         output_dir=args.out,
         data=DataConfig(num_images=args.num_images, resolution=32, seed=7, shapes=tuple(args.shapes)),
         train=TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
-                          lr_scheduler=args.lr_scheduler,
+                          lr_scheduler=args.lr_scheduler, use_ema=args.ema_decay > 0,
+                          ema_decay=args.ema_decay or 0.9999,
                           checkpointing_steps=args.steps, checkpoints_total_limit=1, seed=0),
         lora=lora_stage.LoraOptions(model=args.model, rank=args.rank, snr_gamma=args.snr_gamma,
                                     caption_dropout=args.caption_dropout,
