@@ -41,11 +41,11 @@ def check_png(path):
 
 def test_steps_study(model, tmp_path, capsys):
     out = tmp_path / "steps.png"
-    res = study_steps.run(["--model", model, "--quick", "--out", str(out), "--schedulers", "DDIM,Heun,Euler-A"])
+    res = study_steps.run(["--model", model, "--quick", "--out", str(out), "--schedulers", "DDIM,Heun,Euler"])
     check_png(out)
     rows = table_rows(tmp_path / "steps.md")
     assert rows[0] == study_steps.HEADERS
-    assert [(r[0], r[1]) for r in rows[1:]] == [(s, str(n)) for s in ("DDIM", "Heun", "Euler-A") for n in (2, 3)]
+    assert [(r[0], r[1]) for r in rows[1:]] == [(s, str(n)) for s in ("DDIM", "Heun", "Euler") for n in (2, 3)]
     calls = {(r[0], int(r[1])): int(r[2]) for r in rows[1:]}
     assert calls[("DDIM", 3)] == 3 and calls[("Heun", 3)] == 5          # Heun: 2 S - 1 model calls
     assert all(0.0 <= v["joint"] <= v["colour"] <= 1.0 and v["seconds"] > 0 for v in res.values())

@@ -38,7 +38,7 @@ from npdiffusion.training.demo import (  # noqa: E402
 )
 
 __all__ = ["StudyError", "EVAL_PROMPTS", "EVAL_SEEDS", "EVAL_STEPS", "GUIDANCE_SCALE", "SCHEDULERS",
-           "add_common_args", "run_main", "load_pipeline", "prompts_and_seeds", "generate", "score_images",
+           "takes_prediction_type", "add_common_args", "run_main", "load_pipeline", "prompts_and_seeds", "generate", "score_images",
            "diversity", "Timer", "markdown_table", "write_table", "save_figure", "paste_grid", "pct",
            "initial_latents", "decode", "text_embeddings"]
 
@@ -57,6 +57,16 @@ SCHEDULERS = {
     "Heun": ("HeunDiscreteScheduler", {}),
     "DPM-Solver++": ("DPMSolverMultistepScheduler", {}),
 }
+
+
+def takes_prediction_type(name: str, base_config: dict) -> bool:
+    """Whether scheduler ``name`` can sample a model with ``base_config``'s prediction type (a scheduler
+    refuses the types it cannot step, as diffusers' does at its first step)."""
+    try:
+        make_scheduler(name, base_config)
+    except ValueError:
+        return False
+    return True
 
 
 def make_scheduler(name: str, base_config: dict):

@@ -36,8 +36,9 @@ def parse(argv):
     p = sc.add_common_args(__doc__.splitlines()[0], "docs/images/study_steps.png")
     p.add_argument("--steps", type=sc.int_list, default=None,
                    help=f"comma-separated step counts (default {','.join(map(str, STEPS))}; --quick 2,3)")
-    p.add_argument("--schedulers", default=",".join(sc.SCHEDULERS),
-                   help=f"comma-separated subset of {','.join(sc.SCHEDULERS)} (default all)")
+    p.add_argument("--schedulers", default=None,
+                   help=f"comma-separated subset of {','.join(sc.SCHEDULERS)} (default: all that take the model's "
+                        "prediction type; PNDM and Euler-A take epsilon and v only, as in diffusers)")
     p.add_argument("--guidance", type=float, default=sc.GUIDANCE_SCALE,
                    help=f"classifier-free guidance scale (default {sc.GUIDANCE_SCALE}, the demo's)")
     return p.parse_args(argv)
@@ -47,13 +48,15 @@ def run(argv=None) -> dict:
     """Run the study; returns {(scheduler, steps): {"colour", "shape", "position", "joint", "seconds", "calls"}}."""
     args = parse(argv)
     png, md = sc.out_paths(args.out)
-    names = [s.strip() for s in args.schedulers.split(",") if s.strip()]
+    names = [s.strip() for s in (args.schedulers or ",".join(sc.SCHEDULERS)).split(",") if s.strip()]
     for n in names:
         if n not in sc.SCHEDULERS:
             raise sc.StudyError(f"--schedulers: {n!r} is not one of {', '.join(sc.SCHEDULERS)}")
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     pipe = sc.load_pipeline(args.model)
     base = dict(pipe.scheduler.config)
+    if args.schedulers is None:                                         # the default: what the model allows
+        names = [n for n in names if sc.takes_prediction_type(n, base)]
     prompts, seeds, flat = sc.prompts_and_seeds(args)
     sc.generate(pipe, prompts[:1], seeds[:1], args.guidance, 2)       # warm-up: the first timed row is not penalised
     results = {}

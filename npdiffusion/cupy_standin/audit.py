@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import re
 import tempfile
 
@@ -155,7 +156,10 @@ def sampling_syncs(pipe, scheduler_name: str, steps: int, guidance_scale: float 
     import npdiffusion.schedulers as schedulers  # noqa: PLC0415
 
     base = {k: v for k, v in dict(pipe.scheduler.config).items() if v is not None}
-    pipe.scheduler = getattr(schedulers, scheduler_name).from_config(base)
+    cls = getattr(schedulers, scheduler_name)
+    if base.get("prediction_type") not in importlib.import_module(cls.__module__).PREDICTION_TYPES:
+        base["prediction_type"] = "epsilon"      # (PNDM, Euler-A and an x0 model): syncs do not depend on it
+    pipe.scheduler = cls.from_config(base)
     with cupy_standin.count_syncs() as log:
         pipe(["a red circle"], num_inference_steps=steps, guidance_scale=guidance_scale, seed=0,
              output_type="np", progress=False, eta=0.5)
