@@ -47,7 +47,9 @@ def get_communicator():
                 comm = NCCLCommunicator(comm)
             # One line per rank, so that the launcher's report of a dead process ("PID 1234 ... Killed",
             # MPICH) can be read as a rank: a rank killed outright cannot say anything itself.
-            print(f"npdiffusion: MPI rank {comm.rank} of {comm.size} is pid {os.getpid()} on "
-                  f"{socket.gethostname()}; collectives over {comm.name}", file=sys.stderr, flush=True)
+            # (one write of the whole line: the ranks share the terminal, and print's two writes interleave)
+            sys.stderr.write(f"npdiffusion: MPI rank {comm.rank} of {comm.size} is pid {os.getpid()} on "
+                             f"{socket.gethostname()}; collectives over {comm.name}\n")
+            sys.stderr.flush()
         _WORLD.append(comm if comm.size > 1 else SingleProcess())
     return _WORLD[0]

@@ -73,7 +73,6 @@ class LoraStage(UNetStage):
 
     name = NAME
     supports_mixed_precision = False
-    train_text_encoder = False                   # the text encoder stays frozen: its context is cached
 
     def __init__(self, config: LoraStageConfig, dataset, log=print):
         # UNetStage.__init__ is not called: it builds a new U-Net; this one comes from the model folder

@@ -157,6 +157,7 @@ class UNetStage(Stage):
 
     name = NAME
     supports_mixed_precision = True
+    train_text_encoder = False           # [unet] train_text_encoder; False: the captions' contexts are cached
 
     def __init__(self, config: UNetStageConfig, dataset, log=print):
         from npdiffusion.models.clip.text_model import CLIPTextModel  # noqa: PLC0415
