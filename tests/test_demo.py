@@ -73,7 +73,7 @@ def test_model_folder_loads_in_diffusers_with_the_same_images(quick_demo):
 def test_model_folder_converts_to_a_single_file_diffusers_loads_with_the_same_images(quick_demo, tmp_path):
     """Issue 22: ``npdiffusion convert`` of the demo's folder (8 latent channels, no VAE mid attention, 4 groups)
     gives a single file that diffusers' from_single_file (config: the folder) runs to the same images."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers  # the oracle (test extra): a parity check is never skipped
     import torch
 
     from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline
