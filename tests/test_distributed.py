@@ -268,7 +268,7 @@ def test_stage_on_two_ranks_over_nccl_on_the_cupy_standin_equals_one_process(fro
 
 
 NCCL_STANDIN_SCRIPT = """
-import numpy, pytest
+import os, numpy, pytest
 from npdiffusion.backend import set_backend, to_numpy, xp
 set_backend("cupy")
 import cupy
@@ -304,7 +304,7 @@ assert log.total == 0, log.report()
 assert to_numpy(dict(lin.named_grads())["weight"]).tolist() == [[6.0] * 3] * 2      # (4 + 8) / 2
 assert float(metrics["loss"]) == 1.5 and float(metrics["other"]) == 2.0
 comm.barrier()
-print("rank", r, "ok")
+os.write(1, f"rank {r} ok\\n".encode())   # one write: the two ranks share the pipe (print's pieces interleave)
 """
 
 
