@@ -1,6 +1,6 @@
 """The cross, the LoRA lesson's new shape: only drawn when asked (the demo's data keeps its bytes), drawn as
 a plus sign, and read as a cross by the evaluator when the cross is among the shapes (triangles stay
-triangles)."""
+triangles; without the cross, most crosses fit no shape)."""
 import numpy as np
 import pytest
 
@@ -38,7 +38,8 @@ def test_evaluator_reads_crosses_only_when_asked():
     result = score(data.images, data.captions, shapes=ALL_SHAPES)
     assert result.shape >= 0.99 and result.joint >= 0.99
     crosses = [i for i, c in enumerate(data.captions) if "cross" in c]
-    assert set(read_attributes(data.images[crosses]).shape) <= {"triangle", "circle"}  # the 3-shape reader
+    as_three = read_attributes(data.images[crosses]).shape                   # the 3-shape reader: no cross
+    assert "cross" not in as_three and as_three.count(None) > len(crosses) / 2   # mostly: no template fits
     old = make_shapes(1000, seed=11)
     assert score(old.images, old.captions, shapes=ALL_SHAPES).shape >= 0.99
     with pytest.raises(ValueError, match="shapes must be names from"):

@@ -61,6 +61,34 @@ def test_noise_stray_specks_and_dim_backgrounds_do_not_fool_it(shapes):
     assert score(noisy, shapes.captions[:500]).joint >= 0.95
 
 
+def test_a_one_pixel_spur_on_the_edge_does_not_change_the_shape(shapes):
+    """A generated square often carries a stray pixel on its edge, which stretches its bounding box by a
+    tenth: the template fit (area and centroid) barely moves, so squares stay squares (the fill-ratio
+    reader called such squares circles, docs/benchmarks.md "The shape reader")."""
+    images = shapes.images[:300].copy()
+    fg = images.max(axis=-1) > 0
+    for i in range(300):
+        rows, cols = np.nonzero(fg[i])
+        top = rows.min()
+        col = cols[rows == top][0]
+        images[i, top - 1, col] = images[i, rows[0], cols[0]]              # one pixel above the top edge
+    read = read_attributes(images)
+    truth = [shapes.attributes(i)[1] for i in range(300)]
+    assert sum(r == t for r, t in zip(read.shape, truth)) >= 0.98 * 300
+    squares = [i for i in range(300) if truth[i] == "square"]
+    assert len(squares) > 50 and all(read.shape[i] == "square" for i in squares)
+
+
+def test_a_foreground_that_fits_no_shape_has_no_shape():
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images[0, 16, 4:28] = 255                                             # a 1 x 24 line
+    images[1, 4:28, 4:28] = 255
+    images[1, 8:24, 8:24] = 0                                             # a hollow frame
+    read = read_attributes(images)
+    assert read.shape == [None, None] and (read.shape_iou < 0.6).all()
+    assert read.color == ["white", "white"]                               # the other attributes are still read
+
+
 def test_float_model_outputs_are_read_like_uint8(shapes):
     floats = to_model_input(shapes.images[:200])                          # (B, 3, S, S) in [-1, 1]
     a, b = read_attributes(floats), read_attributes(shapes.images[:200])
@@ -80,10 +108,10 @@ def test_pure_hues_and_white_by_hand():
 
 def test_an_empty_image_reads_as_nothing_and_counts_as_wrong():
     images = np.zeros((2, 32, 32, 3), np.uint8)
-    images[1, 14:18, 14:18] = 255
+    images[1, 13:19, 13:19] = 255                                        # 6 x 6: the smallest square drawn
     read = read_attributes(images)
     assert read[0] == (None, None, None) and read[1] == ("white", "square", "center")
-    assert np.isnan(read.fill_ratio[0])
+    assert np.isnan(read.shape_iou[0]) and read.shape_iou[1] == 1.0
     result = score(images, ["a white square in the center"] * 2)
     assert result.joint == 0.5 and list(result.correct["joint"]) == [False, True]
 

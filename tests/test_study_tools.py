@@ -13,6 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
+import compare_shape_readers  # noqa: E402
 import study_attention_maps  # noqa: E402
 import study_common  # noqa: E402
 import study_guidance  # noqa: E402
@@ -125,6 +126,21 @@ def test_word_tokens_follow_the_tokenizer(model):
     flat = [p for _, ps in pairs for p in ps]
     assert flat == list(range(1, 1 + len(flat)))                         # contiguous after the start token
     assert study_attention_maps.attribute_words(prompt) == ["magenta", "triangle", "bottom", "right"]
+
+
+def test_shape_reader_comparison(model, tmp_path):
+    out = tmp_path / "readers.png"
+    compare_shape_readers.main(["--model", model, "--also", model, "--quick", "--out", str(out)])
+    rows = table_rows(tmp_path / "readers.md")
+    assert rows[0][:5] == ["model", "shape: fill ratio", "shape: template", "all three: fill ratio", "all three: template"]
+    assert len(rows) == 3 and rows[1] == rows[2]                         # the same model samples the same images
+    assert all(c.endswith("%") for c in rows[1][1:5])
+
+
+def test_fill_ratio_shapes_by_hand():
+    fills = np.array([0.5, 0.639, 0.64, 0.8, 0.919, 0.92, 1.0, np.nan])
+    assert compare_shape_readers.fill_ratio_shapes(fills) == ["triangle", "triangle", "circle", "circle", "circle",
+                                                               "square", "square", None]
 
 
 def test_diversity_by_hand():

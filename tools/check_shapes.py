@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     for i in misses.tolist():
         read = result.read[i]
         print(f"  miss: {names[i]}: prompt {prompts[i]!r}, read {' / '.join(str(x) for x in read)} "
-              f"(fill {result.read.fill_ratio[i]:.2f})")
+              f"(best shape fit: IoU {result.read.shape_iou[i]:.2f})")
     if args.min_joint is not None and result.joint < args.min_joint:
         return 1
     return 0

@@ -12,9 +12,9 @@ Each image is black except one filled shape:
   channel values, so the hue is exact);
 * position: centred on the middle of the ``top left``, ``top right``, ``bottom left`` or
   ``bottom right`` quadrant, or on the image ``center``, plus a little jitter;
-* size: "radius" r drawn uniformly from [3.5, 6.5] pixels (scaled by S/32). The circle has radius
-  r, the square half-side 0.85 r, the triangle height and base 2 r. With jitter of at most 1.5 px
-  (also scaled) every shape stays inside its quadrant's 16x16 box.
+* size: "radius" r drawn uniformly from ``RADIUS_RANGE`` = [4.5, 7.0] pixels (scaled by S/32). The
+  circle has radius r, the square half-side 0.85 r, the triangle height and base 2 r. With jitter of
+  at most 1 px per axis (also scaled) every shape stays inside its quadrant's 16x16 box.
 
 The caption is exactly ``"a {color} {shape} in the {position}"``, e.g. ``"a red circle in the top
 left"``. Attributes are drawn independently and uniformly, so the 7 x 3 x 5 = 105 captions are
@@ -27,6 +27,7 @@ Docs: docs/training.md ("Datasets").
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy
@@ -55,6 +56,31 @@ JITTER = 1.0                # pixels at S = 32, each axis
 SQUARE_HALF_SIDE = 0.85     # times r
 CROSS_HALF_WIDTH = 0.25    # times r: half the width of the cross's arms
 _CHUNK = 2048               # images per broadcast (2048 * 32 * 32 float32 = 8 MB per temporary)
+#: Each shape's area in units of r^2 (the continuous shape; pixel centres make the drawn area differ
+#: a little): circle pi r^2, square (1.7 r)^2, triangle base 2r x height 2r / 2, cross two 2r x 0.5r
+#: bars less their 0.5r x 0.5r overlap.
+SHAPE_AREA = {"circle": math.pi, "square": (2 * SQUARE_HALF_SIDE) ** 2, "triangle": 2.0,
+              "cross": 8 * CROSS_HALF_WIDTH - 4 * CROSS_HALF_WIDTH ** 2}
+#: How far below its centre each shape's centroid lies, in units of r: the triangle's sits 2/3 of the
+#: way from the apex (centre - r) to the base (centre + r), at centre + r/3; the others are symmetric.
+CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0, "cross": 0.0}
+
+
+def shape_mask(shape: str, dy, dx, r):
+    """Which pixels ``shape`` of "radius" ``r`` covers, from the pixel centres' offsets ``dy``, ``dx`` to
+    its centre (arrays that broadcast together, e.g. (N, S, 1), (N, 1, S), (N, 1, 1)): a boolean array.
+    The renderer draws with it and the attribute reader (evaluation/shape_attributes.py) fits it."""
+    if shape == "circle":
+        return dy * dy + dx * dx <= r * r
+    if shape == "square":
+        h = SQUARE_HALF_SIDE * r
+        return (numpy.abs(dy) <= h) & (numpy.abs(dx) <= h)
+    if shape == "triangle":         # upright: apex (cy - r, cx), base from (cy + r, cx - r) to (cy + r, cx + r)
+        return (dy >= -r) & (dy <= r) & (2.0 * numpy.abs(dx) <= dy + r)
+    if shape == "cross":
+        w = CROSS_HALF_WIDTH * r
+        return ((numpy.abs(dy) <= r) & (numpy.abs(dx) <= w)) | ((numpy.abs(dx) <= r) & (numpy.abs(dy) <= w))
+    raise ValueError(f"shape_mask: shape must be one of {ALL_SHAPES}, got {shape!r}")
 
 
 def caption(color: str, shape: str, position: str) -> str:
@@ -118,17 +144,11 @@ def render(params: ShapeParams, size: int = SIDE) -> numpy.ndarray:
         cy = params.center[sl, 0, None, None].astype(numpy.float32)       # (n, 1, 1)
         cx = params.center[sl, 1, None, None].astype(numpy.float32)
         r = params.radius[sl, None, None].astype(numpy.float32)
-        kind = params.shape[sl, None, None]
         dy = coords[None, :, None] - cy                                   # (n, S, 1)
         dx = coords[None, None, :] - cx                                   # (n, 1, S)
-        circle = dy * dy + dx * dx <= r * r                               # (n, S, S)
-        h = SQUARE_HALF_SIDE * r
-        square = (numpy.abs(dy) <= h) & (numpy.abs(dx) <= h)
-        # Upright triangle: apex (cy - r, cx), base from (cy + r, cx - r) to (cy + r, cx + r).
-        triangle = (dy >= -r) & (dy <= r) & (2.0 * numpy.abs(dx) <= dy + r)
-        w = CROSS_HALF_WIDTH * r
-        cross = ((numpy.abs(dy) <= r) & (numpy.abs(dx) <= w)) | ((numpy.abs(dx) <= r) & (numpy.abs(dy) <= w))
-        mask = numpy.select([kind == 0, kind == 1, kind == 2], [circle, square, triangle], cross)
+        kind = params.shape[sl, None, None]
+        masks = [shape_mask(name, dy, dx, r) for name in ALL_SHAPES]       # each (n, S, S)
+        mask = numpy.select([kind == k for k in range(len(ALL_SHAPES))], masks)
         out[sl] = mask[..., None] * palette[params.color[sl]][:, None, None, :]
     return out
 
