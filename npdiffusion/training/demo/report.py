@@ -99,7 +99,7 @@ def shapes_report(run: DemoRun, scores: dict, num_images: int) -> tuple[str, str
         f"## Attribute accuracy ({run.n_prompts} random prompts x {run.n_seeds} seeds, {run.steps} steps of "
         f"{EVAL_SCHEDULER})", "",
         f"Guided: classifier-free guidance scale {GUIDANCE_SCALE}; unguided: scale 1 (the conditional model "
-        "alone). Read by npdiffusion.evaluation.shape_attributes (hue, centroid, bounding-box fill).", "",
+        "alone). Read by npdiffusion.evaluation.shape_attributes (hue, centroid, best-fitting shape template).", "",
         score_rows(scores), "",
         *([] if run.quick else [spread_sentence(), ""]),
     ]
