@@ -9,13 +9,23 @@ With G the concatenation of every gradient of the module::
 Returns ``total`` (a Python float, measured before clipping). A non-finite total leaves the
 gradients untouched (torch would multiply them by NaN) and is returned so the caller can skip
 the step, or raises with ``error_if_nonfinite=True``. See docs/optim.md ("Gradient clipping").
+
+On a module in flat training storage (npdiffusion/nn/flat_parameters.py) the g_i are blocks of
+``NORM_BLOCK`` entries of each dtype's gradient buffer rather than parameters (another summation
+order, the same norm up to rounding), and the clipping is one multiply per buffer.
 """
 from __future__ import annotations
 
 import math
 
 from npdiffusion.backend import xp
+from npdiffusion.nn import flat_parameters
 from npdiffusion.optim.optimizer import check_float, check_module
+from npdiffusion.parallel import parallel_for
+
+#: entries per partial norm over a flat gradient buffer: about a parameter's size, so each partial
+#: sum in the gradients' dtype is no longer than a per-parameter one
+NORM_BLOCK = 1 << 15
 
 
 def _grad_norm(g, p: float):
@@ -38,7 +48,13 @@ def grad_norm_array(module, norm_type: float = 2.0):
     gradients."""
     check_module("grad_norm", module)
     p = check_float("grad_norm", "norm_type", norm_type, low_open=True, allow_inf=True)
-    norms = [_grad_norm(g, p) for _, g in module.named_grads()]
+    flat = flat_parameters.current(module)
+    if flat is not None:
+        norms = [norm for group in flat.groups
+                 for norm in parallel_for(lambda lo, hi, g=group.grads: _grad_norm(g[lo:hi], p), group.size, 1,
+                                          NORM_BLOCK)]
+    else:
+        norms = [_grad_norm(g, p) for _, g in module.named_grads()]
     if not norms:
         return None
     stacked = xp.stack([n.astype(xp.float64) for n in norms])
@@ -58,7 +74,9 @@ def clip_grads_with_norm_(module, max_norm: float, total: float) -> None:
     float): every gradient times ``max_norm / (total + 1e-6)`` when that is below 1."""
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for _, g in module.named_grads():
+        flat = flat_parameters.current(module)
+        grads = [group.grads for group in flat.groups] if flat is not None else [g for _, g in module.named_grads()]
+        for g in grads:
             g *= coef
 
 
