@@ -27,6 +27,9 @@ The protocol:
 * ``named_parameters()`` / ``named_grads()`` yield ``(dotted_name, array)`` with state-dict names;
   after a backward every parameter has a gradient (zeros for one the forward did not use).
 * ``state_dict()`` / ``load_state_dict(d, strict=True)``; ``to(dtype)``; ``train()`` / ``eval()``.
+* Flat training storage: ``nn.flat_parameters.flatten_parameters(module)`` turns every parameter and
+  gradient into a view of one buffer per dtype (the trainer does it); layers notice nothing, except
+  that ``zero_grad`` then fills the gradients with zeros in place instead of dropping them.
 * Gradient checkpointing: ``module.gradient_checkpointing = True`` makes a training-mode call keep
   only its inputs; its backward first recomputes the forward (keeping caches), then runs as usual.
   Exact, and it trades compute for memory. Modules must call children (``self.conv(x)``), never
