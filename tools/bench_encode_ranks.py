@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-THREAD_ENV = {"NPDIFFUSION_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-              "MKL_NUM_THREADS": "1"}
+from bench_distributed import run_ranks  # noqa: E402 - the same launcher and thread settings
 
 
 def worker(images: int) -> None:
@@ -63,14 +61,7 @@ def main(argv=None) -> int:
     print(f"U-Net stage: encoding {args.images} 32x32 images through the demo's VAE, one thread per rank")
     base = None
     for n in args.processes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--images", str(args.images)]
-        if n > 1:
-            mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-            cmd = [mpiexec if os.path.isfile(mpiexec) else "mpiexec", "-n", str(n)] + cmd
-        done = subprocess.run(cmd, env={**os.environ, **THREAD_ENV}, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        r = run_ranks(n, [sys.executable, os.path.abspath(__file__), "--worker", "--images", str(args.images)])
         base = base or r["seconds"]
         print(f"  {n} rank(s): {r['seconds']:.1f} s, x{base / r['seconds']:.2f} over {args.processes[0]}")
     return 0
