@@ -10,9 +10,9 @@ Returns ``total`` (a Python float, measured before clipping). A non-finite total
 gradients untouched (torch would multiply them by NaN) and is returned so the caller can skip
 the step, or raises with ``error_if_nonfinite=True``. See docs/optim.md ("Gradient clipping").
 
-On a module in flat training storage (npdiffusion/nn/flat_parameters.py) the g_i are blocks of
-``NORM_BLOCK`` entries of each dtype's gradient buffer rather than parameters (another summation
-order, the same norm up to rounding), and the clipping is one multiply per buffer.
+On a module in flat training storage (npdiffusion/nn/flat_parameters.py) the g_i are the
+parameters' views of the gradient buffers, in the same order, so the norm is the same to the last bit
+(training in either layout gives the same weights), and the clipping is one multiply per buffer.
 """
 from __future__ import annotations
 
@@ -21,11 +21,6 @@ import math
 from npdiffusion.backend import xp
 from npdiffusion.nn import flat_parameters
 from npdiffusion.optim.optimizer import check_float, check_module
-from npdiffusion.parallel import parallel_for
-
-#: entries per partial norm over a flat gradient buffer: about a parameter's size, so each partial
-#: sum in the gradients' dtype is no longer than a per-parameter one
-NORM_BLOCK = 1 << 15
 
 
 def _grad_norm(g, p: float):
@@ -50,9 +45,7 @@ def grad_norm_array(module, norm_type: float = 2.0):
     p = check_float("grad_norm", "norm_type", norm_type, low_open=True, allow_inf=True)
     flat = flat_parameters.current(module)
     if flat is not None:
-        norms = [norm for group in flat.groups
-                 for norm in parallel_for(lambda lo, hi, g=group.grads: _grad_norm(g[lo:hi], p), group.size, 1,
-                                          NORM_BLOCK)]
+        norms = [_grad_norm(g, p) for group in flat.groups for g in group.grad_views]
     else:
         norms = [_grad_norm(g, p) for _, g in module.named_grads()]
     if not norms:
