@@ -303,6 +303,15 @@ with count_syncs() as log:
 assert log.total == 0, log.report()
 assert to_numpy(dict(lin.named_grads())["weight"]).tolist() == [[6.0] * 3] * 2      # (4 + 8) / 2
 assert float(metrics["loss"]) == 1.5 and float(metrics["other"]) == 2.0
+from npdiffusion.nn.flat_parameters import flatten_parameters
+flatten_parameters(lin)                    # the trainer's flat storage: its gradient buffer reduced in place
+lin.zero_grad()
+lin(xp.ones((4, 3)) * (r + 1))
+lin.backward(xp.ones((4, 2)))
+with count_syncs() as log:
+    comm.average_gradients(lin, {"loss": 1.0})
+assert log.total == 0, log.report()
+assert to_numpy(dict(lin.named_grads())["weight"]).tolist() == [[6.0] * 3] * 2
 comm.barrier()
 os.write(1, f"rank {r} ok\\n".encode())   # one write: the two ranks share the pipe (print's pieces interleave)
 """
@@ -313,9 +322,57 @@ def test_nccl_communicator_on_the_cupy_standin():
     """Sum, all-gather and broadcast of device arrays between 2 ranks through cupy.cuda.nccl (the
     stand-in's, over MPI); host arrays refused by the communicator, a host pointer by NCCL, and
     ranks that did not share rank 0's unique id by NcclCommunicator; the trainer's parameter
-    broadcast and gradient average without a host synchronization."""
+    broadcast and gradient average (per parameter and in flat storage) without a host synchronization."""
     env = {**os.environ, **STANDIN, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", NCCL_STANDIN_SCRIPT], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
+
+
+ENCODE_SCRIPT = """
+import os, numpy
+from npdiffusion.data.dataset import ArrayDataset
+from npdiffusion.distributed import SingleProcess, get_communicator
+from npdiffusion.models.clip.text_model import CLIPTextModel
+from npdiffusion.models.vae.autoencoder_kl import AutoencoderKL
+from npdiffusion.training import unet_stage
+comm = get_communicator()
+rng = numpy.random.default_rng(0)
+stage = unet_stage.UNetStage.__new__(unet_stage.UNetStage)
+stage.dtype = numpy.dtype("float32")
+stage.vae = AutoencoderKL(block_out_channels=(4, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=2, norm_num_groups=2)
+stage.text_encoder = CLIPTextModel(vocab_size=50, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                   num_hidden_layers=1, max_position_embeddings=6)
+stage.tokenizer = lambda texts: numpy.asarray([[ord(c) % 50 for c in t.ljust(6)[:6]] for t in texts])
+for model in (stage.vae, stage.text_encoder):
+    for _, p in model.named_parameters():                  # the same weights on every rank
+        p[...] = rng.standard_normal(p.shape) * 0.3
+    model.eval()
+unet_stage.ENCODE_BATCH = 16                               # 50 images: chunks of 16, 16, 16, 2 -> 32 + 18 rows
+data = ArrayDataset(rng.integers(0, 256, (50, 8, 8, 3), dtype=numpy.uint8), ["c"] * 50)
+captions = [f"caption {i}" for i in range(40)]
+rows = []
+encode = stage.vae.encode
+stage.vae.encode = lambda x: rows.append(len(x)) or encode(x)
+shared = (*stage.encode_images(data), stage.encode_text(captions))    # over get_communicator(): 2 ranks
+assert sum(rows) == (32 if comm.rank == 0 else 18) and comm.size == 2, (rows, comm.size)
+stage.comm = SingleProcess()
+alone = (*stage.encode_images(data), stage.encode_text(captions))
+assert [a.shape for a in shared] == [(50, 2, 4, 4), (50, 2, 4, 4), (40, 6, 8)], [a.shape for a in shared]
+assert all(a.dtype == numpy.float32 and a.tobytes() == b.tobytes() for a, b in zip(shared, alone))
+os.write(1, f"rank {comm.rank} ok\\n".encode())
+"""
+
+
+@needs_mpi
+def test_frozen_encodings_shared_over_two_ranks_equal_one_process():
+    """The U-Net stage's VAE posteriors and caption contexts, encoded in chunks dealt out over 2 ranks
+    and all-gathered (distributed/chunks.py), equal one process's bit for bit, each rank having
+    encoded only its share (32 and 18 of 50 images)."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "NPDIFFUSION_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([_mpiexec(), "-n", "2", sys.executable, "-c", ENCODE_SCRIPT], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, run.stdout + run.stderr
 

@@ -107,9 +107,8 @@ def worker(warmup: int, steps: int) -> None:
                           "allreduce_share": spent[0] / seconds}))
 
 
-def run(n: int, warmup: int, steps: int) -> dict:
-    script = os.path.abspath(__file__)
-    cmd = [sys.executable, script, "--worker", "--warmup", str(warmup), "--steps", str(steps)]
+def run_ranks(n: int, cmd: list) -> dict:
+    """``cmd`` under ``mpiexec -n n`` (n = 1: as it is) with one thread per rank; the JSON of its last line."""
     if n > 1:
         mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
         cmd = [mpiexec if os.path.isfile(mpiexec) else "mpiexec", "-n", str(n)] + cmd
@@ -117,6 +116,11 @@ def run(n: int, warmup: int, steps: int) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(n: int, warmup: int, steps: int) -> dict:
+    script = os.path.abspath(__file__)
+    return run_ranks(n, [sys.executable, script, "--worker", "--warmup", str(warmup), "--steps", str(steps)])
 
 
 def main(argv=None) -> int:

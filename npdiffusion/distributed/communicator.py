@@ -12,7 +12,9 @@ that kind. On them this class builds what the trainer calls:
   (``flat.pack``), summed over the ranks and divided by N, written back in place; the step's float
   metrics (the loss first) averaged the same way in one float64 buffer. With equal shards the mean
   of the N per-rank batch means is the global batch mean, so the gradient is the one-process
-  gradient up to summation order (docs/distributed.md). A non-finite loss on any rank makes the
+  gradient up to summation order (docs/distributed.md). A module in flat training storage
+  (``nn/flat_parameters.py``) has its gradient buffers reduced in place, no copies (when they are
+  buffers of this communicator's kind). A non-finite loss on any rank makes the
   averaged loss non-finite on every rank, so every rank skips that step or none does.
 * ``shard(batch_size)``: this rank's rows of a global batch (``sharding.Shard``).
 """
@@ -23,6 +25,7 @@ import numpy
 from npdiffusion.backend import to_numpy, xp
 from npdiffusion.distributed import flat
 from npdiffusion.distributed.sharding import Shard
+from npdiffusion.nn import flat_parameters
 
 
 class Communicator:
@@ -85,12 +88,19 @@ class Communicator:
             values = numpy.asarray([float(metrics[k]) for k in keys], dtype=numpy.float64)
         self.allreduce_sum_(values)
         values /= self.size
-        grads = [g for _, g in module.named_grads()]
-        buckets = flat.pack(grads, device=self.device_buffers)
-        for dtype, buf, _ in buckets:
+        storage = flat_parameters.current(module)
+        if storage is not None and all(self.device_buffers != isinstance(g.grads, numpy.ndarray)
+                                       for g in storage.groups):
+            buffers, grads = [group.grads for group in storage.groups], None
+        else:
+            grads = [g for _, g in module.named_grads()]
+            buckets = flat.pack(grads, device=self.device_buffers)
+            buffers = [buf for _, buf, _ in buckets]
+        for buf in buffers:
             self.allreduce_sum_(buf)
-            buf *= dtype.type(1.0 / self.size)
-        flat.unpack(buckets, grads)
+            buf *= buf.dtype.type(1.0 / self.size)
+        if grads is not None:
+            flat.unpack(buckets, grads)
         if self.device_buffers:
             return {k: values[i] for i, k in enumerate(keys)}
         return {k: float(v) for k, v in zip(keys, values)}

@@ -27,6 +27,9 @@ The protocol:
 * ``named_parameters()`` / ``named_grads()`` yield ``(dotted_name, array)`` with state-dict names;
   after a backward every parameter has a gradient (zeros for one the forward did not use).
 * ``state_dict()`` / ``load_state_dict(d, strict=True)``; ``to(dtype)``; ``train()`` / ``eval()``.
+* Flat training storage: ``nn.flat_parameters.flatten_parameters(module)`` turns every parameter and
+  gradient into a view of one buffer per dtype (the trainer does it); layers notice nothing, except
+  that ``zero_grad`` then fills the gradients with zeros in place instead of dropping them.
 * Gradient checkpointing: ``module.gradient_checkpointing = True`` makes a training-mode call keep
   only its inputs; its backward first recomputes the forward (keeping caches), then runs as usual.
   Exact, and it trades compute for memory. Modules must call children (``self.conv(x)``), never
@@ -59,6 +62,7 @@ import numpy
 from npdiffusion.backend import asarray, xp
 from npdiffusion.checks import check_dtype
 from npdiffusion.nn import recorder as _recorder
+from npdiffusion.nn.flat_parameters import Registry, flatten_parameters
 
 DTYPES = {"float16": numpy.float16, "float32": numpy.float32, "float64": numpy.float64}
 
@@ -104,11 +108,11 @@ class Module:
     """Base class of every layer and model; see the module docstring for the protocol."""
 
     def __init__(self):
-        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_parameters", Registry())
         object.__setattr__(self, "_grads", {})
         object.__setattr__(self, "_buffers", OrderedDict())
         object.__setattr__(self, "_persistent", set())
-        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_modules", Registry())
         object.__setattr__(self, "_caches", {})
         object.__setattr__(self, "_checkpoint_inputs", None)
         object.__setattr__(self, "training", True)
@@ -171,7 +175,10 @@ class Module:
         value = asarray(value)
         if old is not None and value.shape != old.shape:
             raise ValueError(f"parameter {name!r} has shape {old.shape}, cannot set one of shape {value.shape}")
-        self._parameters[name] = value
+        if self.__dict__.get("_flat_root") is not None and old is not None:
+            old[...] = value                # a view of flat training storage stays one (nn/flat_parameters.py)
+        else:
+            self._parameters[name] = value
 
     # ----------------------------------------------------------------- forward / backward
     def __call__(self, *args, **kwargs):
@@ -243,10 +250,22 @@ class Module:
             current += grad
 
     def zero_grad(self) -> None:
-        """Forget every accumulated parameter gradient, in this module and its children."""
+        """Forget every accumulated parameter gradient, in this module and its children.
+
+        Gradients in flat training storage (``nn/flat_parameters.py``) are set to zero in place
+        instead (one fill per buffer when called on the flattened module itself).
+        """
+        flat = self.__dict__.get("flat_parameters")
+        if flat is not None and flat.intact():
+            flat.zero_grads()
+            return
         for module in self.modules():
-            for name in module._grads:
-                module._grads[name] = None
+            in_place = module.__dict__.get("_flat_root") is not None
+            for name, g in module._grads.items():
+                if in_place and g is not None:
+                    g.fill(0)
+                else:
+                    module._grads[name] = None
 
     # ----------------------------------------------------------------- traversal
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
@@ -305,8 +324,13 @@ class Module:
         return numpy.dtype(numpy.float32)
 
     def to(self, dtype) -> "Module":
-        """Cast every floating parameter, gradient and buffer to ``dtype``. Returns self."""
+        """Cast every floating parameter, gradient and buffer to ``dtype``. Returns self.
+
+        A module in flat training storage (``nn/flat_parameters.py``) is flattened again in ``dtype``.
+        """
         dt = canonical_dtype(dtype)
+        flat = self.__dict__.get("flat_parameters")
+        reflatten = flat is not None and any(group.dtype != dt for group in flat.groups)
         for m in self.modules():
             for name, p in m._parameters.items():
                 m._parameters[name] = p.astype(dt, copy=False)
@@ -316,6 +340,8 @@ class Module:
                 if b is not None and b.dtype.kind == "f":
                     m._buffers[name] = b.astype(dt, copy=False)
             m._caches.clear()
+        if reflatten:
+            flatten_parameters(self)
         return self
 
     def half(self):

@@ -15,11 +15,16 @@ schedule that scales every group by the same factor (e.g. a text encoder's own l
 The same operations in the same order as torch's single-tensor path, so float64 results agree
 to the last bits (torch's CPU kernels fuse some multiply-adds, NumPy does not: about 1 ulp per op).
 Each parameter is updated in cache-sized blocks of its flattened entries on the CPU's threads
-(npdiffusion/parallel.py): the dozen passes of one block find it in cache. Derivation of the bias corrections: docs/optim.md ("AdamW").
+(npdiffusion/parallel.py): the dozen passes of one block find it in cache. On a module in flat
+training storage (npdiffusion/nn/flat_parameters.py) the blocks run over each dtype's whole buffer
+instead, one run of parameters per learning rate, with the moments in buffers of the same layout:
+the same operations on every entry, so the same bits, without the per-parameter calls.
+Derivation of the bias corrections: docs/optim.md ("AdamW"); the flat layout: "Flat training storage".
 """
 from __future__ import annotations
 
 from npdiffusion.backend import xp
+from npdiffusion.nn import flat_parameters
 from npdiffusion.optim.optimizer import Optimizer, check_float
 from npdiffusion.parallel import BLOCK_ENTRIES, parallel_for
 
@@ -50,12 +55,17 @@ class AdamW(Optimizer):
         self._set_hyperparameters({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.lr_ratios = {str(k): check_float("AdamW", f"lr_ratios[{k!r}]", v) for k, v in (lr_ratios or {}).items()}
 
-    def _lr_of(self, name: str) -> float:
-        """The learning rate of parameter ``name``: lr, times its prefix's ratio in ``lr_ratios``."""
+    def _ratio_of(self, name: str) -> float | None:
+        """The ratio of the first prefix in ``lr_ratios`` that ``name`` starts with (None: no prefix)."""
         for prefix, ratio in self.lr_ratios.items():
             if name.startswith(prefix):
-                return self.lr * ratio
-        return self.lr
+                return ratio
+        return None
+
+    def _lr_of(self, name: str) -> float:
+        """The learning rate of parameter ``name``: lr, times its prefix's ratio in ``lr_ratios``."""
+        ratio = self._ratio_of(name)
+        return self.lr if ratio is None else self.lr * ratio
 
     def hyperparameters(self) -> dict:
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": self.weight_decay}
@@ -93,11 +103,24 @@ class AdamW(Optimizer):
             step /= tmp
             p += step
 
+        def rates_of(ratio):
+            lr = self.lr if ratio is None else self.lr * ratio
+            return lr / (1.0 - beta1 ** t), 1.0 - lr * wd             # step_size, decay
+
+        flat = flat_parameters.current(self.module)
+        if flat is not None:
+            slots = self._flat_slots(flat)
+            for k, group in enumerate(flat.groups):
+                arrays = (group.params, group.grads, slots["exp_avg"][k], slots["exp_avg_sq"][k])
+                for lo, hi, ratio in group.runs(self._ratio_of):
+                    rates = rates_of(ratio)
+                    parallel_for(lambda a, b, lo=lo, rates=rates: update(*(x[lo + a:lo + b] for x in arrays), *rates),
+                                 hi - lo, 1, BLOCK_ENTRIES)
+            return
         for name, p, g in self._params_and_grads():
             m = self._slot("exp_avg", name, p)
             v = self._slot("exp_avg_sq", name, p)
-            lr = self._lr_of(name)
-            rates = (lr / (1.0 - beta1 ** t), 1.0 - lr * wd)       # step_size, decay
+            rates = rates_of(self._ratio_of(name))
             if not all(a.flags.c_contiguous for a in (p, m, v)):
                 update(p, g, m, v, *rates)      # flat views would be copies
                 continue

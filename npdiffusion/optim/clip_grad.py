@@ -9,12 +9,17 @@ With G the concatenation of every gradient of the module::
 Returns ``total`` (a Python float, measured before clipping). A non-finite total leaves the
 gradients untouched (torch would multiply them by NaN) and is returned so the caller can skip
 the step, or raises with ``error_if_nonfinite=True``. See docs/optim.md ("Gradient clipping").
+
+On a module in flat training storage (npdiffusion/nn/flat_parameters.py) the g_i are the
+parameters' views of the gradient buffers, in the same order, so the norm is the same to the last bit
+(training in either layout gives the same weights), and the clipping is one multiply per buffer.
 """
 from __future__ import annotations
 
 import math
 
 from npdiffusion.backend import xp
+from npdiffusion.nn import flat_parameters
 from npdiffusion.optim.optimizer import check_float, check_module
 
 
@@ -38,7 +43,11 @@ def grad_norm_array(module, norm_type: float = 2.0):
     gradients."""
     check_module("grad_norm", module)
     p = check_float("grad_norm", "norm_type", norm_type, low_open=True, allow_inf=True)
-    norms = [_grad_norm(g, p) for _, g in module.named_grads()]
+    flat = flat_parameters.current(module)
+    if flat is not None:
+        norms = [_grad_norm(g, p) for group in flat.groups for g in group.grad_views]
+    else:
+        norms = [_grad_norm(g, p) for _, g in module.named_grads()]
     if not norms:
         return None
     stacked = xp.stack([n.astype(xp.float64) for n in norms])
@@ -58,7 +67,9 @@ def clip_grads_with_norm_(module, max_norm: float, total: float) -> None:
     float): every gradient times ``max_norm / (total + 1e-6)`` when that is below 1."""
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for _, g in module.named_grads():
+        flat = flat_parameters.current(module)
+        grads = [group.grads for group in flat.groups] if flat is not None else [g for _, g in module.named_grads()]
+        for g in grads:
             g *= coef
 
 

@@ -13,13 +13,18 @@ with the decay d_k chosen by ``warmup``:
 * ``"none"``: d_k = decay for every k > update_after_step (0 before, i.e. copy).
 
 ``copy_to(module)`` writes the averages into a module in place; ``store`` / ``restore`` keep
-and put back the training weights around an evaluation. Derivation: docs/optim.md ("EMA").
+and put back the training weights around an evaluation. On a tracked module in flat training
+storage (npdiffusion/nn/flat_parameters.py) the averages live in buffers of the same layout and an
+update runs over each buffer in cache-sized blocks: the same operations on every entry as per
+parameter. Derivation: docs/optim.md ("EMA").
 """
 from __future__ import annotations
 
 from npdiffusion.backend import asarray, xp
 from npdiffusion.checks import check_int
+from npdiffusion.nn import flat_parameters
 from npdiffusion.optim.optimizer import check_float, check_module
+from npdiffusion.parallel import BLOCK_ENTRIES, parallel_for
 
 WARMUPS = ("diffusers", "power", "none")
 
@@ -36,6 +41,7 @@ class EMA:
         self.optimization_step = 0
         self.cur_decay_value = None
         self._stored = None
+        self._flat_shadow = None        # (storage, shadow dict, [buffer per group]), see _shadow_buffers
 
     def _set_hyperparameters(self, hp: dict) -> None:
         self.decay = check_float("EMA", "decay", hp["decay"], 0.0, 1.0)
@@ -79,20 +85,44 @@ class EMA:
             out.append((name, s, p))
         return out
 
+    def _shadow_buffers(self, flat) -> list:
+        """The averages as one buffer per group of the flat storage ``flat``, ``self.shadow[name]``
+        views of them; rebuilt (values copied) when the storage or ``self.shadow`` was replaced."""
+        cached = self._flat_shadow
+        if cached is not None and cached[0] is flat and cached[1] is self.shadow:
+            return cached[2]
+        missing = [name for name in flat.order if name not in self.shadow]
+        if missing:
+            raise KeyError(f"EMA: module parameter {missing[0]!r} has no moving average (EMA built on another model?)")
+        buffers, self.shadow = flat.gather(self.shadow, "EMA average")
+        self._flat_shadow = (flat, self.shadow, buffers)
+        return buffers
+
     def update(self, module=None) -> float:
         """Fold the current weights of ``module`` (default: the tracked one) into the averages.
 
         Returns the decay used.
         """
-        pairs = self._pairs(module)
+        flat = flat_parameters.current(self.module) if module is None or module is self.module else None
+        if flat is not None:
+            pairs = list(zip(self._shadow_buffers(flat), (group.params for group in flat.groups)))
+        else:
+            pairs = [(s, p) for _, s, p in self._pairs(module)]
         self.optimization_step += 1
         decay = self.get_decay(self.optimization_step)
         self.cur_decay_value = decay
         one_minus = 1 - decay
-        for _, s, p in pairs:
+
+        def fold(s, p):
             tmp = xp.subtract(s, p)
             tmp *= one_minus
             s -= tmp
+
+        for s, p in pairs:
+            if flat is None:
+                fold(s, p)
+            else:
+                parallel_for(lambda lo, hi, s=s, p=p: fold(s[lo:hi], p[lo:hi]), s.size, 1, BLOCK_ENTRIES)
         return decay
 
     step = update  # diffusers' name

@@ -23,7 +23,10 @@ Two objects, used together::
   ``clip_grad_norm_`` (``named_parameters`` / ``named_grads`` / ``zero_grad``, same names), so
   ``AdamW(master)`` keeps float32 moments and updates float32 weights; ``load_grads`` copies the
   module's (scaled) gradients into float32 master gradients, ``copy_to_module`` rounds the masters
-  back into the module's arrays in place.
+  back into the module's arrays in place. The masters and their gradients are views of one float32
+  buffer each (``flat_parameters``, npdiffusion/nn/flat_parameters.py), so the optimizer, the EMA
+  and the clipping each run over one array; when the module is in flat storage too, with the same
+  order, loading the gradients and copying the weights back are one call each.
 * ``DynamicLossScaler`` multiplies the loss gradient by S before the float16 backward, so small
   gradients do not flush to zero, and divides it out in float32. A step whose gradients hold inf
   or NaN (float16 overflow, or a real divergence) is skipped: the optimizer does not run, so the
@@ -51,6 +54,7 @@ import numpy
 
 from npdiffusion.backend import to_numpy, xp
 from npdiffusion.checks import check_dtype, check_positive_int
+from npdiffusion.nn import flat_parameters as flat_storage
 from npdiffusion.optim.optimizer import check_float, check_module
 
 #: Compute dtypes ``MasterWeights`` accepts (float32 = masters and module agree: a plain run).
@@ -86,12 +90,14 @@ class MasterWeights:
     def __init__(self, module, compute_dtype="float16"):
         self.module = check_module("MasterWeights", module)
         self.compute_dtype = _compute_dtype(compute_dtype)
-        self._params = OrderedDict()
-        for name, p in module.named_parameters():
+        named = list(module.named_parameters())
+        for name, p in named:
             if p.dtype.kind != "f":
                 raise TypeError(f"MasterWeights: parameter {name!r} must be floating, got dtype {p.dtype}")
-            self._params[name] = p.astype(MASTER_DTYPE, copy=True)
-        self._grads = {name: None for name in self._params}
+        self._flat = flat_storage.FlatParameters([(name, p.astype(MASTER_DTYPE), None) for name, p in named])
+        views = self._flat.named_views()
+        self._params = OrderedDict((name, views[name][0]) for name, _ in named)
+        self._grads = {name: views[name][1] for name, _ in named}
         self._stale = True                     # nothing loaded since zero_grad: named_grads loads
         self.nonfinite = []                    # names whose gradient was not finite at the last load
         module.to(self.compute_dtype)
@@ -107,6 +113,14 @@ class MasterWeights:
 
     def num_parameters(self) -> int:
         return int(sum(p.size for p in self._params.values()))
+
+    @property
+    def flat_parameters(self):
+        """The masters and their gradients as one float32 buffer each (a ``FlatParameters``), the
+        gradients loaded first as ``named_grads`` does."""
+        if self._stale:
+            self.load_grads(1.0)
+        return self._flat
 
     def named_grads(self, prefix: str = ""):
         """``(name, float32 master gradient)``: what ``load_grads`` wrote since the last ``zero_grad``.
@@ -149,12 +163,22 @@ class MasterWeights:
         ``check=False``: no check and no synchronization (returns None; ``nonfinite_names`` later).
         """
         inv = numpy.float32(inv_scale)
+        pair = self._flat_pair()
+        if pair is not None:                   # one call for all: the module's flat buffer -> the masters'
+            src, dst = pair
+            if inv == 1.0:
+                dst[...] = src
+            else:
+                xp.multiply(src, inv, out=dst, dtype=MASTER_DTYPE)
+            self._stale = False
+            if not check:
+                return None
+            ok = bool(xp.isfinite(dst).all())
+            self.nonfinite = [] if ok else self.nonfinite_names()
+            return ok
         names, flags = [], []
         for name, g in self._module_items(self.module.named_grads(), "gradient"):
             m = self._grads[name]
-            if m is None:
-                m = xp.empty(self._params[name].shape, dtype=MASTER_DTYPE)
-                self._grads[name] = m
             if inv == 1.0:
                 m[...] = g
             else:
@@ -177,8 +201,20 @@ class MasterWeights:
         """The parameters whose master gradient holds inf or NaN (one host synchronization each)."""
         return [name for name, m in self._grads.items() if m is not None and not bool(xp.isfinite(m).all())]
 
+    def _flat_pair(self, which: str = "grads"):
+        """``(module buffer, master buffer)`` of the gradients (``which="grads"``) or the weights
+        (``"params"``) when the module is in flat storage with one group in the masters' order; else None."""
+        module_flat = flat_storage.current(self.module)
+        if module_flat is None or len(module_flat.groups) != 1 or module_flat.order != self._flat.order:
+            return None
+        return getattr(module_flat.groups[0], which), getattr(self._flat.groups[0], which)
+
     def copy_to_module(self) -> None:
         """The module's parameters <- the masters rounded to the compute dtype (in place)."""
+        pair = self._flat_pair("params")
+        if pair is not None:
+            xp.copyto(pair[0], pair[1], casting="same_kind")
+            return
         for name, p in self._module_items(self.module.named_parameters(), "parameter"):
             xp.copyto(p, self._params[name], casting="same_kind")
 

@@ -65,6 +65,7 @@ class Optimizer:
         self.lr = check_float(type(self).__name__, "lr", lr)
         self.step_count = 0
         self.state = {slot: {} for slot in self.slots}
+        self._flat_state = None         # (storage, state dict, {slot: [buffer per group]}), see _flat_slots
 
     # ----------------------------------------------------------------- stepping
     def _params_and_grads(self):
@@ -92,6 +93,21 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: state {slot!r} of {name!r} has shape {tuple(arr.shape)}, "
                              f"parameter has {tuple(param.shape)}")
         return arr
+
+    def _flat_slots(self, flat) -> dict:
+        """``{slot: [buffer per group of flat]}``: the state as buffers in the layout of the flat
+        parameter storage ``flat``, ``self.state[slot][name]`` views of them (the state-dict format is
+        unchanged). Built on first use and again when the storage or ``self.state`` was replaced (a
+        re-flattened module, ``load_state_dict``), values copied: zeros where no state exists yet."""
+        cached = self._flat_state
+        if cached is not None and cached[0] is flat and cached[1] is self.state:
+            return cached[2]
+        buffers, state = {}, {}
+        for slot in self.slots:
+            buffers[slot], state[slot] = flat.gather(self.state.get(slot, {}), f"{type(self).__name__} state {slot!r}")
+        self.state = state
+        self._flat_state = (flat, state, buffers)
+        return buffers
 
     def step(self) -> None:
         raise NotImplementedError

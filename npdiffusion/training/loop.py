@@ -56,6 +56,7 @@ from npdiffusion.data.loader import DataLoader
 from npdiffusion.io.atomic import atomic_write_text
 from npdiffusion.io.pretrained import check_finite
 from npdiffusion.io.safetensors import load_with_metadata, save_file
+from npdiffusion.nn.flat_parameters import flatten_parameters
 from npdiffusion.optim.adamw import AdamW
 from npdiffusion.optim.clip_grad import clip_grads_with_norm_, grad_norm_array
 from npdiffusion.optim.ema import EMA
@@ -233,6 +234,9 @@ class Trainer:
                                             growth_interval=config.loss_scale_growth_interval,
                                             max_consecutive_skips=config.max_consecutive_overflow_steps)
             stage.master_weights = self.master
+        # every parameter and gradient a view of one buffer per dtype, so that the per-step work that
+        # every rank repeats is a few calls, not a dozen per parameter (docs/optim.md, "Flat training storage")
+        flatten_parameters(self.module)
         #: what the optimizer, the EMA and the clipping see: the masters under fp16, else the module
         self.target = self.master if self.master is not None else self.module
         self.optimizer = AdamW(self.target, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),

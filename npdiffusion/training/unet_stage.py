@@ -228,32 +228,43 @@ class UNetStage(Stage):
     def _encode_dataset(self, dataset):
         self.latent_mean, self.latent_std = self.encode_images(dataset)
 
+    def _encode_comm(self):
+        """The communicator the frozen encodings are shared out over: the trainer's, else this process's
+        (``get_communicator``: MPI under mpiexec -n N), since the stage encodes before the trainer exists."""
+        from npdiffusion.distributed.world import get_communicator  # noqa: PLC0415
+
+        return self.comm if self.comm is not None else get_communicator()
+
     def encode_images(self, dataset):
-        """Posterior mean and std (N, L, h, h) of every image of ``dataset``, in the stage's dtype, on the host."""
+        """Posterior mean and std (N, L, h, h) of every image of ``dataset``, in the stage's dtype, on the host.
+
+        In batches of ``ENCODE_BATCH`` images, dealt out over the data-parallel ranks and all-gathered:
+        the same bits as one process (``distributed/chunks.py``)."""
         from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
         from npdiffusion.data.dataset import to_model_input  # noqa: PLC0415
+        from npdiffusion.distributed.chunks import gather_chunks  # noqa: PLC0415
         from npdiffusion.nn.module import no_cache  # noqa: PLC0415
 
-        means, stds = [], []
+        def encode(lo, hi):
+            post = self.vae.encode(asarray(to_model_input(dataset.get_images(numpy.arange(lo, hi))), dtype=self.dtype))
+            return to_numpy(post.mean).astype(self.dtype), to_numpy(post.std).astype(self.dtype)
+
         with no_cache():
-            for start in range(0, len(dataset), ENCODE_BATCH):
-                idx = numpy.arange(start, min(len(dataset), start + ENCODE_BATCH))
-                post = self.vae.encode(asarray(to_model_input(dataset.get_images(idx)), dtype=self.dtype))
-                means.append(to_numpy(post.mean).astype(self.dtype))
-                stds.append(to_numpy(post.std).astype(self.dtype))
-        return numpy.concatenate(means), numpy.concatenate(stds)
+            return gather_chunks(encode, len(dataset), ENCODE_BATCH, self._encode_comm())
 
     def encode_text(self, captions):
-        """last_hidden_state (K, T, D) of ``captions`` under the frozen text encoder."""
+        """last_hidden_state (K, T, D) of ``captions`` under the frozen text encoder (in batches dealt out
+        over the ranks, as ``encode_images``)."""
         from npdiffusion.backend import asarray, to_numpy  # noqa: PLC0415
+        from npdiffusion.distributed.chunks import gather_chunks  # noqa: PLC0415
         from npdiffusion.nn.module import no_cache  # noqa: PLC0415
 
-        out = []
+        def encode(lo, hi):
+            ids = self.tokenizer(list(captions[lo:hi]))
+            return (to_numpy(self.text_encoder(asarray(ids))[0]).astype(self.dtype),)
+
         with no_cache():
-            for start in range(0, len(captions), ENCODE_BATCH):
-                ids = self.tokenizer(list(captions[start:start + ENCODE_BATCH]))
-                out.append(to_numpy(self.text_encoder(asarray(ids))[0]).astype(self.dtype))
-        return numpy.concatenate(out)
+            return gather_chunks(encode, len(captions), ENCODE_BATCH, self._encode_comm())[0]
 
     def _encode_captions(self, dataset):
         distinct = sorted(set(dataset.captions))
