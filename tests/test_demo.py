@@ -45,6 +45,14 @@ def test_written_configs_rerun_the_stages(quick_demo):
         assert config_to_dict(again) == config_to_dict(cfg), name
 
 
+def deterministic(ours, theirs):
+    """The demo folder's sampler is stochastic (DPM-Solver++ 2M SDE), and torch and NumPy draw different noise:
+    both pipelines get its ODE form, the same steps without the noise (the SDE form's own parity with diffusers:
+    tests/test_schedulers_parity.py)."""
+    ours.scheduler = type(ours.scheduler).from_config({**ours.scheduler.config, "algorithm_type": "dpmsolver++"})
+    theirs.scheduler = type(theirs.scheduler).from_config(theirs.scheduler.config, algorithm_type="dpmsolver++")
+
+
 def test_model_folder_loads_in_diffusers_with_the_same_images(quick_demo):
     diffusers = pytest.importorskip("diffusers")
     import torch
@@ -58,6 +66,8 @@ def test_model_folder_loads_in_diffusers_with_the_same_images(quick_demo):
     theirs.set_progress_bar_config(disable=True)
     ours = StableDiffusionPipeline.from_pretrained(folder)
     assert type(theirs.scheduler).__name__ == type(ours.scheduler).__name__
+    assert theirs.scheduler.config.algorithm_type == ours.scheduler.config["algorithm_type"] == "sde-dpmsolver++"
+    deterministic(ours, theirs)
     prompts = random_prompts(2, seed=7)
     channels = ours.unet.config["in_channels"]
     latents = np.random.default_rng(3).standard_normal((2, channels, 8, 8)).astype(np.float32)
@@ -84,6 +94,7 @@ def test_model_folder_converts_to_a_single_file_diffusers_loads_with_the_same_im
     theirs = diffusers.StableDiffusionPipeline.from_single_file(single, config=folder, local_files_only=True)
     theirs.set_progress_bar_config(disable=True)
     ours = StableDiffusionPipeline.from_pretrained(folder)
+    deterministic(ours, theirs)
     prompts = random_prompts(2, seed=7)
     latents = np.random.default_rng(3).standard_normal((2, ours.unet.config["in_channels"], 8, 8)).astype(np.float32)
     mine = ours(prompts, num_inference_steps=5, guidance_scale=3.0, latents=latents, output_type="np",

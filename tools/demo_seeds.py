@@ -9,7 +9,7 @@ WORK/seed-S/report.json exists, so a stopped run resumes), then its model is sam
 
 * the report's sampling (its ``report.json``: the demo's sampler, steps and guidance, and scale 1),
   not redone;
-* the model folder's own scheduler (the one written with it: DPM-Solver++ on the training schedule and
+* the model folder's own scheduler (the one written with it: the demo's DPM-Solver++ 2M SDE on the training schedule and
   prediction type, as diffusers loads it) with ``--steps`` steps at each ``--guidance`` scale.
 
 Every sampling uses the report's prompts and seeds (``random_prompts``, seed 1234; seeds 0..S-1 per

@@ -55,7 +55,7 @@ SCHEDULERS = {
     "Euler": ("EulerDiscreteScheduler", {}),
     "Euler-A": ("EulerAncestralDiscreteScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
-    "DPM-Solver++": ("DPMSolverMultistepScheduler", {}),
+    "DPM-Solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),   # 2M, also from an SDE folder
 }
 
 
@@ -152,16 +152,22 @@ def out_paths(out: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------ the model
-def load_pipeline(model_dir: str):
+def load_pipeline(model_dir: str, deterministic: bool = False):
     """The demo's ``StableDiffusionPipeline`` from its model folder; BLAS limited to one thread (faster
-    for the demo's small matrices on a shared CPU, docs/benchmarks.md "Training")."""
+    for the demo's small matrices on a shared CPU, docs/benchmarks.md "Training"). ``deterministic``: a
+    stochastic sampler of the folder (the demo's DPM-Solver++ 2M SDE) is replaced by its ODE form, so that
+    two sampling paths from the same initial latents can be compared image for image."""
     from npdiffusion.pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: PLC0415
 
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
         raise StudyError(f"--model {model_dir!r} is not a model folder (no model_index.json); "
                          "give the model/ folder that `npdiffusion demo --out D` writes (D/model)")
     limit_blas_threads(1)
-    return StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    algorithm = pipe.scheduler.config.get("algorithm_type", "")
+    if deterministic and algorithm.startswith("sde-"):
+        pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "algorithm_type": algorithm[4:]})
+    return pipe
 
 
 def prompts_and_seeds(args) -> tuple[list, list, list]:

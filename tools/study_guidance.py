@@ -18,7 +18,7 @@ embeddings (N, T, D); classifier labels y (N,).
   prediction (npdiffusion/guidance/clip_guidance.py, through ``clip_terms``), s in --clip-scales.
 
 Every method samples the same initial latents (image i from numpy.random.default_rng(seed_i)) with
-the model's scheduler (the demo: DPM-Solver++) for --steps steps (default the demo's 20).
+the model's scheduler in its deterministic form (the demo: DPM-Solver++ 2M) for --steps steps (default 20).
 Diversity = mean pairwise RMS pixel distance (pixels in [0, 1]) between the seeds of one prompt
 (``study_common.diversity``): guidance that collapses every seed to one image drives it to 0.
 
@@ -134,7 +134,7 @@ def run(argv=None) -> dict:
     """Run the study; returns {(method, scale): {"colour", ..., "joint", "diversity", "seconds"}}."""
     args = parse(argv)
     png, md = sc.out_paths(args.out)
-    pipe = sc.load_pipeline(args.model)
+    pipe = sc.load_pipeline(args.model, deterministic=True)
     prompts, seeds, flat = sc.prompts_and_seeds(args)
     seeds_flat = [s for _ in prompts for s in seeds]
     steps = args.steps or (3 if args.quick else sc.EVAL_STEPS)

@@ -83,6 +83,9 @@ class UNetOptions:
                                                "(0: train.learning_rate)", min=0.0)
     rescale_betas_zero_snr: bool = option(False, "rescale the schedule to zero terminal SNR (Lin et al. 2024); "
                                           "use with v_prediction: at SNR 0 the noise cannot be predicted")
+    sampler: str = option("dpmsolver++", "the sampler written into the pipeline folder: DPM-Solver++ 2M, "
+                          "deterministic ('dpmsolver++') or stochastic ('sde-dpmsolver++', DPM-Solver++ 2M SDE)",
+                          choices=("dpmsolver++", "sde-dpmsolver++"))
     inpainting: bool = option(False, "train an inpainting U-Net: 2L + 1 input channels, the latents, a random mask "
                               "and the masked image's latents (SD inpainting recipe; docs/inpainting.md)")
 
@@ -110,12 +113,13 @@ def training_alphas_cumprod(opts: UNetOptions) -> numpy.ndarray:
 
 
 def make_scheduler(opts: UNetOptions):
-    """The sampler written into the pipeline folder: DPM-Solver++ 2M on the training schedule."""
+    """The sampler written into the pipeline folder: DPM-Solver++ 2M (``opts.sampler``: its ODE or SDE form) on
+    the training schedule."""
     from npdiffusion.schedulers.dpm_multistep import DPMSolverMultistepScheduler  # noqa: PLC0415
 
     return DPMSolverMultistepScheduler(num_train_timesteps=opts.num_train_timesteps, beta_start=opts.beta_start,
                                        beta_end=opts.beta_end, beta_schedule=opts.beta_schedule,
-                                       prediction_type=opts.prediction_type,
+                                       prediction_type=opts.prediction_type, algorithm_type=opts.sampler,
                                        rescale_betas_zero_snr=opts.rescale_betas_zero_snr)
 
 

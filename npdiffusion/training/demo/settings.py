@@ -37,6 +37,7 @@ SETTINGS = {
     "unet": {"train": {"steps": 1500, "batch_size": 32, "learning_rate": 2e-3, "lr_scheduler": "cosine",
                        "lr_warmup_steps": 20, "use_ema": True, "ema_decay": 0.999},
              "unet": {"block_out_channels": [32, 64], "prediction_type": "sample", "snr_gamma": 1.0,
+                      "sampler": "sde-dpmsolver++",
                       "caption_dropout": 0.1}},
 }
 
