@@ -4,7 +4,7 @@ tool; do not edit). ``SPREAD``: ``settings`` (settings_fingerprint() of the demo
 ({sampling: [min, max]} share of samples with colour, shape and position right).
 """
 SPREAD = {
- "settings": "08763ea63ca9",
+ "settings": "bb9fdec10449",
  "seeds": [
   0,
   1,
@@ -13,33 +13,33 @@ SPREAD = {
  "date": "2026-12-07",
  "processes": 2,
  "minutes": [
-  26.461851894866687,
-  26.65645304223332
+  4.385579977233344,
+  5.838185287766646
  ],
  "cpu_minutes": [
-  8.82798624855,
-  9.010763747783335
+  7.409333534966665,
+  7.690382471216666
  ],
  "all_three": {
   "DDPM 25, guidance 2 (report)": [
-   0.845,
-   0.93
+   1.0,
+   1.0
   ],
   "DDPM 25, guidance 1 (report)": [
-   0.85,
-   0.92
+   0.985,
+   1.0
   ],
   "DPMSolverMultistep 30, guidance 1": [
-   0.745,
-   0.9
+   0.975,
+   1.0
   ],
   "DPMSolverMultistep 30, guidance 2": [
-   0.85,
-   0.865
+   1.0,
+   1.0
   ],
   "DPMSolverMultistep 30, guidance 4": [
-   0.795,
-   0.82
+   0.97,
+   0.995
   ]
  },
  "steps": 30
