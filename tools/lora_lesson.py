@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ema-decay", type=float, default=0.0, help="export an EMA of the adapters (0: off)")
     parser.add_argument("--caption-dropout", type=float, default=0.0,
                         help="share of steps on the empty caption (the demo's U-Net: 0.1)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (adapters' init, batches, noise)")
     parser.add_argument("--new-prompts", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--old-prompts", type=int, default=None, help="old prompts (default: the demo report's 50)")
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         train=TrainConfig(steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
                           lr_scheduler=args.lr_scheduler, use_ema=args.ema_decay > 0,
                           ema_decay=args.ema_decay or 0.9999,
-                          checkpointing_steps=args.steps, checkpoints_total_limit=1, seed=0),
+                          checkpointing_steps=args.steps, checkpoints_total_limit=1, seed=args.seed),
         lora=lora_stage.LoraOptions(model=args.model, rank=args.rank, snr_gamma=args.snr_gamma,
                                     caption_dropout=args.caption_dropout,
                                     **({"unet_targets": tuple(args.targets)} if args.targets else {})))
