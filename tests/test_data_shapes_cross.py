@@ -13,8 +13,8 @@ def test_default_data_never_has_a_cross_and_shapes_pick_uniformly():
     assert not any("cross" in c for c in default.captions)
     assert np.array_equal(default.images, make_shapes(600, seed=5, shapes=SHAPES).images)
     mixed = draw_params(4000, seed=5, shapes=ALL_SHAPES)
-    counts = np.bincount(mixed.shape, minlength=4) / 4000
-    assert np.all(np.abs(counts - 0.25) < 0.03)
+    counts = np.bincount(mixed.shape, minlength=len(ALL_SHAPES)) / 4000
+    assert np.all(np.abs(counts - 1 / len(ALL_SHAPES)) < 0.03)
     assert np.array_equal(draw_params(50, seed=5, shapes=("cross",)).shape, np.full(50, 3))
     weighted = draw_params(3000, seed=5, shapes=("cross", "cross", "circle")).shape   # a name twice: twice as often
     assert set(weighted.tolist()) == {0, 3} and abs((weighted == 3).mean() - 2 / 3) < 0.03

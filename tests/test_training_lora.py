@@ -103,4 +103,4 @@ def test_bad_shapes_name_is_one_line(capsys, tmp_path):
     cfg = _config(tmp_path / "out", 1)
     cfg.data.shapes = ("cross", "star")
     code, err = _cli(capsys, tmp_path, cfg)
-    assert code == 2 and "shapes must be names from ('circle', 'square', 'triangle', 'cross')" in err, err
+    assert code == 2 and "shapes must be names from ('circle', 'square', 'triangle', 'cross', 'bar')" in err, err

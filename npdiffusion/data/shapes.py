@@ -7,7 +7,9 @@ Each image is black except one filled shape:
 
 * shape: ``circle``, ``square`` (axis-aligned) or ``triangle`` (upright: apex at the top, flat base);
   on request (``shapes=``) also ``cross``, an upright plus sign whose arms reach r from the centre and
-  are 2 * 0.25 r wide: the new shape of the LoRA lesson (docs/lora.md), never in the default data;
+  are 2 * 0.25 r wide, and ``bar``, a wide rectangle 2 r wide and r high (|dx| <= r, |dy| <= 0.5 r):
+  the new shapes of the LoRA lesson (docs/lora.md; the bar is the one the demo's VAE keeps, the cross
+  it blurs), never in the default data;
 * colour: ``red``, ``green``, ``blue``, ``yellow``, ``cyan``, ``magenta`` or ``white`` (pure 0/255
   channel values, so the hue is exact);
 * position: centred on the middle of the ``top left``, ``top right``, ``bottom left`` or
@@ -41,7 +43,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 #: every shape the renderer draws; ``shapes=`` picks among them (default SHAPES: the demo's data)
-ALL_SHAPES = SHAPES + ("cross",)
+ALL_SHAPES = SHAPES + ("cross", "bar")
 #: Position names and their anchor as fractions (row, column) of the image side.
 POSITIONS = {
     "top left": (0.25, 0.25), "top right": (0.25, 0.75), "bottom left": (0.75, 0.25),
@@ -55,15 +57,16 @@ RADIUS_RANGE = (4.5, 7.0)   # pixels at S = 32
 JITTER = 1.0                # pixels at S = 32, each axis
 SQUARE_HALF_SIDE = 0.85     # times r
 CROSS_HALF_WIDTH = 0.25    # times r: half the width of the cross's arms
+BAR_HALF_HEIGHT = 0.5       # times r: half the height of the bar (its half-width is r)
 _CHUNK = 2048               # images per broadcast (2048 * 32 * 32 float32 = 8 MB per temporary)
 #: Each shape's area in units of r^2 (the continuous shape; pixel centres make the drawn area differ
 #: a little): circle pi r^2, square (1.7 r)^2, triangle base 2r x height 2r / 2, cross two 2r x 0.5r
-#: bars less their 0.5r x 0.5r overlap.
+#: bars less their 0.5r x 0.5r overlap, bar 2r x r.
 SHAPE_AREA = {"circle": math.pi, "square": (2 * SQUARE_HALF_SIDE) ** 2, "triangle": 2.0,
-              "cross": 8 * CROSS_HALF_WIDTH - 4 * CROSS_HALF_WIDTH ** 2}
+              "cross": 8 * CROSS_HALF_WIDTH - 4 * CROSS_HALF_WIDTH ** 2, "bar": 4 * BAR_HALF_HEIGHT}
 #: How far below its centre each shape's centroid lies, in units of r: the triangle's sits 2/3 of the
 #: way from the apex (centre - r) to the base (centre + r), at centre + r/3; the others are symmetric.
-CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0, "cross": 0.0}
+CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0, "cross": 0.0, "bar": 0.0}
 
 
 def shape_mask(shape: str, dy, dx, r):
@@ -80,6 +83,8 @@ def shape_mask(shape: str, dy, dx, r):
     if shape == "cross":
         w = CROSS_HALF_WIDTH * r
         return ((numpy.abs(dy) <= r) & (numpy.abs(dx) <= w)) | ((numpy.abs(dx) <= r) & (numpy.abs(dy) <= w))
+    if shape == "bar":
+        return (numpy.abs(dx) <= r) & (numpy.abs(dy) <= BAR_HALF_HEIGHT * r)
     raise ValueError(f"shape_mask: shape must be one of {ALL_SHAPES}, got {shape!r}")
 
 

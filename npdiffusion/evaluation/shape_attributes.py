@@ -14,7 +14,7 @@ For each image:
 3. **Position** = the anchor (quadrant centres at S/4 and 3S/4, or the image centre) nearest to
    the foreground's centroid.
 4. **Shape** = the shape whose template fits the foreground best. For each shape the reader may
-   answer (the demo's three, or with ``cross``), the template is the renderer's own mask of that
+   answer (the demo's three, or with ``cross`` and/or ``bar``), the template is the renderer's own mask of that
    shape (``data.shapes.shape_mask``) with the foreground's area (r from ``SHAPE_AREA``) and centroid
    (the triangle's centre sits r/3 above its centroid, ``CENTROID_DROP``); the fit is the
    intersection over union (IoU) of template and foreground, and the best fit wins. Below
@@ -23,8 +23,8 @@ For each image:
    which is why the reader no longer measures how much of it the shape fills (docs/benchmarks.md,
    "The shape reader"). On 20,000 of the dataset's own images per shape set every shape is read
    right: the right template fits squares and triangles exactly (IoU 1), circles with IoU >= 0.93
-   and crosses >= 0.73 (their thin arms are pixelated), while a wrong template reaches at most 0.94
-   (a square against the circle template) and never beats the right one.
+   crosses >= 0.73 (their thin arms are pixelated) and bars >= 0.8, while a wrong template reaches at
+   most 0.94 (a square against the circle template) and never beats the right one.
 
 Everything is vectorized over the whole stack: one ``scipy.ndimage.label`` call with a structure that
 does not connect different images, then bincounts. ``score(images, prompts)`` parses each prompt
@@ -84,7 +84,7 @@ class Attributes:
 
 def read_attributes(images, threshold: float = 0.5, shapes=SHAPES) -> Attributes:
     """Colour, shape and position of each image (see the module docstring); ``shapes``: the shapes an
-    image may show (the demo's three, or with ``cross``)."""
+    image may show (the demo's three, or with ``cross`` and/or ``bar``)."""
     shapes = check_shapes(shapes)
     from scipy import ndimage  # noqa: PLC0415
 
@@ -152,7 +152,7 @@ def _fit_shapes(mask, npix, centroid, shapes) -> tuple[list, numpy.ndarray]:
     coords = numpy.arange(s, dtype=numpy.float64) + 0.5
     cy, cx = numpy.nan_to_num(centroid).T[:, :, None, None]                 # (N, 1, 1) each
     ious = numpy.empty((len(shapes), n))
-    for k, name in enumerate(shapes):                                        # 3 or 4 shapes, each vectorized
+    for k, name in enumerate(shapes):                                        # 3 to 5 shapes, each vectorized
         r = numpy.sqrt(npix / SHAPE_AREA[name])[:, None, None]
         template = shape_mask(name, coords[None, :, None] - (cy - CENTROID_DROP[name] * r),
                               coords[None, None, :] - cx, r)                 # (N, S, S)
