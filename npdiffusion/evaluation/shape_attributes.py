@@ -22,7 +22,7 @@ For each image:
    generated shape has a stray pixel on its edge, so neither does the fit; the bounding box does,
    which is why the reader no longer measures how much of it the shape fills (docs/benchmarks.md,
    "The shape reader"). On 20,000 of the dataset's own images per shape set every shape is read
-   right: the right template fits squares and triangles exactly (IoU 1), circles with IoU >= 0.93
+   right: the right template fits squares and triangles exactly (IoU 1), circles with IoU >= 0.93,
    crosses >= 0.73 (their thin arms are pixelated) and bars >= 0.8, while a wrong template reaches at
    most 0.94 (a square against the circle template) and never beats the right one.
 
